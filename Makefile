@@ -1,0 +1,39 @@
+# Sluice: the two commands a new user needs are `make run` and `make test`.
+# Every target installs what it needs (the default model is fetched on first use).
+
+MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
+CARGO ?= cargo
+
+.PHONY: model run test lint bench examples clean-model
+
+# Fetch and verify the default model (skipped when present).   e.g. `make model`
+model: $(MODEL)
+
+$(MODEL):
+	scripts/fetch-model.sh models
+
+# Serve the default model.   e.g. `make run` (then follow the printed instructions)
+run: $(MODEL)
+	$(CARGO) run --release -p sluice-server --bin sluice -- serve --model $(MODEL)
+
+# Run every test on the real default model.   e.g. `make test`
+test: $(MODEL)
+	$(CARGO) test --workspace
+
+# Formatting and lints, as CI checks them.   e.g. `make lint`
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# In-process engine throughput at concurrency 1 and 32.   e.g. `make bench`
+bench: $(MODEL)
+	$(CARGO) run --release -p sluice-bench -- engine --model $(MODEL) --concurrency 1 --num-requests 4
+	$(CARGO) run --release -p sluice-bench -- engine --model $(MODEL) --concurrency 32 --num-requests 64
+
+# Run the library examples.   e.g. `make examples`
+examples: $(MODEL)
+	$(CARGO) run --release -p sluice-engine --example generate -- "What is the capital of France?"
+
+# Remove the downloaded model.   e.g. `make clean-model`
+clean-model:
+	rm -f $(MODEL)

@@ -1,0 +1,105 @@
+//! `EngineConfig`: everything needed to build an [`crate::Engine`].
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+
+use crate::error::{EngineError, Result};
+use crate::scheduler::SchedulerConfig;
+
+/// Which device the model runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The CPU (all cores, through candle's thread pool).
+    #[default]
+    Cpu,
+    /// A CUDA GPU by ordinal (needs the `cuda` feature).
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// Parses `cpu`, `cuda` or `cuda:N`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| EngineError::InvalidRequest(format!("`device` must be cpu, cuda or cuda:N, got `{s}`"))),
+        }
+    }
+
+    /// Opens the device. Asking for CUDA in a build or on a machine without it is an error, never a
+    /// silent fall-back to the CPU.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(ordinal) => Device::new_cuda(ordinal)
+                .map_err(|e| EngineError::Load(format!("cannot open CUDA device {ordinal}: {e}"))),
+        }
+    }
+}
+
+/// Configuration of an engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// A `.gguf` file or a Hugging Face folder.
+    pub model: PathBuf,
+    /// Where to run.
+    pub device: DeviceSpec,
+    /// Weight, activation and KV cache dtype. On the CPU quantized GGUF weights are dequantized to
+    /// it at load (candle's quantized CPU matmul does not batch).
+    pub dtype: DType,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Bytes of memory for the KV cache pools (all layers, K and V).
+    pub kv_cache_memory: usize,
+    /// Longest prompt + output; defaults to the model's trained context.
+    pub max_model_len: Option<usize>,
+    /// Batching and queueing.
+    pub scheduler: SchedulerConfig,
+    /// Seed for requests that do not carry one (each request gets `seed + its id`).
+    pub seed: u64,
+}
+
+impl EngineConfig {
+    /// Defaults for `model`: CPU, f32, 16-token blocks, 1 GiB of KV cache.
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            device: DeviceSpec::Cpu,
+            dtype: DType::F32,
+            block_size: 16,
+            kv_cache_memory: 1 << 30,
+            max_model_len: None,
+            scheduler: SchedulerConfig::default(),
+            seed: 0,
+        }
+    }
+
+    /// Checks the values that do not depend on the model.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(EngineError::InvalidRequest(m.to_string()));
+        let s = &self.scheduler;
+        if self.block_size == 0 || self.block_size > 1024 {
+            return bad("`block_size` must be in 1..=1024");
+        }
+        if !matches!(self.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return bad("`dtype` must be f32, f16 or bf16");
+        }
+        if s.max_batch_size == 0 || s.max_num_seqs == 0 || s.max_batch_tokens == 0 || s.max_waiting == 0 {
+            return bad("`max_batch_size`, `max_num_seqs`, `max_batch_tokens` and `max_waiting` must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The default model's path: `$SLUICE_MODEL`, else `models/SmolLM2-135M-Instruct.Q4_1.gguf`
+    /// under the workspace root.
+    pub fn default_model_path() -> PathBuf {
+        std::env::var_os("SLUICE_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
+    }
+}

@@ -1,0 +1,55 @@
+//! # Sluice engine
+//!
+//! A dynamic-batching inference engine for Llama-family models on candle, with a paged KV cache.
+//!
+//! # Layout
+//! - `error`: the crate's one error enum.
+//! - `sequence`: `Sequence`, the scheduler's state for one request.
+//! - `kv_cache`: `BlockManager` and `BlockTable`, the paged KV cache's bookkeeping.
+//! - `scheduler`: `Scheduler::schedule(now) -> Batch`, a pure state machine (queue, batching, preemption).
+//! - `sampling`: `SamplingParams` and the per-sequence `Sampler` (penalties, top-k/p, min-p, logprobs).
+//! - `tokenizer`: the tokenizer built from GGUF metadata or `tokenizer.json`, and incremental detokenization.
+//! - `chat_template`: the model's own Jinja chat template rendered with minijinja.
+//! - `stop`: stop-string matching with hold-back of text that may still become a stop string.
+
+pub mod chat_template;
+#[cfg(feature = "wip")]
+pub mod config;
+#[cfg(feature = "wip")]
+mod engine;
+pub mod error;
+pub mod kv_cache;
+#[cfg(feature = "wip")]
+pub mod model;
+#[cfg(feature = "wip")]
+pub mod request;
+pub mod sampling;
+pub mod scheduler;
+pub mod sequence;
+#[cfg(feature = "wip")]
+pub mod stats;
+pub mod stop;
+#[cfg(feature = "wip")]
+pub mod stream;
+pub mod tokenizer;
+#[cfg(feature = "wip")]
+mod worker;
+
+pub use candle_core::DType;
+#[cfg(feature = "wip")]
+pub use chat_template::ChatMessage;
+pub use error::{EngineError, Result};
+pub use sampling::{SamplingParams, TokenLogprob};
+pub use scheduler::SchedulerConfig;
+pub use sequence::RequestId;
+#[cfg(feature = "wip")]
+pub use config::{DeviceSpec, EngineConfig};
+#[cfg(feature = "wip")]
+pub use engine::{Engine, ModelInfo};
+#[cfg(feature = "wip")]
+pub use request::{Prompt, Request};
+#[cfg(feature = "wip")]
+pub use stats::EngineStats;
+#[cfg(feature = "wip")]
+pub use stream::{Completion, Finish, FinishReason, StreamEvent, Timings, TokenEvent, TokenStream, Usage};
+pub use tokenizer::Tokenizer;

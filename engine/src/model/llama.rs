@@ -1,0 +1,238 @@
+//! The Llama forward pass over packed (unpadded) tokens and a paged KV cache.
+//!
+//! Llama: Touvron et al., "LLaMA: Open and Efficient Foundation Language Models" (2023), and the
+//! Hugging Face `modeling_llama.py` reference. Pre-norm decoder layers (RMSNorm), rotary position
+//! embeddings (half-split layout), grouped-query attention, SwiGLU MLP.
+//!
+//! All the step's new tokens, from every sequence, form one `[num_tokens, hidden]` matrix, so each
+//! projection is one matmul per layer per step. Attention reads and writes the paged cache through
+//! `sluice_kernels`. Every row is computed by the same kernels whatever the batch (see
+//! [`Linear`]), which makes greedy output independent of the batch's composition.
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::config::LlamaConfig;
+use super::loader::WeightSource;
+use crate::error::Result;
+
+/// Metadata for one step's packed tokens, as device tensors. Built by the `ModelRunner`.
+#[derive(Debug)]
+pub struct StepInput {
+    /// `[num_tokens]` u32: the tokens, sequence after sequence.
+    pub token_ids: Tensor,
+    /// `[num_tokens]` u32: each token's position in its sequence.
+    pub positions: Tensor,
+    /// `[num_tokens]` u32: the cache slot each token's K/V is written to.
+    pub slot_mapping: Tensor,
+    /// `[num_seqs, max_blocks]` u32: each sequence's block table, padded.
+    pub block_tables: Tensor,
+    /// `[num_seqs + 1]` u32: sequence `s` owns rows `cu_seqlens_q[s] .. cu_seqlens_q[s + 1]`.
+    pub cu_seqlens_q: Tensor,
+    /// `[num_seqs]` u32: each sequence's context length after this step.
+    pub seq_lens: Tensor,
+    /// `[num_sampled]` u32: the rows whose logits are wanted (each sampling sequence's last row).
+    pub sample_rows: Tensor,
+}
+
+/// One layer's K and V pools, `[num_blocks, block_size, num_kv_heads, head_dim]` each.
+#[derive(Debug)]
+pub struct LayerCache {
+    /// Keys.
+    pub k: Tensor,
+    /// Values.
+    pub v: Tensor,
+}
+
+/// A dense projection `y = x · Wᵀ`.
+///
+/// candle's CPU matmul gives bit-identical rows for any batch of two rows or more, but takes
+/// another path for a single row (a difference of about 6e-5 on this model's shapes). A lone row
+/// is therefore run as two identical rows, so a sequence decoding alone gets exactly the numbers it
+/// would get in a batch.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    // [in, out], contiguous: x [n, in] · w_t → [n, out].
+    w_t: Tensor,
+}
+
+impl Linear {
+    /// From a Hugging Face weight `[out, in]`.
+    pub fn new(w: &Tensor) -> Result<Self> {
+        Ok(Self { w_t: w.t()?.contiguous()? })
+    }
+
+    /// Concatenates several projections of the same input into one (e.g. Q, K and V).
+    pub fn fused(ws: &[Tensor]) -> Result<Self> {
+        Self::new(&Tensor::cat(ws, 0)?)
+    }
+
+    /// `x: [n, in] → [n, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        if n == 1 {
+            let two = Tensor::cat(&[x, x], 0)?;
+            return Ok(two.matmul(&self.w_t)?.narrow(0, 0, 1)?);
+        }
+        Ok(x.matmul(&self.w_t)?)
+    }
+}
+
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: RmsNorm,
+    // [hidden] → [(heads + 2 * kv_heads) * head_dim]
+    qkv: Linear,
+    o: Linear,
+    mlp_norm: RmsNorm,
+    // [hidden] → [2 * intermediate]: gate, then up
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// A loaded Llama-family model.
+#[derive(Debug)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed: Tensor, // [vocab, hidden]
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    cos: Tensor, // [max_positions, head_dim / 2]
+    sin: Tensor, // [max_positions, head_dim / 2]
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Loads every weight from `source` as `dtype` on `device`; `progress(done, total)` is called
+    /// after each layer.
+    pub fn load(source: &mut WeightSource, dtype: DType, device: &Device, progress: &dyn Fn(usize, usize)) -> Result<Self> {
+        let config = source.config().clone();
+        let eps = config.rms_norm_eps as f32;
+        let embed = source.get("model.embed_tokens.weight", dtype, device)?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let mut w = |name: &str| source.get(&format!("model.layers.{i}.{name}.weight"), dtype, device);
+            let layer = Layer {
+                attn_norm: RmsNorm { weight: w("input_layernorm")?, eps },
+                qkv: Linear::fused(&[w("self_attn.q_proj")?, w("self_attn.k_proj")?, w("self_attn.v_proj")?])?,
+                o: Linear::new(&w("self_attn.o_proj")?)?,
+                mlp_norm: RmsNorm { weight: w("post_attention_layernorm")?, eps },
+                gate_up: Linear::fused(&[w("mlp.gate_proj")?, w("mlp.up_proj")?])?,
+                down: Linear::new(&w("mlp.down_proj")?)?,
+            };
+            layers.push(layer);
+            progress(i + 1, config.num_layers);
+        }
+        let norm = RmsNorm { weight: source.get("model.norm.weight", dtype, device)?, eps };
+        let lm_head = if !config.tie_word_embeddings && source.contains("lm_head.weight") {
+            Linear::new(&source.get("lm_head.weight", dtype, device)?)?
+        } else {
+            Linear::new(&embed)?
+        };
+        let (cos, sin) = rope_tables(&config, dtype, device)?;
+        Ok(Self { config, embed, layers, norm, lm_head, cos, sin, dtype, device: device.clone() })
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The activations' dtype (also the KV cache's).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Allocates a zeroed KV cache of `num_blocks` blocks of `block_size` tokens for every layer.
+    pub fn allocate_cache(&self, num_blocks: usize, block_size: usize) -> Result<Vec<LayerCache>> {
+        let shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim);
+        (0..self.config.num_layers)
+            .map(|_| {
+                Ok(LayerCache {
+                    k: Tensor::zeros(shape, self.dtype, &self.device)?,
+                    v: Tensor::zeros(shape, self.dtype, &self.device)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Runs one step: writes the new tokens' K/V into `cache` and returns the f32 logits of the
+    /// rows in `input.sample_rows`, `[num_sampled, vocab]`.
+    pub fn forward(&self, input: &StepInput, cache: &[LayerCache]) -> Result<Tensor> {
+        let c = &self.config;
+        let n = input.token_ids.dim(0)?;
+        let (h, kv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let scale = 1.0 / (d as f32).sqrt();
+        let cos = self.cos.index_select(&input.positions, 0)?; // [n, d/2]
+        let sin = self.sin.index_select(&input.positions, 0)?; // [n, d/2]
+
+        let mut x = self.embed.index_select(&input.token_ids, 0)?; // [n, hidden]
+        for (layer, lc) in self.layers.iter().zip(cache) {
+            let normed = layer.attn_norm.forward(&x)?;
+            let qkv = layer.qkv.forward(&normed)?; // [n, (h + 2kv) * d]
+            let q = qkv.narrow(1, 0, h * d)?.reshape((1, n, h, d))?.contiguous()?;
+            let k = qkv.narrow(1, h * d, kv * d)?.reshape((1, n, kv, d))?.contiguous()?;
+            let v = qkv.narrow(1, (h + kv) * d, kv * d)?.reshape((n, kv, d))?.contiguous()?;
+            let q = candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)?.reshape((n, h, d))?;
+            let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.reshape((n, kv, d))?;
+            sluice_kernels::reshape_and_cache(&k, &v, &lc.k, &lc.v, &input.slot_mapping)?;
+            let attn = sluice_kernels::paged_attention(
+                &q,
+                &lc.k,
+                &lc.v,
+                &input.block_tables,
+                &input.cu_seqlens_q,
+                &input.seq_lens,
+                scale,
+            )?; // [n, h, d]
+            x = (x + layer.o.forward(&attn.reshape((n, h * d))?)?)?;
+
+            let normed = layer.mlp_norm.forward(&x)?;
+            let gate_up = layer.gate_up.forward(&normed)?; // [n, 2 * intermediate]
+            let i = c.intermediate_size;
+            let gate = gate_up.narrow(1, 0, i)?;
+            let up = gate_up.narrow(1, i, i)?;
+            let act = (candle_nn::Activation::Silu.forward(&gate)? * up)?;
+            x = (x + layer.down.forward(&act)?)?;
+        }
+        let last = x.index_select(&input.sample_rows, 0)?; // [num_sampled, hidden]
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?; // [num_sampled, vocab]
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// The vocabulary size (logits' width).
+    pub fn vocab_size(&self) -> usize {
+        self.embed.dim(0).unwrap_or(self.config.vocab_size)
+    }
+}
+
+/// RoPE cos/sin tables, `[max_positions, head_dim / 2]` each.
+fn rope_tables(c: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv_freq = c.rope_inv_freq();
+    let half = inv_freq.len();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), &Device::Cpu)?;
+    let positions =
+        Tensor::arange(0u32, c.max_position_embeddings as u32, &Device::Cpu)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let freqs = positions.broadcast_mul(&inv_freq)?; // [max_positions, d/2]
+    let cos = freqs.cos()?.to_dtype(dtype)?.to_device(device)?;
+    let sin = freqs.sin()?.to_dtype(dtype)?.to_device(device)?;
+    Ok((cos, sin))
+}

@@ -1,0 +1,12 @@
+//! The model layer: hyper-parameters, weight loading, the Llama forward and the runner that feeds
+//! it a scheduler batch.
+
+mod config;
+mod llama;
+mod loader;
+mod runner;
+
+pub use config::{Llama3RopeScaling, LlamaConfig};
+pub use llama::{LayerCache, Linear, Llama, StepInput};
+pub use loader::{read_gguf, ModelFormat, WeightSource};
+pub use runner::{ModelRunner, StepLogits};

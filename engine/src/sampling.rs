@@ -1,0 +1,595 @@
+//! Sampling: [`SamplingParams`] (in `params.rs`) and the per-sequence [`Sampler`] that turns one
+//! row of logits into the next token.
+//!
+//! The stages run in this order, each skipped when its parameter is neutral:
+//! logit bias → suppressed ids → repetition penalty → presence/frequency penalties →
+//! (greedy: argmax) or temperature → top-k → top-p → min-p → one uniform draw.
+//! Logprobs are always those of the raw model logits (vLLM's default), not the processed ones.
+//!
+//! The vocabulary is 32k-150k entries, so no stage sorts it: top-k is a selection, top-p sorts
+//! only as many of the most likely tokens as it needs, and greedy decoding without penalties is
+//! a single pass that allocates nothing. NaN logits are treated as `-inf`.
+
+mod params;
+
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+pub use params::{SamplingParams, GREEDY_TEMPERATURE, MAX_LOGPROBS, MAX_STOP_STRINGS};
+
+/// What the sampler needs to know about the sequence besides its logits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SampleContext<'a> {
+    /// The prompt's token ids (for the repetition penalty).
+    pub prompt_tokens: &'a [u32],
+    /// The tokens generated so far, oldest first; it only grows during a sequence's life.
+    pub output_tokens: &'a [u32],
+    /// Token ids that must not be chosen now (EOS and stop ids while the output is shorter than
+    /// `min_tokens`). Ids outside the vocabulary are ignored.
+    pub suppress: &'a [u32],
+}
+
+/// The log-probability of a chosen token and of the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// The chosen token.
+    pub token: u32,
+    /// Its log-softmax under the raw model logits (`-inf` if its logit was `-inf` or NaN).
+    pub logprob: f32,
+    /// The `n` most likely tokens under the raw logits with their logprobs, most likely first,
+    /// ties to the lower id; shorter than `n` only when the vocabulary is.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The outcome of one sampling step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    /// The chosen token id. Should every token be masked, the raw argmax (0 for an all-NaN row).
+    pub token: u32,
+    /// `Some` exactly when the params asked for logprobs.
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// Per-sequence sampling state: the random stream and the penalty bookkeeping.
+///
+/// One lives as long as its sequence, so a preempted and resumed sequence continues the same
+/// random stream. The history is caught up from [`SampleContext::output_tokens`] at each step,
+/// which costs O(tokens added since the last step), never O(output length).
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    rng: StdRng,
+    /// Occurrences of each output token (presence/frequency penalties count output only).
+    counts: HashMap<u32, u32>,
+    /// Prompt ∪ output tokens for the repetition penalty; built on first use, since most
+    /// requests never set it and a prompt can be long.
+    seen: Option<HashSet<u32>>,
+    /// How many of `output_tokens` are already in `counts` and `seen`.
+    counted: usize,
+}
+
+impl Sampler {
+    /// A sampler seeded with `params.seed`, or with `fallback_seed` when the request has none.
+    pub fn new(params: &SamplingParams, fallback_seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(params.seed.unwrap_or(fallback_seed)),
+            counts: HashMap::new(),
+            seen: None,
+            counted: 0,
+        }
+    }
+
+    /// Picks the next token from one row of `logits` (one per vocabulary entry). Draws exactly
+    /// one uniform number when not greedy, so the choice is a function of the seed, the step and
+    /// the logits. `params` must be the (validated) params this sampler was made with.
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        params: &SamplingParams,
+        ctx: &SampleContext,
+    ) -> Sampled {
+        let token = if params.is_greedy() && !params.has_processing() && ctx.suppress.is_empty() {
+            argmax(logits.iter().copied())
+        } else {
+            self.sample_processed(logits, params, ctx)
+                .unwrap_or_else(|| argmax(logits.iter().copied()))
+        };
+        let logprob = params.logprobs.map(|n| token_logprob(logits, token, n));
+        Sampled { token, logprob }
+    }
+
+    /// The full pipeline; `None` when every token is masked.
+    fn sample_processed(
+        &mut self,
+        logits: &[f32],
+        params: &SamplingParams,
+        ctx: &SampleContext,
+    ) -> Option<u32> {
+        // (vocab): position == token id until the first filtering stage.
+        let mut cands: Vec<(u32, f32)> =
+            (0u32..).zip(logits.iter().map(|&x| sanitize(x))).collect();
+        for &(id, bias) in &params.logit_bias {
+            if let Some(c) = cands.get_mut(id as usize) {
+                c.1 += bias;
+            }
+        }
+        for &id in ctx.suppress {
+            if let Some(c) = cands.get_mut(id as usize) {
+                c.1 = f32::NEG_INFINITY;
+            }
+        }
+        if params.has_penalties() {
+            self.catch_up(params, ctx);
+            self.apply_penalties(&mut cands, params);
+        }
+        if params.is_greedy() {
+            let best = argmax(cands.iter().map(|c| c.1));
+            return (cands.get(best as usize)?.1 > f32::NEG_INFINITY).then_some(best);
+        }
+        let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return None;
+        }
+        // From here on `.1` is an unnormalised probability exp((l - max) / T) in [0, 1]; taking
+        // the difference first keeps it from overflowing for small temperatures.
+        let inv_t = 1.0 / params.temperature;
+        for c in cands.iter_mut() {
+            c.1 = ((c.1 - max) * inv_t).exp();
+        }
+        cands.retain(|c| c.1 > 0.0);
+        if params.top_k > 0 && params.top_k < cands.len() {
+            cands.select_nth_unstable_by(params.top_k - 1, by_weight_desc);
+            cands.truncate(params.top_k);
+        }
+        if params.top_p < 1.0 {
+            truncate_top_p(&mut cands, params.top_p);
+        }
+        if params.min_p > 0.0 {
+            // The most likely token always survives top-k and top-p, and its weight is 1.
+            cands.retain(|c| c.1 >= params.min_p);
+        }
+        let total: f32 = cands.iter().map(|c| c.1).sum();
+        let mut u = self.rng.random::<f32>() * total;
+        for &(id, w) in &cands {
+            if u < w {
+                return Some(id);
+            }
+            u -= w;
+        }
+        // Rounding can leave `u` a hair above the last weight.
+        cands.last().map(|c| c.0)
+    }
+
+    /// Brings `counts` (and `seen`, once the repetition penalty needs it) up to date with the
+    /// tokens generated since the last step.
+    fn catch_up(&mut self, params: &SamplingParams, ctx: &SampleContext) {
+        let out = ctx.output_tokens;
+        if out.len() < self.counted {
+            // The output shrank (it should not); rebuild rather than trust stale counts.
+            self.counts.clear();
+            self.seen = None;
+            self.counted = 0;
+        }
+        if params.repetition_penalty != 1.0 && self.seen.is_none() {
+            let old = &out[..self.counted];
+            self.seen = Some(ctx.prompt_tokens.iter().chain(old).copied().collect());
+        }
+        for &t in &out[self.counted..] {
+            *self.counts.entry(t).or_insert(0) += 1;
+            if let Some(seen) = &mut self.seen {
+                seen.insert(t);
+            }
+        }
+        self.counted = out.len();
+    }
+
+    /// Repetition penalty over `seen`, then presence/frequency over `counts`, on a vocab-indexed
+    /// `cands`. Each touches only the distinct tokens of the history.
+    fn apply_penalties(&self, cands: &mut [(u32, f32)], params: &SamplingParams) {
+        let r = params.repetition_penalty;
+        if let Some(seen) = self.seen.as_ref().filter(|_| r != 1.0) {
+            for &t in seen {
+                if let Some(c) = cands.get_mut(t as usize) {
+                    c.1 = if c.1 > 0.0 { c.1 / r } else { c.1 * r };
+                }
+            }
+        }
+        let (presence, frequency) = (params.presence_penalty, params.frequency_penalty);
+        if presence != 0.0 || frequency != 0.0 {
+            for (&t, &n) in &self.counts {
+                if let Some(c) = cands.get_mut(t as usize) {
+                    c.1 -= presence + frequency * n as f32;
+                }
+            }
+        }
+    }
+}
+
+/// NaN becomes `-inf` (never chosen); everything else is kept.
+fn sanitize(x: f32) -> f32 {
+    if x.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        x
+    }
+}
+
+/// Index of the largest value, NaN counting as `-inf`, ties to the lowest index; 0 when empty.
+fn argmax(values: impl Iterator<Item = f32>) -> u32 {
+    let (mut best, mut best_v) = (0u32, f32::NEG_INFINITY);
+    for (i, v) in (0u32..).zip(values) {
+        if v > best_v {
+            (best, best_v) = (i, v);
+        }
+    }
+    best
+}
+
+/// Descending by weight, ties to the lower id: a total order, so selections are reproducible.
+fn by_weight_desc(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Keeps the smallest set of most likely candidates whose weight reaches `p` of the total.
+/// Sorts only a growing prefix (64, 128, 256... candidates) rather than the whole vocabulary.
+fn truncate_top_p(cands: &mut Vec<(u32, f32)>, p: f32) {
+    let target = p * cands.iter().map(|c| c.1).sum::<f32>();
+    let (mut sorted, mut chunk, mut cum) = (0, 64, 0.0f32);
+    while sorted < cands.len() {
+        let end = (sorted + chunk).min(cands.len());
+        // `cands[..sorted]` already holds the most likely, in order; pick the next ones.
+        let len = cands.len();
+        let rest = &mut cands[sorted..];
+        if end < len {
+            rest.select_nth_unstable_by(end - sorted - 1, by_weight_desc);
+        }
+        rest[..end - sorted].sort_unstable_by(by_weight_desc);
+        for i in sorted..end {
+            cum += cands[i].1;
+            if cum >= target {
+                cands.truncate(i + 1);
+                return;
+            }
+        }
+        (sorted, chunk) = (end, chunk * 2);
+    }
+}
+
+/// Log-softmax of the raw `logits` for `token` and the `n` most likely tokens, in three passes
+/// and without allocating more than `n` entries.
+fn token_logprob(logits: &[f32], token: u32, n: usize) -> TokenLogprob {
+    let max = logits
+        .iter()
+        .map(|&x| sanitize(x))
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .map(|&x| f64::from((sanitize(x) - max).exp()))
+        .sum();
+    let lse = max + sum.ln() as f32;
+    let logprob_of = |x: f32| {
+        if x == f32::NEG_INFINITY || !lse.is_finite() {
+            f32::NEG_INFINITY
+        } else {
+            x - lse
+        }
+    };
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    for (id, v) in (0u32..).zip(logits.iter().map(|&x| sanitize(x))) {
+        if n > 0 && (top.len() < n || top.last().is_some_and(|l| v > l.1)) {
+            // Earlier ids sort first among equals, so the new one goes after them.
+            let at = top.partition_point(|c| c.1 >= v);
+            top.insert(at, (id, v));
+            top.truncate(n);
+        }
+    }
+    let raw = logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&x| sanitize(x));
+    TokenLogprob {
+        token,
+        logprob: logprob_of(raw),
+        top: top.into_iter().map(|(id, v)| (id, logprob_of(v))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NO_CTX: SampleContext<'static> = SampleContext {
+        prompt_tokens: &[],
+        output_tokens: &[],
+        suppress: &[],
+    };
+
+    fn greedy() -> SamplingParams {
+        SamplingParams::default()
+    }
+
+    fn random(seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: 1.0,
+            seed: Some(seed),
+            ..Default::default()
+        }
+    }
+
+    fn once(logits: &[f32], params: &SamplingParams, ctx: &SampleContext) -> u32 {
+        Sampler::new(params, 0).sample(logits, params, ctx).token
+    }
+
+    /// How often each token is drawn in `n` draws from one sampler.
+    fn histogram(logits: &[f32], params: &SamplingParams, n: usize) -> Vec<usize> {
+        let mut s = Sampler::new(params, 0);
+        let mut hist = vec![0; logits.len()];
+        for _ in 0..n {
+            hist[s.sample(logits, params, &NO_CTX).token as usize] += 1;
+        }
+        hist
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax_and_the_lowest_id_on_ties() {
+        assert_eq!(once(&[0.1, 3.0, -1.0, 2.9], &greedy(), &NO_CTX), 1);
+        assert_eq!(once(&[1.0, 5.0, 2.0, 5.0], &greedy(), &NO_CTX), 1);
+        let biased = SamplingParams {
+            logit_bias: vec![(0, 0.0)],
+            ..greedy()
+        };
+        assert_eq!(once(&[1.0, 5.0, 2.0, 5.0], &biased, &NO_CTX), 1);
+    }
+
+    #[test]
+    fn a_seed_fixes_the_sequence_of_draws() {
+        let logits = [0.0f32; 8];
+        let draws = |seed: u64| {
+            let p = random(seed);
+            let mut s = Sampler::new(&p, 99);
+            (0..50)
+                .map(|_| s.sample(&logits, &p, &NO_CTX).token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draws(7), draws(7));
+        assert_ne!(draws(7), draws(8));
+        // Without a seed, the fallback seed decides.
+        let p = SamplingParams {
+            seed: None,
+            ..random(0)
+        };
+        let (mut a, mut b) = (Sampler::new(&p, 5), Sampler::new(&p, 5));
+        for _ in 0..50 {
+            assert_eq!(
+                a.sample(&logits, &p, &NO_CTX),
+                b.sample(&logits, &p, &NO_CTX)
+            );
+        }
+    }
+
+    #[test]
+    fn temperature_sampling_follows_the_softmax() {
+        let logits = [1.0f32, 2.0, 0.5, 0.0];
+        for temperature in [1.0f32, 0.5] {
+            let p = SamplingParams {
+                temperature,
+                ..random(42)
+            };
+            let n = 20_000;
+            let hist = histogram(&logits, &p, n);
+            let w: Vec<f32> = logits.iter().map(|l| (l / temperature).exp()).collect();
+            let total: f32 = w.iter().sum();
+            for (count, w) in hist.iter().zip(&w) {
+                let freq = *count as f32 / n as f32;
+                assert!((freq - w / total).abs() < 0.02, "T={temperature}: {hist:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let logits = [0.3f32, 2.0, 1.9, 2.0, -4.0];
+        let p = SamplingParams {
+            top_k: 1,
+            ..random(1)
+        };
+        assert_eq!(histogram(&logits, &p, 100)[1], 100);
+        let p = SamplingParams {
+            top_k: 2,
+            ..random(1)
+        };
+        let hist = histogram(&logits, &p, 1000);
+        assert_eq!(hist[1] + hist[3], 1000);
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let kept = |top_p: f32| {
+            let p = SamplingParams { top_p, ..random(3) };
+            histogram(&logits, &p, 2000)
+                .iter()
+                .filter(|&&c| c > 0)
+                .count()
+        };
+        assert_eq!((kept(0.4), kept(0.75), kept(0.85), kept(1.0)), (1, 2, 3, 4));
+        // Past the first sorted chunk: 300 equal weights, half of the mass is the 150 lowest ids.
+        let mut cands: Vec<(u32, f32)> = (0..300).rev().map(|i| (i, 1.0)).collect();
+        truncate_top_p(&mut cands, 0.5);
+        let mut ids: Vec<u32> = cands.iter().map(|c| c.0).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..150).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn min_p_drops_tokens_far_below_the_top() {
+        let logits: Vec<f32> = [0.6f32, 0.3, 0.1].iter().map(|p| p.ln()).collect();
+        let p = SamplingParams {
+            min_p: 0.2,
+            ..random(4)
+        };
+        let hist = histogram(&logits, &p, 3000);
+        assert_eq!(hist[2], 0);
+        assert!(hist[0] > hist[1] && hist[1] > 0, "{hist:?}");
+    }
+
+    #[test]
+    fn repetition_penalty_covers_prompt_and_output() {
+        let p = SamplingParams {
+            repetition_penalty: 1.2,
+            ..greedy()
+        };
+        let ctx = |prompt, output| SampleContext {
+            prompt_tokens: prompt,
+            output_tokens: output,
+            suppress: &[],
+        };
+        // Positive logits are divided: 2.0 / 1.2 < 1.9.
+        assert_eq!(once(&[2.0, 1.9], &p, &ctx(&[0], &[])), 1);
+        assert_eq!(once(&[2.0, 1.9], &p, &ctx(&[], &[0])), 1);
+        // Negative logits are multiplied: -1.0 * 1.2 < -1.1.
+        assert_eq!(once(&[-1.0, -1.1], &p, &ctx(&[], &[0])), 1);
+        assert_eq!(once(&[2.0, 1.9], &p, &ctx(&[1], &[])), 0);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_output_only_and_incrementally() {
+        let logits = [2.0f32, 1.0];
+        let freq = SamplingParams {
+            frequency_penalty: 0.4,
+            ..greedy()
+        };
+        let mut s = Sampler::new(&freq, 0);
+        let mut output = Vec::new();
+        let mut ctx_tokens = Vec::new();
+        for _ in 0..4 {
+            let ctx = SampleContext {
+                prompt_tokens: &[0, 0, 0, 0],
+                output_tokens: &output,
+                suppress: &[],
+            };
+            let t = s.sample(&logits, &freq, &ctx).token;
+            ctx_tokens.push(t);
+            output.push(t);
+        }
+        // 2.0 - 0.4 * 3 = 0.8 < 1.0: token 0 three times, then token 1.
+        assert_eq!(ctx_tokens, [0, 0, 0, 1]);
+        let presence = SamplingParams {
+            presence_penalty: 1.5,
+            ..greedy()
+        };
+        let ctx = SampleContext {
+            prompt_tokens: &[0],
+            output_tokens: &[],
+            suppress: &[],
+        };
+        assert_eq!(once(&logits, &presence, &ctx), 0);
+        let ctx = SampleContext {
+            output_tokens: &[0],
+            ..ctx
+        };
+        assert_eq!(once(&logits, &presence, &ctx), 1);
+    }
+
+    #[test]
+    fn logit_bias_forces_and_bans() {
+        let logits = [5.0f32, 0.0, -3.0];
+        let force = SamplingParams {
+            logit_bias: vec![(2, 100.0)],
+            ..random(5)
+        };
+        assert_eq!(histogram(&logits, &force, 200)[2], 200);
+        let ban = SamplingParams {
+            logit_bias: vec![(0, -100.0)],
+            ..greedy()
+        };
+        assert_eq!(once(&logits, &ban, &NO_CTX), 1);
+    }
+
+    #[test]
+    fn suppressed_tokens_are_never_chosen() {
+        let logits = [0.0f32, 9.0, 8.5];
+        let ctx = SampleContext {
+            suppress: &[1, 1000],
+            ..NO_CTX
+        };
+        assert_eq!(once(&logits, &greedy(), &ctx), 2);
+        let p = random(6);
+        let mut s = Sampler::new(&p, 0);
+        assert!((0..500).all(|_| s.sample(&logits, &p, &ctx).token != 1));
+    }
+
+    #[test]
+    fn logprobs_are_the_raw_log_softmax() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let lse = logits.iter().map(|l| l.exp()).sum::<f32>().ln();
+        // The bias changes the choice but not the reported logprobs.
+        let p = SamplingParams {
+            logprobs: Some(3),
+            logit_bias: vec![(4, 50.0)],
+            ..greedy()
+        };
+        let lp = Sampler::new(&p, 0)
+            .sample(&logits, &p, &NO_CTX)
+            .logprob
+            .unwrap();
+        assert_eq!(lp.token, 4);
+        assert!((lp.logprob - (-1.0 - lse)).abs() < 1e-5);
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 2]);
+        assert!((lp.top[0].1 - (3.0 - lse)).abs() < 1e-5 && lp.top[2].1 < lp.top[1].1);
+        let none = Sampler::new(&greedy(), 0).sample(&logits, &greedy(), &NO_CTX);
+        assert_eq!(none.logprob, None);
+        let zero = SamplingParams {
+            logprobs: Some(0),
+            ..greedy()
+        };
+        let lp = Sampler::new(&zero, 0)
+            .sample(&logits, &zero, &NO_CTX)
+            .logprob
+            .unwrap();
+        assert!(lp.top.is_empty() && lp.token == 1);
+        let all = SamplingParams {
+            logprobs: Some(20),
+            ..greedy()
+        };
+        let lp = Sampler::new(&all, 0)
+            .sample(&logits, &all, &NO_CTX)
+            .logprob
+            .unwrap();
+        assert_eq!(lp.top.len(), logits.len());
+    }
+
+    #[test]
+    fn nan_logits_do_not_panic() {
+        let some_nan = [f32::NAN, 1.0, f32::NAN, 0.5];
+        let all_nan = [f32::NAN; 4];
+        let heavy = SamplingParams {
+            temperature: 0.8,
+            top_k: 3,
+            top_p: 0.9,
+            min_p: 0.05,
+            repetition_penalty: 1.3,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.5,
+            logit_bias: vec![(0, 1.0)],
+            seed: Some(1),
+            logprobs: Some(4),
+            ..Default::default()
+        };
+        let ctx = SampleContext {
+            prompt_tokens: &[0, 2],
+            output_tokens: &[1],
+            suppress: &[3],
+        };
+        for p in [greedy(), random(1), heavy] {
+            let mut s = Sampler::new(&p, 0);
+            for _ in 0..20 {
+                assert_eq!(s.sample(&some_nan, &p, &ctx).token, 1);
+            }
+            assert!(s.sample(&all_nan, &p, &ctx).token < 4);
+            assert!(s.sample(&[f32::INFINITY, 0.0], &p, &NO_CTX).token < 2);
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! `EngineStats`: a snapshot of the engine's state, updated by the engine thread every step.
+
+/// What the engine is doing, as of its last step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Requests in the waiting queue (new or preempted).
+    pub waiting: usize,
+    /// Requests in the running batch.
+    pub running: usize,
+    /// KV blocks held by sequences.
+    pub kv_blocks_used: usize,
+    /// KV blocks in the pool.
+    pub kv_blocks_total: usize,
+    /// Preemptions since start.
+    pub preemptions: u64,
+    /// Model steps run since start.
+    pub steps: u64,
+    /// Model steps that failed since start.
+    pub failed_steps: u64,
+    /// Prompt tokens run through the model since start (recomputation included).
+    pub prompt_tokens: u64,
+    /// Tokens generated since start.
+    pub generated_tokens: u64,
+    /// False once the engine thread has stopped.
+    pub alive: bool,
+}

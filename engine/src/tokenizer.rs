@@ -1,0 +1,461 @@
+//! The model's tokenizer, built from GGUF metadata or a Hugging Face `tokenizer.json`, and
+//! incremental detokenization for streaming.
+//!
+//! GGUF `gpt2` vocabularies (byte-level BPE) are rebuilt exactly as Hugging Face ships them: a BPE
+//! model from `tokens` + `merges`, a byte-level pre-tokenizer *without* a prefix space (its split
+//! rule chosen by `tokenizer.ggml.pre`) and a byte-level decoder. GGUF `llama` vocabularies
+//! (SentencePiece BPE) are converted the way `transformers` converts slow Llama tokenizers: merges
+//! ranked by the merged piece's score, a `▁` normalizer and byte fallback.
+
+use std::fmt;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence, strip::Strip};
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::{Prepend, Replace};
+use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, split::Split};
+use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper};
+
+use crate::{EngineError, Result};
+
+/// GGUF `token_type` values (llama.cpp's `llama_token_type`).
+const TYPE_NORMAL: i32 = 1;
+const TYPE_UNKNOWN: i32 = 2;
+const TYPE_CONTROL: i32 = 3;
+const TYPE_USER_DEFINED: i32 = 4;
+
+/// Special tokens that end a turn in common chat formats. Like llama.cpp, any special token with
+/// one of these texts ends generation in addition to `eos` (SmolLM2's base `<|endoftext|>`).
+const END_OF_GENERATION_TEXTS: &[&str] = &[
+    "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
+    "<|end_of_text|>", "<EOT>",
+];
+
+/// Split regexes of byte-level BPE vocabularies that do not use GPT-2's rule.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A model's tokenizer: a `tokenizers::Tokenizer` plus the ids that matter to generation.
+///
+/// Invariants: `special` is sorted; `bos`, `eos` and every id of `eog` exist in the vocabulary.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    /// End-of-generation ids: `eos` first, then `eot`/`eom` and the known end-of-turn tokens.
+    eog: Vec<u32>,
+    /// Whether `encode(.., true)` starts with BOS; kept apart from the post-processor because GGUF
+    /// has none, and checked so that a post-processor that already adds BOS does not double it.
+    add_bos: bool,
+    /// Ids of the special (control) tokens, which `decode(.., true)` skips.
+    special: Vec<u32>,
+}
+
+impl fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The inner tokenizer would print its whole vocabulary.
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("eog", &self.eog)
+            .field("add_bos", &self.add_bos)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tok_err(msg: impl fmt::Display) -> EngineError {
+    EngineError::Tokenizer(msg.to_string())
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.*`). Control and
+    /// unknown tokens become special added tokens (so `<|im_start|>` in a rendered prompt encodes to
+    /// its one id and is skipped by `decode(.., true)`); user-defined tokens become plain added tokens.
+    pub fn from_gguf(content: &Content) -> Result<Self> {
+        let md = &content.metadata;
+        let model = gguf_str(md, "tokenizer.ggml.model")?;
+        let tokens = gguf_strings(md, "tokenizer.ggml.tokens")?;
+        let types = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => gguf_array(v, "tokenizer.ggml.token_type", |v| v.to_i32().ok())?,
+            None => vec![TYPE_NORMAL; tokens.len()],
+        };
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let (mut inner, default_add_bos) = match model {
+            "gpt2" => (byte_level_bpe(md, vocab)?, false),
+            "llama" => (sentencepiece_bpe(md, vocab, &tokens, &types)?, true),
+            other => {
+                return Err(tok_err(format!(
+                    "unsupported GGUF tokenizer model `{other}` (supported: `gpt2` byte-level \
+                     BPE and `llama` SentencePiece BPE)"
+                )))
+            }
+        };
+        let added = |wanted: &[i32], special: bool| {
+            let pairs = tokens.iter().zip(&types).filter(|(_, ty)| wanted.contains(ty));
+            pairs.map(|(t, _)| AddedToken::from(t.clone(), special).normalized(false)).collect::<Vec<_>>()
+        };
+        inner.add_special_tokens(added(&[TYPE_CONTROL, TYPE_UNKNOWN], true)).map_err(tok_err)?;
+        inner.add_tokens(added(&[TYPE_USER_DEFINED], false)).map_err(tok_err)?;
+        let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
+        let extra_eog: Vec<u32> = ["eot", "eom"]
+            .iter()
+            .filter_map(|k| id(&format!("tokenizer.ggml.{k}_token_id")))
+            .collect();
+        let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok());
+        Ok(Self::assemble(
+            inner,
+            id("tokenizer.ggml.bos_token_id"),
+            id("tokenizer.ggml.eos_token_id"),
+            &extra_eog,
+            add_bos.unwrap_or(default_add_bos),
+        ))
+    }
+
+    /// Loads a Hugging Face `tokenizer.json`; BOS/EOS and `add_bos_token` come from the optional
+    /// `tokenizer_config.json`, whose `bos_token`/`eos_token` are strings or `{"content": ..}`.
+    pub fn from_file(tokenizer_json: &Path, tokenizer_config_json: Option<&Path>) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| tok_err(format!("cannot load `{}`: {e}", tokenizer_json.display())))?;
+        let config: serde_json::Value = match tokenizer_config_json {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string()))
+                .map_err(|e| tok_err(format!("cannot read `{}`: {e}", path.display())))?,
+            None => serde_json::Value::Null,
+        };
+        let token_id = |key: &str| {
+            let v = &config[key];
+            inner.token_to_id(v.as_str().or_else(|| v["content"].as_str())?)
+        };
+        let (bos, eos) = (token_id("bos_token"), token_id("eos_token"));
+        let add_bos = config["add_bos_token"].as_bool().unwrap_or(false);
+        Ok(Self::assemble(inner, bos, eos, &[], add_bos))
+    }
+
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        extra_eog: &[u32],
+        add_bos: bool,
+    ) -> Self {
+        let known = |id: &u32| inner.id_to_token(*id).is_some();
+        let (bos, eos) = (bos.filter(known), eos.filter(known));
+        let mut special: Vec<u32> = inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        special.sort_unstable();
+        let by_text = special.iter().copied().filter(|id| {
+            inner.id_to_token(*id).is_some_and(|t| END_OF_GENERATION_TEXTS.contains(&t.as_str()))
+        });
+        let mut eog = Vec::new();
+        for id in eos.into_iter().chain(extra_eog.iter().copied().filter(known)).chain(by_text) {
+            if !eog.contains(&id) {
+                eog.push(id);
+            }
+        }
+        Self { inner, bos, eos, eog, add_bos, special }
+    }
+
+    /// Serializes the tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn to_hf_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(tok_err)
+    }
+
+    /// Encodes `text`. Special-token text in it (`<|im_start|>`) becomes the special id, so a
+    /// rendered chat prompt encodes correctly. `add_special_tokens` adds BOS where the model wants
+    /// one; pass `false` for rendered chat prompts, whose templates write BOS themselves.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode_fast(text, add_special_tokens).map_err(tok_err)?;
+        let mut ids = encoding.get_ids().to_vec();
+        if let (true, true, Some(bos)) = (add_special_tokens, self.add_bos, self.bos) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Decodes `ids` to text; invalid UTF-8 becomes U+FFFD.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(tok_err)
+    }
+
+    /// The number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of a token given its vocabulary text (`"Ġworld"`, `"<|im_end|>"`).
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The vocabulary text of an id.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The ids that end generation: EOS first, then end-of-turn tokens. May be empty.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eog
+    }
+
+    /// The model's EOS id, if it declares one.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// The model's BOS id, if it declares one.
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// Whether `encode(.., true)` puts BOS first.
+    pub fn add_bos_token(&self) -> bool {
+        self.add_bos
+    }
+
+    /// The ids of special tokens, sorted.
+    pub fn special_token_ids(&self) -> &[u32] {
+        &self.special
+    }
+
+    /// Whether `id` is a special token (skipped by `decode(.., true)`).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.binary_search(&id).is_ok()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF → tokenizers
+// ---------------------------------------------------------------------------------------------
+
+type Metadata = std::collections::HashMap<String, Value>;
+
+fn gguf_str<'a>(md: &'a Metadata, key: &str) -> Result<&'a str> {
+    let value = md.get(key).ok_or_else(|| tok_err(format!("GGUF metadata lacks `{key}`")))?;
+    value.to_string().map(String::as_str).map_err(|_| tok_err(format!("`{key}` is not a string")))
+}
+
+fn gguf_array<T>(value: &Value, key: &str, item: impl Fn(&Value) -> Option<T>) -> Result<Vec<T>> {
+    let bad = || tok_err(format!("GGUF `{key}` has the wrong type"));
+    value.to_vec().map_err(|_| bad())?.iter().map(|v| item(v).ok_or_else(bad)).collect()
+}
+
+fn gguf_strings(md: &Metadata, key: &str) -> Result<Vec<String>> {
+    let value = md.get(key).ok_or_else(|| tok_err(format!("GGUF metadata lacks `{key}`")))?;
+    gguf_array(value, key, |v| v.to_string().ok().cloned())
+}
+
+/// GPT-2 style byte-level BPE; the split rule depends on `tokenizer.ggml.pre`.
+fn byte_level_bpe(md: &Metadata, vocab: Vocab) -> Result<tokenizers::Tokenizer> {
+    let merges = gguf_strings(md, "tokenizer.ggml.merges")?
+        .iter()
+        .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| tok_err("a GGUF merge is not of the form `left right`"))?;
+    let pre = gguf_str(md, "tokenizer.ggml.pre").unwrap_or("default");
+    let is_llama3 = matches!(pre, "llama3" | "llama-bpe");
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(is_llama3);
+    let bytes = ByteLevel::new(false, true, true);
+    let split_then_bytes = |regex: &str| -> Result<PreTokenizerWrapper> {
+        let split = Split::new(
+            tokenizers::pre_tokenizers::split::SplitPattern::Regex(regex.to_string()),
+            tokenizers::SplitDelimiterBehavior::Isolated,
+            false,
+        );
+        let seq = vec![split.map_err(tok_err)?.into(), bytes.use_regex(false).into()];
+        Ok(tokenizers::pre_tokenizers::sequence::Sequence::new(seq).into())
+    };
+    let pre_tokenizer: PreTokenizerWrapper = match pre {
+        "smollm" | "starcoder" | "refact" | "codeshell" => {
+            let seq = vec![Digits::new(true).into(), bytes.into()];
+            tokenizers::pre_tokenizers::sequence::Sequence::new(seq).into()
+        }
+        _ if is_llama3 => split_then_bytes(LLAMA3_SPLIT)?,
+        "qwen2" => split_then_bytes(QWEN2_SPLIT)?,
+        "gpt2" | "default" => bytes.into(),
+        other => {
+            tracing::warn!("unknown `tokenizer.ggml.pre` `{other}`; using GPT-2's split rule");
+            bytes.into()
+        }
+    };
+    let mut tokenizer = tokenizers::Tokenizer::new(bpe.build().map_err(tok_err)?);
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer)).with_decoder(Some(bytes));
+    Ok(tokenizer)
+}
+
+/// SentencePiece BPE: a merge `(l, r)` exists when `l + r` is a normal piece, ranked by its score.
+fn sentencepiece_bpe(
+    md: &Metadata,
+    vocab: Vocab,
+    tokens: &[String],
+    types: &[i32],
+) -> Result<tokenizers::Tokenizer> {
+    let scores = match md.get("tokenizer.ggml.scores") {
+        Some(v) => gguf_array(v, "tokenizer.ggml.scores", |v| v.to_f32().ok())?,
+        None => vec![0.0; tokens.len()],
+    };
+    let mut ranked = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if types.get(id) != Some(&TYPE_NORMAL) {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(at);
+            if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
+                ranked.push((scores.get(id).copied().unwrap_or(0.0), id, li, ri));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3))));
+    let merges = ranked
+        .iter()
+        .map(|&(_, _, l, r)| (tokens[l as usize].clone(), tokens[r as usize].clone()))
+        .collect();
+    let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    if let Some(unk) = md.get("tokenizer.ggml.unknown_token_id").and_then(|v| v.to_u32().ok()) {
+        if let Some(text) = tokens.get(unk as usize) {
+            bpe = bpe.unk_token(text.clone());
+        }
+    }
+    let prefix = md.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok());
+    let add_space_prefix = prefix.unwrap_or(true);
+    let mut normalizers: Vec<NormalizerWrapper> = vec![Replace::new(" ", "▁").map_err(tok_err)?.into()];
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("▁", " ").map_err(tok_err)?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if add_space_prefix {
+        normalizers.insert(0, Prepend::new("▁".to_string()).into());
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    let mut tokenizer = tokenizers::Tokenizer::new(bpe.build().map_err(tok_err)?);
+    tokenizer
+        .with_normalizer(Some(tokenizers::normalizers::Sequence::new(normalizers)))
+        .map_err(tok_err)?
+        .with_decoder(Some(Sequence::new(decoders)));
+    Ok(tokenizer)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Incremental detokenization
+// ---------------------------------------------------------------------------------------------
+
+/// Turns generated ids into text deltas, one id at a time, without splitting a UTF-8 character.
+///
+/// vLLM's prefix/read-offset method: it decodes only a small window, the ids emitted last time
+/// (context, so SentencePiece spaces and multi-token characters come out right) plus the ids not
+/// emitted yet, and emits the part past the context once it no longer ends in U+FFFD. Special
+/// tokens are skipped. For ordinary text the deltas (plus `flush`) add up to
+/// `decode(ids, true)`.
+#[derive(Debug, Clone, Default)]
+pub struct IncrementalDetokenizer {
+    /// The window: `ids[..read]` is context already emitted, `ids[read..]` is held back.
+    ids: Vec<u32>,
+    read: usize,
+}
+
+impl IncrementalDetokenizer {
+    /// A detokenizer with no context, for output that starts a text.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A detokenizer that continues `prompt`: its last few non-special ids serve as context, so
+    /// that a SentencePiece `▁Paris` right after the prompt comes out as `" Paris"`.
+    pub fn with_prompt_tail(tok: &Tokenizer, prompt: &[u32]) -> Self {
+        let mut ids: Vec<u32> = prompt.iter().rev().copied().filter(|id| !tok.is_special(*id)).take(4).collect();
+        ids.reverse();
+        Self { read: ids.len(), ids }
+    }
+
+    /// Adds one generated id; returns the text it completes (often empty: a special token, or
+    /// part of a multi-byte character).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        if tok.is_special(id) {
+            return Ok(String::new());
+        }
+        self.ids.push(id);
+        let (context, text) = self.window(tok)?;
+        if text.len() <= context.len() || text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        Ok(self.advance(&text, context.len()))
+    }
+
+    /// Returns whatever is held back (e.g. an incomplete character at the end of the output).
+    pub fn flush(&mut self, tok: &Tokenizer) -> Result<String> {
+        let (context, text) = self.window(tok)?;
+        Ok(self.advance(&text, context.len()))
+    }
+
+    fn window(&self, tok: &Tokenizer) -> Result<(String, String)> {
+        Ok((tok.decode(&self.ids[..self.read], true)?, tok.decode(&self.ids, true)?))
+    }
+
+    /// Emits `text[from..]` and makes the held ids the next window's context.
+    fn advance(&mut self, text: &str, from: usize) -> String {
+        // Not a char boundary only if the context itself ended in a broken character; hold on.
+        let Some(delta) = text.get(from..) else { return String::new() };
+        self.ids.drain(..self.read);
+        self.read = self.ids.len();
+        delta.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+
+    use candle_core::quantized::gguf_file::VersionedMagic;
+
+    use super::*;
+
+    const MODEL: &str =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+
+    /// The SmolLM2 tokenizer, built once for all tests.
+    fn smollm() -> &'static Tokenizer {
+        static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+        TOKENIZER.get_or_init(|| {
+            let mut file = std::fs::File::open(MODEL)
+                .unwrap_or_else(|e| panic!("{MODEL}: {e}; run `make model` to download it"));
+            Tokenizer::from_gguf(&Content::read(&mut file).unwrap()).unwrap()
+        })
+    }
+
+    fn tokens(tok: &Tokenizer, text: &str) -> Vec<String> {
+        let ids = tok.encode(text, true).unwrap();
+        ids.iter().map(|&id| tok.id_to_token(id).unwrap()).collect()
+    }
+
+    #[test]
+    fn smollm_metadata() {
+        let tok = smollm();
+        assert_eq!(tok.vocab_size(), 49152);
+        assert_eq!((tok.bos_token_id(), tok.eos_token_id(), tok.add_bos_token()), (Some(1), Some(2), false));
+        assert_eq!(tok.eos_token_ids(), &[2, 0]); // <|im_end|>, then <|endoftext|>
+        assert!(tok.is_special(1) && !tok.is_special(17));
+    }
+
+    #[test]
+    fn reference_encodings() {
+        let tok = smollm();
+        assert_eq!(tokens(tok, "Hello world"), ["Hello", "Ġworld"]);
+        assert_eq!(
+            tokens(tok, "What is the capital of France?"),
+            ["What", "Ġis", "Ġthe", "Ġcapital", "Ġof", "ĠFrance", "?"]
+        );
+        assert_eq!(tokens(tok, "x 12345"), ["x", "Ġ", "1", "2", "3", "4", "5"]);
+    }
+}

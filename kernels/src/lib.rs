@@ -1,0 +1,32 @@
+//! Sluice's custom candle ops for the paged KV cache.
+//!
+//! # Layout
+//!
+//! - [`cache`]: `reshape_and_cache`, which scatters this step's keys and values into their cache
+//!   slots in place.
+//! - [`attention`]: `paged_attention`, unified prefill + decode attention that reads keys and
+//!   values through each sequence's block table.
+//! - `attention::cpu`: the CPU body of `paged_attention`, with its fixed-order numerics.
+//! - `elem`: the element types the ops accept (f32, f16, bf16) and their widening to f32.
+//! - `storage`: borrowing a tensor's CPU storage as a typed slice.
+//! - `test_util` (tests only): the `test_device!` macro and random tensor helpers.
+//!
+//! # The KV cache
+//!
+//! Each layer owns one key pool and one value pool, each a contiguous tensor of shape
+//! `(num_blocks, block_size, num_kv_heads, head_dim)`. A *slot* is `block * block_size + offset`,
+//! so the pool is also a `(num_slots, num_kv_heads, head_dim)` array indexed by slot.
+//!
+//! Only CPU bodies exist today. Each op is a candle custom op, so a CUDA body can be added beside
+//! the CPU one (`cuda_fwd`) behind the `cuda` feature; until then candle returns an error on GPU
+//! tensors.
+
+pub mod attention;
+pub mod cache;
+mod elem;
+mod storage;
+#[cfg(test)]
+mod test_util;
+
+pub use attention::paged_attention;
+pub use cache::reshape_and_cache;
