@@ -62,10 +62,7 @@ impl ChatTemplate {
     /// assistant turn. A template that calls `raise_exception` (e.g. roles do not alternate)
     /// yields `InvalidRequest`; any other failure yields `ChatTemplate`.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
         let ctx = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -101,11 +98,20 @@ fn strftime_now(fmt: String) -> String {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
-const WEEKDAYS: [&str; 7] =
-    ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// Formats a Unix time (UTC) with a subset of `strftime`.
 fn format_time(unix_secs: u64, fmt: &str) -> String {
@@ -121,6 +127,8 @@ fn format_time(unix_secs: u64, fmt: &str) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
+    // INVARIANT: the algorithm yields `month` in 1..=12; `rem_euclid(7)` is in 0..7; the names are
+    // ASCII, so `[..3]` below is a char boundary.
     let month_name = MONTHS[(month - 1) as usize];
     // 1970-01-01 was a Thursday (index 3 from Monday).
     let weekday = WEEKDAYS[((days + 3).rem_euclid(7)) as usize];

@@ -23,11 +23,11 @@ impl DeviceSpec {
         match s {
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| EngineError::InvalidRequest(format!("`device` must be cpu, cuda or cuda:N, got `{s}`"))),
+            _ => {
+                s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Self::Cuda).ok_or_else(|| {
+                    EngineError::InvalidRequest(format!("`device` must be cpu, cuda or cuda:N, got `{s}`"))
+                })
+            }
         }
     }
 

@@ -113,7 +113,8 @@ impl Engine {
             seconds = started.elapsed().as_secs_f32(),
             "model loaded"
         );
-        let info = ModelInfo { name, max_model_len, vocab_size, num_kv_blocks: num_blocks, block_size: config.block_size };
+        let info =
+            ModelInfo { name, max_model_len, vocab_size, num_kv_blocks: num_blocks, block_size: config.block_size };
         let tokenizer = Arc::new(tokenizer);
         let scheduler = Scheduler::new(config.scheduler.clone(), num_blocks, config.block_size);
         let shared = Arc::new(Shared::default());

@@ -13,43 +13,30 @@
 //! - `stop`: stop-string matching with hold-back of text that may still become a stop string.
 
 pub mod chat_template;
-#[cfg(feature = "wip")]
 pub mod config;
-#[cfg(feature = "wip")]
 mod engine;
 pub mod error;
 pub mod kv_cache;
-#[cfg(feature = "wip")]
 pub mod model;
-#[cfg(feature = "wip")]
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
-#[cfg(feature = "wip")]
 pub mod stats;
 pub mod stop;
-#[cfg(feature = "wip")]
 pub mod stream;
 pub mod tokenizer;
-#[cfg(feature = "wip")]
 mod worker;
 
 pub use candle_core::DType;
-#[cfg(feature = "wip")]
 pub use chat_template::ChatMessage;
+pub use config::{DeviceSpec, EngineConfig};
+pub use engine::{Engine, ModelInfo};
 pub use error::{EngineError, Result};
+pub use request::{Prompt, Request};
 pub use sampling::{SamplingParams, TokenLogprob};
 pub use scheduler::SchedulerConfig;
 pub use sequence::RequestId;
-#[cfg(feature = "wip")]
-pub use config::{DeviceSpec, EngineConfig};
-#[cfg(feature = "wip")]
-pub use engine::{Engine, ModelInfo};
-#[cfg(feature = "wip")]
-pub use request::{Prompt, Request};
-#[cfg(feature = "wip")]
 pub use stats::EngineStats;
-#[cfg(feature = "wip")]
 pub use stream::{Completion, Finish, FinishReason, StreamEvent, Timings, TokenEvent, TokenStream, Usage};
 pub use tokenizer::Tokenizer;

@@ -6,9 +6,10 @@
 //! (greedy: argmax) or temperature → top-k → top-p → min-p → one uniform draw.
 //! Logprobs are always those of the raw model logits (vLLM's default), not the processed ones.
 //!
-//! The vocabulary is 32k-150k entries, so no stage sorts it: top-k is a selection, top-p sorts
-//! only as many of the most likely tokens as it needs, and greedy decoding without penalties is
-//! a single pass that allocates nothing. NaN logits are treated as `-inf`.
+//! The vocabulary is 32k-150k entries, so no stage sorts it: top-k is a selection, top-p a
+//! weighted selection, and greedy decoding without penalties, bias or suppressed ids is a single
+//! pass that allocates nothing (logprobs, when asked for, add three passes and `n` entries).
+//! NaN logits are treated as `-inf`.
 
 mod params;
 
@@ -84,32 +85,20 @@ impl Sampler {
     /// Picks the next token from one row of `logits` (one per vocabulary entry). Draws exactly
     /// one uniform number when not greedy, so the choice is a function of the seed, the step and
     /// the logits. `params` must be the (validated) params this sampler was made with.
-    pub fn sample(
-        &mut self,
-        logits: &[f32],
-        params: &SamplingParams,
-        ctx: &SampleContext,
-    ) -> Sampled {
+    pub fn sample(&mut self, logits: &[f32], params: &SamplingParams, ctx: &SampleContext) -> Sampled {
         let token = if params.is_greedy() && !params.has_processing() && ctx.suppress.is_empty() {
             argmax(logits.iter().copied())
         } else {
-            self.sample_processed(logits, params, ctx)
-                .unwrap_or_else(|| argmax(logits.iter().copied()))
+            self.sample_processed(logits, params, ctx).unwrap_or_else(|| argmax(logits.iter().copied()))
         };
         let logprob = params.logprobs.map(|n| token_logprob(logits, token, n));
         Sampled { token, logprob }
     }
 
     /// The full pipeline; `None` when every token is masked.
-    fn sample_processed(
-        &mut self,
-        logits: &[f32],
-        params: &SamplingParams,
-        ctx: &SampleContext,
-    ) -> Option<u32> {
+    fn sample_processed(&mut self, logits: &[f32], params: &SamplingParams, ctx: &SampleContext) -> Option<u32> {
         // (vocab): position == token id until the first filtering stage.
-        let mut cands: Vec<(u32, f32)> =
-            (0u32..).zip(logits.iter().map(|&x| sanitize(x))).collect();
+        let mut cands: Vec<(u32, f32)> = (0u32..).zip(logits.iter().map(|&x| sanitize(x))).collect();
         for &(id, bias) in &params.logit_bias {
             if let Some(c) = cands.get_mut(id as usize) {
                 c.1 += bias;
@@ -132,6 +121,12 @@ impl Sampler {
         if max == f32::NEG_INFINITY {
             return None;
         }
+        // Top-k on the logits: the temperature does not change the order, and exp then runs on
+        // k values instead of the vocabulary.
+        if params.top_k > 0 && params.top_k < cands.len() {
+            cands.select_nth_unstable_by(params.top_k - 1, by_weight_desc);
+            cands.truncate(params.top_k);
+        }
         // From here on `.1` is an unnormalised probability exp((l - max) / T) in [0, 1]; taking
         // the difference first keeps it from overflowing for small temperatures.
         let inv_t = 1.0 / params.temperature;
@@ -139,10 +134,6 @@ impl Sampler {
             c.1 = ((c.1 - max) * inv_t).exp();
         }
         cands.retain(|c| c.1 > 0.0);
-        if params.top_k > 0 && params.top_k < cands.len() {
-            cands.select_nth_unstable_by(params.top_k - 1, by_weight_desc);
-            cands.truncate(params.top_k);
-        }
         if params.top_p < 1.0 {
             truncate_top_p(&mut cands, params.top_p);
         }
@@ -227,47 +218,37 @@ fn argmax(values: impl Iterator<Item = f32>) -> u32 {
     best
 }
 
-/// Descending by weight, ties to the lower id: a total order, so selections are reproducible.
+/// Descending by value (logit or weight), ties to the lower id: a total order, so selections are reproducible.
 fn by_weight_desc(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
-/// Keeps the smallest set of most likely candidates whose weight reaches `p` of the total.
-/// Sorts only a growing prefix (64, 128, 256... candidates) rather than the whole vocabulary.
+/// Keeps the smallest set of most likely candidates whose weight reaches `p` of the total, in
+/// no particular order. A weighted quickselect: each round halves the range in which the cut
+/// lies, so the cost is O(candidates), however flat the distribution.
 fn truncate_top_p(cands: &mut Vec<(u32, f32)>, p: f32) {
     let target = p * cands.iter().map(|c| c.1).sum::<f32>();
-    let (mut sorted, mut chunk, mut cum) = (0, 64, 0.0f32);
-    while sorted < cands.len() {
-        let end = (sorted + chunk).min(cands.len());
-        // `cands[..sorted]` already holds the most likely, in order; pick the next ones.
-        let len = cands.len();
-        let rest = &mut cands[sorted..];
-        if end < len {
-            rest.select_nth_unstable_by(end - sorted - 1, by_weight_desc);
+    // `cands[..lo]` are the `lo` most likely, weighing `acc` < target; `cands[lo..hi]` are the
+    // next most likely; the smallest set reaching the target is `cands[..k]` for some k in lo+1..=hi.
+    let (mut lo, mut hi, mut acc) = (0, cands.len(), 0.0f32);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        cands[lo..hi].select_nth_unstable_by(mid - lo, by_weight_desc);
+        let upper: f32 = cands[lo..mid].iter().map(|c| c.1).sum();
+        if acc + upper >= target {
+            hi = mid;
+        } else {
+            (lo, acc) = (mid, acc + upper);
         }
-        rest[..end - sorted].sort_unstable_by(by_weight_desc);
-        for i in sorted..end {
-            cum += cands[i].1;
-            if cum >= target {
-                cands.truncate(i + 1);
-                return;
-            }
-        }
-        (sorted, chunk) = (end, chunk * 2);
     }
+    cands.truncate(hi);
 }
 
 /// Log-softmax of the raw `logits` for `token` and the `n` most likely tokens, in three passes
 /// and without allocating more than `n` entries.
 fn token_logprob(logits: &[f32], token: u32, n: usize) -> TokenLogprob {
-    let max = logits
-        .iter()
-        .map(|&x| sanitize(x))
-        .fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits
-        .iter()
-        .map(|&x| f64::from((sanitize(x) - max).exp()))
-        .sum();
+    let max = logits.iter().map(|&x| sanitize(x)).fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| f64::from((sanitize(x) - max).exp())).sum();
     let lse = max + sum.ln() as f32;
     let logprob_of = |x: f32| {
         if x == f32::NEG_INFINITY || !lse.is_finite() {
@@ -285,40 +266,37 @@ fn token_logprob(logits: &[f32], token: u32, n: usize) -> TokenLogprob {
             top.truncate(n);
         }
     }
-    let raw = logits
-        .get(token as usize)
-        .map_or(f32::NEG_INFINITY, |&x| sanitize(x));
-    TokenLogprob {
-        token,
-        logprob: logprob_of(raw),
-        top: top.into_iter().map(|(id, v)| (id, logprob_of(v))).collect(),
-    }
+    let raw = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&x| sanitize(x));
+    TokenLogprob { token, logprob: logprob_of(raw), top: top.into_iter().map(|(id, v)| (id, logprob_of(v))).collect() }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const NO_CTX: SampleContext<'static> = SampleContext {
-        prompt_tokens: &[],
-        output_tokens: &[],
-        suppress: &[],
-    };
+    const NO_CTX: SampleContext<'static> = ctx(&[], &[], &[]);
 
-    fn greedy() -> SamplingParams {
-        SamplingParams::default()
+    const fn ctx<'a>(prompt: &'a [u32], output: &'a [u32], suppress: &'a [u32]) -> SampleContext<'a> {
+        SampleContext { prompt_tokens: prompt, output_tokens: output, suppress }
     }
 
-    fn random(seed: u64) -> SamplingParams {
-        SamplingParams {
-            temperature: 1.0,
-            seed: Some(seed),
-            ..Default::default()
-        }
+    /// Greedy defaults with `edit` applied.
+    fn greedy(edit: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams::default();
+        edit(&mut p);
+        p
     }
 
-    fn once(logits: &[f32], params: &SamplingParams, ctx: &SampleContext) -> u32 {
-        Sampler::new(params, 0).sample(logits, params, ctx).token
+    /// Temperature 1 with `seed`, then `edit` applied.
+    fn random(seed: u64, edit: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        greedy(|p| {
+            (p.temperature, p.seed) = (1.0, Some(seed));
+            edit(p)
+        })
+    }
+
+    fn once(logits: &[f32], params: &SamplingParams, ctx: &SampleContext) -> Sampled {
+        Sampler::new(params, 0).sample(logits, params, ctx)
     }
 
     /// How often each token is drawn in `n` draws from one sampler.
@@ -333,56 +311,38 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_argmax_and_the_lowest_id_on_ties() {
-        assert_eq!(once(&[0.1, 3.0, -1.0, 2.9], &greedy(), &NO_CTX), 1);
-        assert_eq!(once(&[1.0, 5.0, 2.0, 5.0], &greedy(), &NO_CTX), 1);
-        let biased = SamplingParams {
-            logit_bias: vec![(0, 0.0)],
-            ..greedy()
-        };
-        assert_eq!(once(&[1.0, 5.0, 2.0, 5.0], &biased, &NO_CTX), 1);
+        assert_eq!(once(&[0.1, 3.0, -1.0, 2.9], &greedy(|_| ()), &NO_CTX).token, 1);
+        assert_eq!(once(&[1.0, 5.0, 2.0, 5.0], &greedy(|_| ()), &NO_CTX).token, 1);
+        let slow_path = greedy(|p| p.logit_bias = vec![(0, 0.0)]);
+        assert_eq!(once(&[1.0, 5.0, 2.0, 5.0], &slow_path, &NO_CTX).token, 1);
     }
 
     #[test]
     fn a_seed_fixes_the_sequence_of_draws() {
         let logits = [0.0f32; 8];
-        let draws = |seed: u64| {
-            let p = random(seed);
-            let mut s = Sampler::new(&p, 99);
-            (0..50)
-                .map(|_| s.sample(&logits, &p, &NO_CTX).token)
-                .collect::<Vec<_>>()
+        let draws = |p: SamplingParams, fallback: u64| {
+            let mut s = Sampler::new(&p, fallback);
+            (0..50).map(|_| s.sample(&logits, &p, &NO_CTX).token).collect::<Vec<_>>()
         };
-        assert_eq!(draws(7), draws(7));
-        assert_ne!(draws(7), draws(8));
+        assert_eq!(draws(random(7, |_| ()), 1), draws(random(7, |_| ()), 2));
+        assert_ne!(draws(random(7, |_| ()), 1), draws(random(8, |_| ()), 1));
         // Without a seed, the fallback seed decides.
-        let p = SamplingParams {
-            seed: None,
-            ..random(0)
-        };
-        let (mut a, mut b) = (Sampler::new(&p, 5), Sampler::new(&p, 5));
-        for _ in 0..50 {
-            assert_eq!(
-                a.sample(&logits, &p, &NO_CTX),
-                b.sample(&logits, &p, &NO_CTX)
-            );
-        }
+        let unseeded = || random(0, |p| p.seed = None);
+        assert_eq!(draws(unseeded(), 5), draws(unseeded(), 5));
+        assert_ne!(draws(unseeded(), 5), draws(unseeded(), 6));
     }
 
     #[test]
     fn temperature_sampling_follows_the_softmax() {
         let logits = [1.0f32, 2.0, 0.5, 0.0];
-        for temperature in [1.0f32, 0.5] {
-            let p = SamplingParams {
-                temperature,
-                ..random(42)
-            };
+        for t in [1.0f32, 0.5] {
             let n = 20_000;
-            let hist = histogram(&logits, &p, n);
-            let w: Vec<f32> = logits.iter().map(|l| (l / temperature).exp()).collect();
+            let hist = histogram(&logits, &random(42, |p| p.temperature = t), n);
+            let w: Vec<f32> = logits.iter().map(|l| (l / t).exp()).collect();
             let total: f32 = w.iter().sum();
             for (count, w) in hist.iter().zip(&w) {
                 let freq = *count as f32 / n as f32;
-                assert!((freq - w / total).abs() < 0.02, "T={temperature}: {hist:?}");
+                assert!((freq - w / total).abs() < 0.02, "T={t}: {hist:?}");
             }
         }
     }
@@ -390,16 +350,8 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy() {
         let logits = [0.3f32, 2.0, 1.9, 2.0, -4.0];
-        let p = SamplingParams {
-            top_k: 1,
-            ..random(1)
-        };
-        assert_eq!(histogram(&logits, &p, 100)[1], 100);
-        let p = SamplingParams {
-            top_k: 2,
-            ..random(1)
-        };
-        let hist = histogram(&logits, &p, 1000);
+        assert_eq!(histogram(&logits, &random(1, |p| p.top_k = 1), 100)[1], 100);
+        let hist = histogram(&logits, &random(1, |p| p.top_k = 2), 1000);
         assert_eq!(hist[1] + hist[3], 1000);
     }
 
@@ -407,14 +359,11 @@ mod tests {
     fn top_p_keeps_the_smallest_set_reaching_p() {
         let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
         let kept = |top_p: f32| {
-            let p = SamplingParams { top_p, ..random(3) };
-            histogram(&logits, &p, 2000)
-                .iter()
-                .filter(|&&c| c > 0)
-                .count()
+            let hist = histogram(&logits, &random(3, |p| p.top_p = top_p), 2000);
+            hist.iter().filter(|&&c| c > 0).count()
         };
         assert_eq!((kept(0.4), kept(0.75), kept(0.85), kept(1.0)), (1, 2, 3, 4));
-        // Past the first sorted chunk: 300 equal weights, half of the mass is the 150 lowest ids.
+        // 300 equal weights: half of the mass is the 150 lowest ids (ties go to the lower id).
         let mut cands: Vec<(u32, f32)> = (0..300).rev().map(|i| (i, 1.0)).collect();
         truncate_top_p(&mut cands, 0.5);
         let mut ids: Vec<u32> = cands.iter().map(|c| c.0).collect();
@@ -425,97 +374,52 @@ mod tests {
     #[test]
     fn min_p_drops_tokens_far_below_the_top() {
         let logits: Vec<f32> = [0.6f32, 0.3, 0.1].iter().map(|p| p.ln()).collect();
-        let p = SamplingParams {
-            min_p: 0.2,
-            ..random(4)
-        };
-        let hist = histogram(&logits, &p, 3000);
+        let hist = histogram(&logits, &random(4, |p| p.min_p = 0.2), 3000);
         assert_eq!(hist[2], 0);
         assert!(hist[0] > hist[1] && hist[1] > 0, "{hist:?}");
     }
 
     #[test]
     fn repetition_penalty_covers_prompt_and_output() {
-        let p = SamplingParams {
-            repetition_penalty: 1.2,
-            ..greedy()
-        };
-        let ctx = |prompt, output| SampleContext {
-            prompt_tokens: prompt,
-            output_tokens: output,
-            suppress: &[],
-        };
-        // Positive logits are divided: 2.0 / 1.2 < 1.9.
-        assert_eq!(once(&[2.0, 1.9], &p, &ctx(&[0], &[])), 1);
-        assert_eq!(once(&[2.0, 1.9], &p, &ctx(&[], &[0])), 1);
-        // Negative logits are multiplied: -1.0 * 1.2 < -1.1.
-        assert_eq!(once(&[-1.0, -1.1], &p, &ctx(&[], &[0])), 1);
-        assert_eq!(once(&[2.0, 1.9], &p, &ctx(&[1], &[])), 0);
+        let p = greedy(|p| p.repetition_penalty = 1.2);
+        let pick = |logits: &[f32], prompt, output| once(logits, &p, &ctx(prompt, output, &[])).token;
+        // Positive logits are divided (2.0 / 1.2 < 1.9), negative multiplied (-1.0 * 1.2 < -1.1).
+        assert_eq!(pick(&[2.0, 1.9], &[0], &[]), 1);
+        assert_eq!(pick(&[2.0, 1.9], &[], &[0]), 1);
+        assert_eq!(pick(&[-1.0, -1.1], &[], &[0]), 1);
+        assert_eq!(pick(&[2.0, 1.9], &[1], &[]), 0);
     }
 
     #[test]
     fn presence_and_frequency_penalties_count_output_only_and_incrementally() {
         let logits = [2.0f32, 1.0];
-        let freq = SamplingParams {
-            frequency_penalty: 0.4,
-            ..greedy()
-        };
-        let mut s = Sampler::new(&freq, 0);
-        let mut output = Vec::new();
-        let mut ctx_tokens = Vec::new();
+        let freq = greedy(|p| p.frequency_penalty = 0.4);
+        let (mut s, mut output) = (Sampler::new(&freq, 0), Vec::new());
         for _ in 0..4 {
-            let ctx = SampleContext {
-                prompt_tokens: &[0, 0, 0, 0],
-                output_tokens: &output,
-                suppress: &[],
-            };
-            let t = s.sample(&logits, &freq, &ctx).token;
-            ctx_tokens.push(t);
+            let t = s.sample(&logits, &freq, &ctx(&[0, 0, 0, 0], &output, &[])).token;
             output.push(t);
         }
         // 2.0 - 0.4 * 3 = 0.8 < 1.0: token 0 three times, then token 1.
-        assert_eq!(ctx_tokens, [0, 0, 0, 1]);
-        let presence = SamplingParams {
-            presence_penalty: 1.5,
-            ..greedy()
-        };
-        let ctx = SampleContext {
-            prompt_tokens: &[0],
-            output_tokens: &[],
-            suppress: &[],
-        };
-        assert_eq!(once(&logits, &presence, &ctx), 0);
-        let ctx = SampleContext {
-            output_tokens: &[0],
-            ..ctx
-        };
-        assert_eq!(once(&logits, &presence, &ctx), 1);
+        assert_eq!(output, [0, 0, 0, 1]);
+        let presence = greedy(|p| p.presence_penalty = 1.5);
+        assert_eq!(once(&logits, &presence, &ctx(&[0], &[], &[])).token, 0);
+        assert_eq!(once(&logits, &presence, &ctx(&[], &[0], &[])).token, 1);
     }
 
     #[test]
     fn logit_bias_forces_and_bans() {
         let logits = [5.0f32, 0.0, -3.0];
-        let force = SamplingParams {
-            logit_bias: vec![(2, 100.0)],
-            ..random(5)
-        };
+        let force = random(5, |p| p.logit_bias = vec![(2, 100.0)]);
         assert_eq!(histogram(&logits, &force, 200)[2], 200);
-        let ban = SamplingParams {
-            logit_bias: vec![(0, -100.0)],
-            ..greedy()
-        };
-        assert_eq!(once(&logits, &ban, &NO_CTX), 1);
+        let ban = greedy(|p| p.logit_bias = vec![(0, -100.0)]);
+        assert_eq!(once(&logits, &ban, &NO_CTX).token, 1);
     }
 
     #[test]
     fn suppressed_tokens_are_never_chosen() {
-        let logits = [0.0f32, 9.0, 8.5];
-        let ctx = SampleContext {
-            suppress: &[1, 1000],
-            ..NO_CTX
-        };
-        assert_eq!(once(&logits, &greedy(), &ctx), 2);
-        let p = random(6);
+        let (logits, ctx) = ([0.0f32, 9.0, 8.5], ctx(&[], &[], &[1, 1000]));
+        assert_eq!(once(&logits, &greedy(|_| ()), &ctx).token, 2);
+        let p = random(6, |_| ());
         let mut s = Sampler::new(&p, 0);
         assert!((0..500).all(|_| s.sample(&logits, &p, &ctx).token != 1));
     }
@@ -524,66 +428,31 @@ mod tests {
     fn logprobs_are_the_raw_log_softmax() {
         let logits = [1.0f32, 3.0, 2.0, 3.0, -1.0];
         let lse = logits.iter().map(|l| l.exp()).sum::<f32>().ln();
+        let logprob = |p: SamplingParams| once(&logits, &p, &NO_CTX).logprob;
         // The bias changes the choice but not the reported logprobs.
-        let p = SamplingParams {
-            logprobs: Some(3),
-            logit_bias: vec![(4, 50.0)],
-            ..greedy()
-        };
-        let lp = Sampler::new(&p, 0)
-            .sample(&logits, &p, &NO_CTX)
-            .logprob
-            .unwrap();
+        let lp = logprob(greedy(|p| (p.logprobs, p.logit_bias) = (Some(3), vec![(4, 50.0)])));
+        let lp = lp.unwrap();
         assert_eq!(lp.token, 4);
         assert!((lp.logprob - (-1.0 - lse)).abs() < 1e-5);
-        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
-        assert_eq!(ids, [1, 3, 2]);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3, 2]);
         assert!((lp.top[0].1 - (3.0 - lse)).abs() < 1e-5 && lp.top[2].1 < lp.top[1].1);
-        let none = Sampler::new(&greedy(), 0).sample(&logits, &greedy(), &NO_CTX);
-        assert_eq!(none.logprob, None);
-        let zero = SamplingParams {
-            logprobs: Some(0),
-            ..greedy()
-        };
-        let lp = Sampler::new(&zero, 0)
-            .sample(&logits, &zero, &NO_CTX)
-            .logprob
-            .unwrap();
+        assert_eq!(logprob(greedy(|_| ())), None);
+        let lp = logprob(greedy(|p| p.logprobs = Some(0))).unwrap();
         assert!(lp.top.is_empty() && lp.token == 1);
-        let all = SamplingParams {
-            logprobs: Some(20),
-            ..greedy()
-        };
-        let lp = Sampler::new(&all, 0)
-            .sample(&logits, &all, &NO_CTX)
-            .logprob
-            .unwrap();
+        let lp = logprob(greedy(|p| p.logprobs = Some(20))).unwrap();
         assert_eq!(lp.top.len(), logits.len());
     }
 
     #[test]
     fn nan_logits_do_not_panic() {
-        let some_nan = [f32::NAN, 1.0, f32::NAN, 0.5];
-        let all_nan = [f32::NAN; 4];
-        let heavy = SamplingParams {
-            temperature: 0.8,
-            top_k: 3,
-            top_p: 0.9,
-            min_p: 0.05,
-            repetition_penalty: 1.3,
-            presence_penalty: 0.5,
-            frequency_penalty: 0.5,
-            logit_bias: vec![(0, 1.0)],
-            seed: Some(1),
-            logprobs: Some(4),
-            ..Default::default()
-        };
-        let ctx = SampleContext {
-            prompt_tokens: &[0, 2],
-            output_tokens: &[1],
-            suppress: &[3],
-        };
-        for p in [greedy(), random(1), heavy] {
+        let (some_nan, all_nan) = ([f32::NAN, 1.0, f32::NAN, 0.5], [f32::NAN; 4]);
+        let heavy = random(1, |p| {
+            (p.temperature, p.top_k, p.top_p, p.min_p) = (0.8, 3, 0.9, 0.05);
+            (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) = (1.3, 0.5, 0.5);
+            (p.logit_bias, p.logprobs) = (vec![(0, 1.0)], Some(4));
+        });
+        let ctx = ctx(&[0, 2], &[1], &[3]);
+        for p in [greedy(|_| ()), random(1, |_| ()), heavy] {
             let mut s = Sampler::new(&p, 0);
             for _ in 0..20 {
                 assert_eq!(s.sample(&some_nan, &p, &ctx).token, 1);

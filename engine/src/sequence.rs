@@ -51,7 +51,14 @@ pub struct Sequence {
 
 impl Sequence {
     /// A waiting sequence for `prompt`.
-    pub fn new(id: RequestId, prompt: Vec<u32>, max_output_tokens: usize, priority: i32, arrival: Instant, arrival_order: u64) -> Self {
+    pub fn new(
+        id: RequestId,
+        prompt: Vec<u32>,
+        max_output_tokens: usize,
+        priority: i32,
+        arrival: Instant,
+        arrival_order: u64,
+    ) -> Self {
         Self {
             id,
             priority,

@@ -11,11 +11,14 @@ use std::fmt;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence, strip::Strip};
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse, strip::Strip};
 use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::normalizers::{Prepend, Replace};
-use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, split::Split};
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper};
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits};
+use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::{EngineError, Result};
 
@@ -28,13 +31,20 @@ const TYPE_USER_DEFINED: i32 = 4;
 /// Special tokens that end a turn in common chat formats. Like llama.cpp, any special token with
 /// one of these texts ends generation in addition to `eos` (SmolLM2's base `<|endoftext|>`).
 const END_OF_GENERATION_TEXTS: &[&str] = &[
-    "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
-    "<|end_of_text|>", "<EOT>",
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|end_of_text|>",
+    "<EOT>",
 ];
 
 /// Split regexes of byte-level BPE vocabularies that do not use GPT-2's rule.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A model's tokenizer: a `tokenizers::Tokenizer` plus the ids that matter to generation.
 ///
@@ -100,10 +110,8 @@ impl Tokenizer {
         inner.add_special_tokens(added(&[TYPE_CONTROL, TYPE_UNKNOWN], true)).map_err(tok_err)?;
         inner.add_tokens(added(&[TYPE_USER_DEFINED], false)).map_err(tok_err)?;
         let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
-        let extra_eog: Vec<u32> = ["eot", "eom"]
-            .iter()
-            .filter_map(|k| id(&format!("tokenizer.ggml.{k}_token_id")))
-            .collect();
+        let extra_eog: Vec<u32> =
+            ["eot", "eom"].iter().filter_map(|k| id(&format!("tokenizer.ggml.{k}_token_id"))).collect();
         let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok());
         Ok(Self::assemble(
             inner,
@@ -144,16 +152,13 @@ impl Tokenizer {
     ) -> Self {
         let known = |id: &u32| inner.id_to_token(*id).is_some();
         let (bos, eos) = (bos.filter(known), eos.filter(known));
-        let mut special: Vec<u32> = inner
-            .get_added_tokens_decoder()
-            .iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| *id)
-            .collect();
+        let mut special: Vec<u32> =
+            inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
         special.sort_unstable();
-        let by_text = special.iter().copied().filter(|id| {
-            inner.id_to_token(*id).is_some_and(|t| END_OF_GENERATION_TEXTS.contains(&t.as_str()))
-        });
+        let by_text = special
+            .iter()
+            .copied()
+            .filter(|id| inner.id_to_token(*id).is_some_and(|t| END_OF_GENERATION_TEXTS.contains(&t.as_str())));
         let mut eog = Vec::new();
         for id in eos.into_iter().chain(extra_eog.iter().copied().filter(known)).chain(by_text) {
             if !eog.contains(&id) {
@@ -266,18 +271,14 @@ fn byte_level_bpe(md: &Metadata, vocab: Vocab) -> Result<tokenizers::Tokenizer> 
     let bpe = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(is_llama3);
     let bytes = ByteLevel::new(false, true, true);
     let split_then_bytes = |regex: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(
-            tokenizers::pre_tokenizers::split::SplitPattern::Regex(regex.to_string()),
-            tokenizers::SplitDelimiterBehavior::Isolated,
-            false,
-        );
+        let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false);
         let seq = vec![split.map_err(tok_err)?.into(), bytes.use_regex(false).into()];
-        Ok(tokenizers::pre_tokenizers::sequence::Sequence::new(seq).into())
+        Ok(PreTokenizerSequence::new(seq).into())
     };
     let pre_tokenizer: PreTokenizerWrapper = match pre {
         "smollm" | "starcoder" | "refact" | "codeshell" => {
             let seq = vec![Digits::new(true).into(), bytes.into()];
-            tokenizers::pre_tokenizers::sequence::Sequence::new(seq).into()
+            PreTokenizerSequence::new(seq).into()
         }
         _ if is_llama3 => split_then_bytes(LLAMA3_SPLIT)?,
         "qwen2" => split_then_bytes(QWEN2_SPLIT)?,
@@ -293,12 +294,7 @@ fn byte_level_bpe(md: &Metadata, vocab: Vocab) -> Result<tokenizers::Tokenizer> 
 }
 
 /// SentencePiece BPE: a merge `(l, r)` exists when `l + r` is a normal piece, ranked by its score.
-fn sentencepiece_bpe(
-    md: &Metadata,
-    vocab: Vocab,
-    tokens: &[String],
-    types: &[i32],
-) -> Result<tokenizers::Tokenizer> {
+fn sentencepiece_bpe(md: &Metadata, vocab: Vocab, tokens: &[String], types: &[i32]) -> Result<tokenizers::Tokenizer> {
     let scores = match md.get("tokenizer.ggml.scores") {
         Some(v) => gguf_array(v, "tokenizer.ggml.scores", |v| v.to_f32().ok())?,
         None => vec![0.0; tokens.len()],
@@ -311,15 +307,12 @@ fn sentencepiece_bpe(
         for (at, _) in piece.char_indices().skip(1) {
             let (l, r) = piece.split_at(at);
             if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
-                ranked.push((scores.get(id).copied().unwrap_or(0.0), id, li, ri));
+                ranked.push((scores.get(id).copied().unwrap_or(0.0), id, li, ri, l, r));
             }
         }
     }
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3))));
-    let merges = ranked
-        .iter()
-        .map(|&(_, _, l, r)| (tokens[l as usize].clone(), tokens[r as usize].clone()))
-        .collect();
+    let merges = ranked.iter().map(|&(.., l, r)| (l.to_string(), r.to_string())).collect();
     let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
     if let Some(unk) = md.get("tokenizer.ggml.unknown_token_id").and_then(|v| v.to_u32().ok()) {
         if let Some(text) = tokens.get(unk as usize) {
@@ -329,20 +322,17 @@ fn sentencepiece_bpe(
     let prefix = md.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok());
     let add_space_prefix = prefix.unwrap_or(true);
     let mut normalizers: Vec<NormalizerWrapper> = vec![Replace::new(" ", "▁").map_err(tok_err)?.into()];
-    let mut decoders: Vec<DecoderWrapper> = vec![
-        Replace::new("▁", " ").map_err(tok_err)?.into(),
-        ByteFallback::new().into(),
-        Fuse::new().into(),
-    ];
+    let mut decoders: Vec<DecoderWrapper> =
+        vec![Replace::new("▁", " ").map_err(tok_err)?.into(), ByteFallback::new().into(), Fuse::new().into()];
     if add_space_prefix {
         normalizers.insert(0, Prepend::new("▁".to_string()).into());
         decoders.push(Strip::new(' ', 1, 0).into());
     }
     let mut tokenizer = tokenizers::Tokenizer::new(bpe.build().map_err(tok_err)?);
     tokenizer
-        .with_normalizer(Some(tokenizers::normalizers::Sequence::new(normalizers)))
+        .with_normalizer(Some(NormalizerSequence::new(normalizers)))
         .map_err(tok_err)?
-        .with_decoder(Some(Sequence::new(decoders)));
+        .with_decoder(Some(DecoderSequence::new(decoders)));
     Ok(tokenizer)
 }
 
@@ -350,13 +340,17 @@ fn sentencepiece_bpe(
 // Incremental detokenization
 // ---------------------------------------------------------------------------------------------
 
+/// The most ids held back waiting for a character to complete. A UTF-8 character has at most four
+/// bytes and every token at least one, so only invalid output is released early.
+pub const MAX_HELD_IDS: usize = 8;
+
 /// Turns generated ids into text deltas, one id at a time, without splitting a UTF-8 character.
 ///
 /// vLLM's prefix/read-offset method: it decodes only a small window, the ids emitted last time
 /// (context, so SentencePiece spaces and multi-token characters come out right) plus the ids not
-/// emitted yet, and emits the part past the context once it no longer ends in U+FFFD. Special
-/// tokens are skipped. For ordinary text the deltas (plus `flush`) add up to
-/// `decode(ids, true)`.
+/// emitted yet, and emits the part past the context once it no longer ends in U+FFFD (or once
+/// [`MAX_HELD_IDS`] ids are held: invalid bytes must not stall the stream). Special tokens are
+/// skipped. For ordinary text the deltas (plus `flush`) add up to `decode(ids, true)`.
 #[derive(Debug, Clone, Default)]
 pub struct IncrementalDetokenizer {
     /// The window: `ids[..read]` is context already emitted, `ids[read..]` is held back.
@@ -386,7 +380,8 @@ impl IncrementalDetokenizer {
         }
         self.ids.push(id);
         let (context, text) = self.window(tok)?;
-        if text.len() <= context.len() || text.ends_with('\u{FFFD}') {
+        let incomplete = text.len() <= context.len() || text.ends_with('\u{FFFD}');
+        if incomplete && self.ids.len() - self.read < MAX_HELD_IDS {
             return Ok(String::new());
         }
         Ok(self.advance(&text, context.len()))
@@ -421,15 +416,14 @@ mod tests {
 
     use super::*;
 
-    const MODEL: &str =
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/SmolLM2-135M-Instruct.Q4_1.gguf");
 
     /// The SmolLM2 tokenizer, built once for all tests.
     fn smollm() -> &'static Tokenizer {
         static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
         TOKENIZER.get_or_init(|| {
-            let mut file = std::fs::File::open(MODEL)
-                .unwrap_or_else(|e| panic!("{MODEL}: {e}; run `make model` to download it"));
+            let mut file =
+                std::fs::File::open(MODEL).unwrap_or_else(|e| panic!("{MODEL}: {e}; run `make model` to download it"));
             Tokenizer::from_gguf(&Content::read(&mut file).unwrap()).unwrap()
         })
     }
@@ -457,5 +451,152 @@ mod tests {
             ["What", "Ġis", "Ġthe", "Ġcapital", "Ġof", "ĠFrance", "?"]
         );
         assert_eq!(tokens(tok, "x 12345"), ["x", "Ġ", "1", "2", "3", "4", "5"]);
+    }
+
+    #[test]
+    fn round_trips_mixed_text() {
+        let tok = smollm();
+        let text = "Year 12345: café ☕, 🎉 emoji, 世界 CJK;\n\tindented  <b>tags</b> ok";
+        let ids = tok.encode(text, true).unwrap();
+        assert_eq!(tok.decode(&ids, true).unwrap(), text);
+        assert_eq!(tok.decode(&ids, false).unwrap(), text);
+    }
+
+    #[test]
+    fn chat_markup_encodes_to_control_ids() {
+        let tok = smollm();
+        let ids = tok.encode("<|im_start|>user\nHi<|im_end|>\n", false).unwrap();
+        assert_eq!(ids.first(), Some(&1));
+        assert_eq!(ids.iter().filter(|&&id| id == 2).count(), 1);
+        assert_eq!(tokens(tok, "<|im_start|>user\nHi<|im_end|>\n")[1..4], ["user", "Ċ", "Hi"]);
+        assert_eq!(tok.decode(&ids, true).unwrap(), "user\nHi\n");
+        assert_eq!(tok.decode(&ids, false).unwrap(), "<|im_start|>user\nHi<|im_end|>\n");
+    }
+
+    /// Pushes `ids` one at a time; checks that no delta breaks a character; returns the text.
+    fn stream(tok: &Tokenizer, mut detok: IncrementalDetokenizer, ids: &[u32]) -> String {
+        let mut out = String::new();
+        for &id in ids {
+            let delta = detok.push(tok, id).unwrap();
+            assert!(!delta.contains('\u{FFFD}'), "delta {delta:?} after id {id}");
+            out.push_str(&delta);
+        }
+        out + &detok.flush(tok).unwrap()
+    }
+
+    #[test]
+    fn incremental_detokenizer_never_splits_characters() {
+        let tok = smollm();
+        let text = "héllo 世界 🎉 naïve — 👩‍👩‍👧 ünïcödé 12345 ok";
+        let ids = tok.encode(text, false).unwrap();
+        assert!(ids.len() > text.chars().count() / 2, "expect multi-byte chars split over ids");
+        assert_eq!(stream(tok, IncrementalDetokenizer::new(), &ids), text);
+        // Special tokens are skipped; the prompt tail only gives context.
+        let prompt = tok.encode("<|im_start|>assistant\n", false).unwrap();
+        let mut with_eos = ids.clone();
+        with_eos.push(2);
+        let detok = IncrementalDetokenizer::with_prompt_tail(tok, &prompt);
+        assert_eq!(stream(tok, detok, &with_eos), text);
+        // An incomplete character at the end is held back until `flush`.
+        let mut detok = IncrementalDetokenizer::new();
+        let lone_byte = tok.token_to_id("ð").unwrap(); // 0xF0, the first byte of a 4-byte char
+        assert_eq!(detok.push(tok, lone_byte).unwrap(), "");
+        assert_eq!(detok.flush(tok).unwrap(), "\u{FFFD}");
+        // Invalid bytes are released after `MAX_HELD_IDS` ids rather than stalling the stream.
+        let garbage = vec![lone_byte; 3 * MAX_HELD_IDS];
+        let mut detok = IncrementalDetokenizer::new();
+        let early: String = garbage.iter().map(|&id| detok.push(tok, id).unwrap()).collect();
+        assert!(early.chars().count() >= 2 * MAX_HELD_IDS, "{early:?}");
+        assert_eq!(early + &detok.flush(tok).unwrap(), tok.decode(&garbage, true).unwrap());
+    }
+
+    #[test]
+    fn hf_json_round_trip_encodes_identically() {
+        let tok = smollm();
+        let dir = std::env::temp_dir().join(format!("sluice-tokenizer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (json, config) = (dir.join("tokenizer.json"), dir.join("tokenizer_config.json"));
+        std::fs::write(&json, tok.to_hf_json().unwrap()).unwrap();
+        let config_text = r#"{"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}}"#;
+        std::fs::write(&config, config_text).unwrap();
+        let hf = Tokenizer::from_file(&json, Some(&config)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        for text in ["Hello world", "<|im_start|>user\n12345 世界 🎉<|im_end|>\n", " lead  space"] {
+            assert_eq!(hf.encode(text, true).unwrap(), tok.encode(text, true).unwrap(), "{text:?}");
+        }
+        assert_eq!((hf.bos_token_id(), hf.eos_token_id()), (Some(1), Some(2)));
+        assert_eq!(hf.eos_token_ids(), tok.eos_token_ids());
+        assert_eq!(hf.special_token_ids(), tok.special_token_ids());
+    }
+
+    fn content(metadata: Vec<(&str, Value)>) -> Content {
+        Content {
+            magic: VersionedMagic::GgufV3,
+            metadata: metadata.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    fn strings(items: &[&str]) -> Value {
+        Value::Array(items.iter().map(|s| Value::String(s.to_string())).collect())
+    }
+
+    #[test]
+    fn byte_level_split_rules_compile() {
+        let alphabet: Vec<String> = ByteLevel::alphabet().into_iter().map(String::from).collect();
+        let pieces: Vec<&str> = alphabet.iter().map(String::as_str).collect();
+        for pre in ["llama-bpe", "qwen2", "gpt2", "unknown-pre"] {
+            let gguf = content(vec![
+                ("tokenizer.ggml.model", Value::String("gpt2".into())),
+                ("tokenizer.ggml.pre", Value::String(pre.into())),
+                ("tokenizer.ggml.tokens", strings(&pieces)),
+                ("tokenizer.ggml.merges", strings(&[])),
+            ]);
+            let tok = Tokenizer::from_gguf(&gguf).unwrap();
+            let text = "Hi there, 12345 héllo\n\n  x";
+            assert_eq!(tok.decode(&tok.encode(text, true).unwrap(), false).unwrap(), text, "{pre}");
+        }
+    }
+
+    #[test]
+    fn unsupported_model_type_is_named() {
+        let gguf = content(vec![
+            ("tokenizer.ggml.model", Value::String("bert".into())),
+            ("tokenizer.ggml.tokens", strings(&["[PAD]"])),
+        ]);
+        let err = Tokenizer::from_gguf(&gguf).unwrap_err().to_string();
+        assert!(err.contains("unsupported GGUF tokenizer model `bert`"), "{err}");
+    }
+
+    #[test]
+    fn sentencepiece_vocabulary() {
+        let pieces = [
+            "<unk>", "<s>", "</s>", "<0x21>", "▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "ll", "▁he", "llo",
+            "▁hello", "▁w", "or", "▁wor", "ld", "▁world",
+        ];
+        let types = pieces.iter().map(|p| match *p {
+            "<unk>" => 2,
+            "<s>" | "</s>" => 3,
+            "<0x21>" => 6,
+            _ => 1,
+        });
+        let gguf = content(vec![
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            ("tokenizer.ggml.tokens", strings(&pieces)),
+            ("tokenizer.ggml.token_type", Value::Array(types.map(Value::I32).collect())),
+            ("tokenizer.ggml.scores", Value::Array((0..pieces.len()).map(|i| Value::F32(-(i as f32))).collect())),
+            ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ]);
+        let tok = Tokenizer::from_gguf(&gguf).unwrap();
+        assert_eq!(tokens(&tok, "hello world!"), ["<s>", "▁hello", "▁world", "<0x21>"]);
+        let ids = tok.encode("hello world!", false).unwrap();
+        assert_eq!(tok.decode(&ids, true).unwrap(), "hello world!");
+        assert_eq!(stream(&tok, IncrementalDetokenizer::new(), &ids), "hello world!");
+        let tail = IncrementalDetokenizer::with_prompt_tail(&tok, &ids[..1]);
+        assert_eq!(stream(&tok, tail, &ids[1..]), " world!");
+        assert_eq!(tok.eos_token_ids(), &[2]);
     }
 }

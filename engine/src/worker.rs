@@ -149,9 +149,9 @@ impl Worker {
                         self.shared.queued.fetch_sub(1, Ordering::AcqRel);
                         let err = match e {
                             AddError::QueueFull => EngineError::QueueFull(self.scheduler.config().max_waiting),
-                            AddError::TooLong => {
-                                EngineError::InvalidRequest("the prompt plus `max_tokens` does not fit in the KV cache".into())
-                            }
+                            AddError::TooLong => EngineError::InvalidRequest(
+                                "the prompt plus `max_tokens` does not fit in the KV cache".into(),
+                            ),
                         };
                         let _ = state.tx.send(StreamEvent::Error(err));
                     }
@@ -215,7 +215,8 @@ impl Worker {
                 continue;
             };
             let suppress: &[u32] = if seq.num_output_tokens() < state.params.min_tokens { &self.eos } else { &[] };
-            let ctx = SampleContext { prompt_tokens: seq.prompt_tokens(), output_tokens: seq.output_tokens(), suppress };
+            let ctx =
+                SampleContext { prompt_tokens: seq.prompt_tokens(), output_tokens: seq.output_tokens(), suppress };
             let choice = state.sampler.sample(row, &state.params, &ctx);
             sampled.push((s.id, choice));
         }
@@ -270,10 +271,11 @@ impl Worker {
             }
             text.push_str(&state.stop.flush());
         }
-        let mut alive = state.tx.send(StreamEvent::Token(TokenEvent { token_id: token, text, logprob })).is_ok();
+        let alive = state.tx.send(StreamEvent::Token(TokenEvent { token_id: token, text, logprob })).is_ok();
         if let Some(reason) = finish {
             let finish = Finish { reason, stop_string, usage: usage(seq), timings: timings(seq, state, now) };
-            alive &= state.tx.send(StreamEvent::Finished(finish)).is_ok();
+            // A caller gone by now misses nothing it could use.
+            let _ = state.tx.send(StreamEvent::Finished(finish));
             self.requests.remove(&id);
             self.scheduler.remove(id);
         } else if !alive {

@@ -55,10 +55,7 @@ pub fn paged_attention(
     check_cache_pair(key_cache, value_cache)?;
     let (_, _, num_kv_heads, head_dim) = key_cache.dims4()?;
     let &[_, num_heads, q_head_dim] = q.dims() else {
-        bail!(
-            "`q` must have shape (num_tokens, num_heads, head_dim), got {:?}",
-            q.dims()
-        )
+        bail!("`q` must have shape (num_tokens, num_heads, head_dim), got {:?}", q.dims())
     };
     if q_head_dim != head_dim || head_dim == 0 {
         bail!("`q` has head_dim {q_head_dim} but the cache has {head_dim} (must be equal and > 0)")
@@ -67,21 +64,14 @@ pub fn paged_attention(
         bail!("`num_heads` ({num_heads}) must be a positive multiple of `num_kv_heads` ({num_kv_heads})")
     }
     if q.dtype() != key_cache.dtype() {
-        bail!(
-            "`q` has dtype {:?} but the cache holds {:?}",
-            q.dtype(),
-            key_cache.dtype()
-        )
+        bail!("`q` has dtype {:?} but the cache holds {:?}", q.dtype(), key_cache.dtype())
     }
     let num_seqs = seq_lens.elem_count();
     check_u32(block_tables, "block_tables", 2, None)?;
     check_u32(seq_lens, "seq_lens", 1, None)?;
     check_u32(cu_seqlens_q, "cu_seqlens_q", 1, Some(num_seqs + 1))?;
     if block_tables.dims()[0] != num_seqs {
-        bail!(
-            "`block_tables` has {} rows but `seq_lens` has {num_seqs} sequences",
-            block_tables.dims()[0]
-        )
+        bail!("`block_tables` has {} rows but `seq_lens` has {num_seqs} sequences", block_tables.dims()[0])
     }
     for (name, t) in [
         ("key_cache", key_cache),
@@ -174,12 +164,7 @@ impl<'a> Batch<'a> {
                 bail!("`block_tables` row {s} names block {b}, but the cache has {} blocks", geo.num_blocks)
             }
         }
-        Ok(Self {
-            block_tables,
-            max_blocks_per_seq,
-            cu_seqlens_q,
-            seq_lens,
-        })
+        Ok(Self { block_tables, max_blocks_per_seq, cu_seqlens_q, seq_lens })
     }
 }
 
@@ -219,14 +204,7 @@ impl CustomOp1 for PagedAttention {
         else {
             bail!("paged-attention: unexpected layouts {q_l:?} and {kc_l:?}")
         };
-        let geo = Geometry {
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            num_blocks,
-            block_size,
-            scale: self.scale,
-        };
+        let geo = Geometry { num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale: self.scale };
         let batch = Batch::new(bt, cu, sl, num_tokens, &geo)?;
         let operands = Operands { q: (q, q_l), k: (kc, kc_l), v: (vc, vc_l) };
         let out = match q {

@@ -30,17 +30,10 @@ pub fn reshape_and_cache(
     let expected = [slot_mapping.elem_count(), num_kv_heads, head_dim];
     for (name, t) in [("key", key), ("value", value)] {
         if t.dims() != expected {
-            bail!(
-                "`{name}` must have shape (num_tokens, num_kv_heads, head_dim) = {expected:?}, got {:?}",
-                t.dims()
-            )
+            bail!("`{name}` must have shape (num_tokens, num_kv_heads, head_dim) = {expected:?}, got {:?}", t.dims())
         }
         if t.dtype() != key_cache.dtype() {
-            bail!(
-                "`{name}` has dtype {:?} but the cache holds {:?}",
-                t.dtype(),
-                key_cache.dtype()
-            )
+            bail!("`{name}` has dtype {:?} but the cache holds {:?}", t.dtype(), key_cache.dtype())
         }
         if !t.device().same_device(key_cache.device()) {
             bail!("`{name}` must be on the cache's device")
@@ -132,11 +125,7 @@ impl InplaceOp3 for ReshapeAndCache {
             (CpuStorage::F32(c), CpuStorage::F32(s)) => scatter(c, cache_l, s, src_l, slots, what),
             (CpuStorage::F16(c), CpuStorage::F16(s)) => scatter(c, cache_l, s, src_l, slots, what),
             (CpuStorage::BF16(c), CpuStorage::BF16(s)) => scatter(c, cache_l, s, src_l, slots, what),
-            (c, s) => bail!(
-                "`{what}` has dtype {:?} but the cache holds {:?}",
-                s.dtype(),
-                c.dtype()
-            ),
+            (c, s) => bail!("`{what}` has dtype {:?} but the cache holds {:?}", s.dtype(), c.dtype()),
         }
     }
 }
@@ -151,12 +140,8 @@ fn scatter<T: Copy>(
     slots: &[u32],
     what: &str,
 ) -> candle_core::Result<()> {
-    let Some((start, end)) = cache_l.contiguous_offsets() else {
-        bail!("the `{what}` cache must be contiguous")
-    };
-    let Some(cache) = cache.get_mut(start..end) else {
-        bail!("the `{what}` cache layout runs past its storage")
-    };
+    let Some((start, end)) = cache_l.contiguous_offsets() else { bail!("the `{what}` cache must be contiguous") };
+    let Some(cache) = cache.get_mut(start..end) else { bail!("the `{what}` cache layout runs past its storage") };
     let (&[num_blocks, block_size, num_kv_heads, head_dim], &[tok_stride, head_stride, 1]) =
         (cache_l.dims(), src_l.stride())
     else {
@@ -179,4 +164,101 @@ fn scatter<T: Copy>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, IndexOp, Result, Tensor};
+    use rand::rngs::StdRng;
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+
+    use super::reshape_and_cache;
+    use crate::test_util::{bits, test_device, u32s, uniform};
+
+    /// `cache` with row `slots[i]` of its `(num_slots, num_kv_heads, head_dim)` view replaced by
+    /// `rows[i]`, computed row by row on the host.
+    fn expected(cache: &Tensor, rows: &Tensor, slots: &[usize]) -> Result<Tensor> {
+        let dims = cache.dims().to_vec();
+        let flat = cache.flatten(0, 1)?; // (num_slots, num_kv_heads, head_dim)
+        let mut out: Vec<Tensor> = (0..flat.dim(0)?).map(|s| flat.i(s)).collect::<Result<_>>()?;
+        for (i, &s) in slots.iter().enumerate() {
+            out[s] = rows.i(i)?;
+        }
+        Tensor::stack(&out, 0)?.reshape(dims)
+    }
+
+    fn writes_exactly_its_slots(dev: &Device) -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (num_blocks, block_size, num_kv_heads, head_dim, num_tokens) = (6, 4, 2, 8, 9);
+        let cache_dims = [num_blocks, block_size, num_kv_heads, head_dim];
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let mut slots: Vec<usize> = (0..num_blocks * block_size).collect();
+            slots.shuffle(&mut rng);
+            slots.truncate(num_tokens);
+            let slot_mapping = u32s(&slots, dev)?;
+            let (k_cache, v_cache) =
+                (uniform(&mut rng, &cache_dims, dtype, dev)?, uniform(&mut rng, &cache_dims, dtype, dev)?);
+            let (k_before, v_before) = (k_cache.copy()?, v_cache.copy()?);
+            // Keys as a strided view of a fused (num_tokens, 3, num_kv_heads, head_dim) QKV tensor;
+            // values transposed so that not even their rows are contiguous.
+            let qkv = uniform(&mut rng, &[num_tokens, 3, num_kv_heads, head_dim], dtype, dev)?;
+            let key = qkv.i((.., 1))?;
+            let value = uniform(&mut rng, &[head_dim, num_kv_heads, num_tokens], dtype, dev)?.permute((2, 1, 0))?;
+            assert!(!key.is_contiguous() && !value.is_contiguous());
+            reshape_and_cache(&key, &value, &k_cache, &v_cache, &slot_mapping)?;
+            assert_eq!(bits(&k_cache)?, bits(&expected(&k_before, &key, &slots)?)?, "{dtype:?} keys");
+            assert_eq!(bits(&v_cache)?, bits(&expected(&v_before, &value, &slots)?)?, "{dtype:?} values");
+        }
+        Ok(())
+    }
+    test_device!(writes_exactly_its_slots);
+
+    /// A cache narrowed out of a larger pool (non-zero start offset) is written at the right place.
+    fn writes_into_a_view_with_offset(dev: &Device) -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(5);
+        let pool = Tensor::zeros((2, 3, 2, 1, 4), DType::F32, dev)?; // (layers, blocks, block, heads, dim)
+        let (k_cache, v_cache) = (pool.i(1)?, pool.i(0)?);
+        let key = uniform(&mut rng, &[1, 1, 4], DType::F32, dev)?;
+        let value = uniform(&mut rng, &[1, 1, 4], DType::F32, dev)?;
+        reshape_and_cache(&key, &value, &k_cache, &v_cache, &u32s(&[5], dev)?)?;
+        assert_eq!(bits(&pool.i((1, 2, 1))?)?, bits(&key.i(0)?)?);
+        assert_eq!(bits(&pool.i((0, 2, 1))?)?, bits(&value.i(0)?)?);
+        let written = (
+            pool.abs()?.sum_all()?.to_scalar::<f32>()?,
+            (key.abs()?.sum_all()? + value.abs()?.sum_all()?)?.to_scalar::<f32>()?,
+        );
+        assert_eq!(written.0, written.1, "nothing else in the pool changed");
+        Ok(())
+    }
+    test_device!(writes_into_a_view_with_offset);
+
+    /// Every malformed argument is an `Err`, never a panic, and leaves the caches untouched.
+    fn bad_arguments_are_errors(dev: &Device) -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(9);
+        let k_cache = uniform(&mut rng, &[4, 2, 2, 8], DType::F32, dev)?;
+        let v_cache = uniform(&mut rng, &[4, 2, 2, 8], DType::F32, dev)?;
+        let before = (bits(&k_cache)?, bits(&v_cache)?);
+        let kv = uniform(&mut rng, &[3, 2, 8], DType::F32, dev)?;
+        let slots = u32s(&[0, 7, 3], dev)?;
+        let (kc, vc) = (&k_cache, &v_cache);
+        let cases: Vec<(&str, Result<()>)> = vec![
+            ("slot out of range", reshape_and_cache(&kv, &kv, kc, vc, &u32s(&[0, 8, 3], dev)?)),
+            ("slot dtype", reshape_and_cache(&kv, &kv, kc, vc, &slots.to_dtype(DType::I64)?)),
+            ("too few slots", reshape_and_cache(&kv, &kv, kc, vc, &u32s(&[0, 1], dev)?)),
+            ("key shape", reshape_and_cache(&kv.narrow(2, 0, 4)?, &kv, kc, vc, &slots)),
+            ("value heads", reshape_and_cache(&kv, &kv.narrow(1, 0, 1)?, kc, vc, &slots)),
+            ("key dtype", reshape_and_cache(&kv.to_dtype(DType::BF16)?, &kv, kc, vc, &slots)),
+            ("cache rank", reshape_and_cache(&kv, &kv, &kc.flatten(0, 1)?, &vc.flatten(0, 1)?, &slots)),
+            ("caches differ", reshape_and_cache(&kv, &kv, kc, &vc.narrow(0, 0, 3)?, &slots)),
+            ("cache not contiguous", reshape_and_cache(&kv, &kv, &kc.transpose(0, 1)?, &vc.transpose(0, 1)?, &slots)),
+            ("key aliases its cache", reshape_and_cache(&kc.flatten(0, 1)?.narrow(0, 0, 3)?, &kv, kc, vc, &slots)),
+        ];
+        for (name, result) in cases {
+            assert!(result.is_err(), "{name}: expected an error");
+        }
+        assert_eq!((bits(&k_cache)?, bits(&v_cache)?), before, "caches untouched");
+        Ok(())
+    }
+    test_device!(bad_arguments_are_errors);
 }

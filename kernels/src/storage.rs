@@ -16,9 +16,7 @@ pub(crate) fn contiguous_slice<'a, T: WithDType>(
     layout: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("`{what}` must be contiguous")
-    };
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("`{what}` must be contiguous") };
     let all = storage.as_slice::<T>()?;
     match all.get(start..end) {
         Some(s) => Ok(s),

@@ -58,13 +58,17 @@ pub(crate) struct Scenario {
 impl Scenario {
     /// Random caches for `cfg` and random queries for `num_tokens` rows. `seq_lens` fixes how many
     /// blocks each sequence gets; blocks are handed out in a shuffled order.
-    pub fn new(rng: &mut StdRng, cfg: Config, seq_lens: &[usize], num_tokens: usize, dtype: DType, dev: &Device) -> Result<Self> {
+    pub fn new(
+        rng: &mut StdRng,
+        cfg: Config,
+        seq_lens: &[usize],
+        num_tokens: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let mut free: Vec<u32> = (0..cfg.num_blocks as u32).collect();
         free.shuffle(rng);
-        let tables = seq_lens
-            .iter()
-            .map(|&len| free.split_off(free.len() - len.div_ceil(cfg.block_size)))
-            .collect();
+        let tables = seq_lens.iter().map(|&len| free.split_off(free.len() - len.div_ceil(cfg.block_size))).collect();
         let cache_dims = [cfg.num_blocks, cfg.block_size, cfg.num_kv_heads, cfg.head_dim];
         Ok(Self {
             cfg,
@@ -104,7 +108,14 @@ pub(crate) fn u32s(v: &[usize], dev: &Device) -> Result<Tensor> {
 /// Naive attention in f32 with candle ops: gathers each sequence's keys and values into contiguous
 /// tensors, then `softmax(scale * q kᵀ + causal mask) v`. `q` rows are packed by `q_lens`; the
 /// result is `(num_tokens, num_heads, head_dim)` f32.
-pub(crate) fn reference(sc: &Scenario, q: &Tensor, seqs: &[usize], q_lens: &[usize], seq_lens: &[usize], scale: f32) -> Result<Tensor> {
+pub(crate) fn reference(
+    sc: &Scenario,
+    q: &Tensor,
+    seqs: &[usize],
+    q_lens: &[usize],
+    seq_lens: &[usize],
+    scale: f32,
+) -> Result<Tensor> {
     let Config { num_heads, num_kv_heads, head_dim, block_size, .. } = sc.cfg;
     let group = num_heads / num_kv_heads;
     // (num_slots, num_kv_heads, head_dim)
@@ -116,16 +127,13 @@ pub(crate) fn reference(sc: &Scenario, q: &Tensor, seqs: &[usize], q_lens: &[usi
         if q_len == 0 {
             continue;
         }
-        let slots: Vec<u32> = (0..seq_len)
-            .map(|p| sc.tables[s][p / block_size] * block_size as u32 + (p % block_size) as u32)
-            .collect();
+        let slots: Vec<u32> =
+            (0..seq_len).map(|p| sc.tables[s][p / block_size] * block_size as u32 + (p % block_size) as u32).collect();
         let slots = Tensor::new(slots, q.device())?;
         // (num_heads, seq_len, head_dim): kv heads repeated for GQA
         let expand = |t: &Tensor| -> Result<Tensor> {
             let t = t.index_select(&slots, 0)?.transpose(0, 1)?; // (num_kv_heads, seq_len, head_dim)
-            t.unsqueeze(1)?
-                .expand((num_kv_heads, group, seq_len, head_dim))?
-                .reshape((num_heads, seq_len, head_dim))
+            t.unsqueeze(1)?.expand((num_kv_heads, group, seq_len, head_dim))?.reshape((num_heads, seq_len, head_dim))
         };
         let (k, v) = (expand(&k_slots)?, expand(&v_slots)?);
         let qs = q.i(row..row + q_len)?.transpose(0, 1)?.contiguous()?; // (num_heads, q_len, head_dim)

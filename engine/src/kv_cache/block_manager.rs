@@ -32,11 +32,7 @@ impl BlockManager {
     /// A pool of `num_blocks` blocks of `block_size` tokens each, all free.
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
         debug_assert!(block_size > 0);
-        Self {
-            block_size,
-            ref_counts: vec![0; num_blocks],
-            free: (0..num_blocks as BlockId).collect(),
-        }
+        Self { block_size, ref_counts: vec![0; num_blocks], free: (0..num_blocks as BlockId).collect() }
     }
 
     /// Tokens per block.

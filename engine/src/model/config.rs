@@ -103,8 +103,7 @@ impl LlamaConfig {
 
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(json: &str) -> Result<Self> {
-        let hf: HfConfig =
-            serde_json::from_str(json).map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
+        let hf: HfConfig = serde_json::from_str(json).map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
         if let Some(arch) = hf.architectures.as_ref().and_then(|a| a.first()) {
             if !matches!(arch.as_str(), "LlamaForCausalLM" | "MistralForCausalLM") {
                 return Err(EngineError::Load(format!("architecture `{arch}` is not supported (Llama family only)")));
@@ -167,8 +166,7 @@ impl LlamaConfig {
     /// RoPE inverse frequencies, `[head_dim / 2]`, with Llama 3 scaling applied when configured.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim as f32;
-        let base: Vec<f32> =
-            (0..self.head_dim / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / d)).collect();
+        let base: Vec<f32> = (0..self.head_dim / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / d)).collect();
         let Some(s) = self.rope_scaling else {
             return base;
         };

@@ -118,7 +118,12 @@ pub struct Llama {
 impl Llama {
     /// Loads every weight from `source` as `dtype` on `device`; `progress(done, total)` is called
     /// after each layer.
-    pub fn load(source: &mut WeightSource, dtype: DType, device: &Device, progress: &dyn Fn(usize, usize)) -> Result<Self> {
+    pub fn load(
+        source: &mut WeightSource,
+        dtype: DType,
+        device: &Device,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
         let config = source.config().clone();
         let eps = config.rms_norm_eps as f32;
         let embed = source.get("model.embed_tokens.weight", dtype, device)?;

@@ -106,9 +106,7 @@ impl WeightSource {
     /// True if the weight exists (e.g. `lm_head.weight` for untied models).
     pub fn contains(&self, hf_name: &str) -> bool {
         match &self.inner {
-            Inner::Gguf { content, .. } => {
-                gguf_name(hf_name).is_some_and(|n| content.tensor_infos.contains_key(&n))
-            }
+            Inner::Gguf { content, .. } => gguf_name(hf_name).is_some_and(|n| content.tensor_infos.contains_key(&n)),
             Inner::Safetensors { tensors } => tensors.contains_key(hf_name),
         }
     }

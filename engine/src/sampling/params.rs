@@ -87,28 +87,15 @@ impl SamplingParams {
     pub fn validate(&self, vocab_size: usize) -> Result<()> {
         let in_range = |x: f32, lo: f32, hi: f32| (lo..=hi).contains(&x);
         let t = self.temperature;
-        ensure(in_range(t, 0.0, 2.0), || {
-            format!("`temperature` must be in [0, 2], got {t}")
-        })?;
+        ensure(in_range(t, 0.0, 2.0), || format!("`temperature` must be in [0, 2], got {t}"))?;
         let p = self.top_p;
-        ensure(p > 0.0 && p <= 1.0, || {
-            format!("`top_p` must be in (0, 1], got {p}")
-        })?;
+        ensure(p > 0.0 && p <= 1.0, || format!("`top_p` must be in (0, 1], got {p}"))?;
         let m = self.min_p;
-        ensure(in_range(m, 0.0, 1.0), || {
-            format!("`min_p` must be in [0, 1], got {m}")
-        })?;
+        ensure(in_range(m, 0.0, 1.0), || format!("`min_p` must be in [0, 1], got {m}"))?;
         let r = self.repetition_penalty;
-        ensure(r > 0.0 && r.is_finite(), || {
-            format!("`repetition_penalty` must be > 0, got {r}")
-        })?;
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            ensure(in_range(v, -2.0, 2.0), || {
-                format!("`{name}` must be in [-2, 2], got {v}")
-            })?;
+        ensure(r > 0.0 && r.is_finite(), || format!("`repetition_penalty` must be > 0, got {r}"))?;
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            ensure(in_range(v, -2.0, 2.0), || format!("`{name}` must be in [-2, 2], got {v}"))?;
         }
         for &(id, bias) in &self.logit_bias {
             ensure((id as usize) < vocab_size, || {
@@ -119,29 +106,15 @@ impl SamplingParams {
             })?;
         }
         if let Some(n) = self.logprobs {
-            ensure(n <= MAX_LOGPROBS, || {
-                format!("`logprobs` must be at most {MAX_LOGPROBS}, got {n}")
-            })?;
+            ensure(n <= MAX_LOGPROBS, || format!("`logprobs` must be at most {MAX_LOGPROBS}, got {n}"))?;
         }
-        ensure(self.max_tokens >= 1, || {
-            "`max_tokens` must be at least 1".to_string()
-        })?;
+        ensure(self.max_tokens >= 1, || "`max_tokens` must be at least 1".to_string())?;
         let (min, max) = (self.min_tokens, self.max_tokens);
-        ensure(min <= max, || {
-            format!("`min_tokens` ({min}) must not exceed `max_tokens` ({max})")
-        })?;
+        ensure(min <= max, || format!("`min_tokens` ({min}) must not exceed `max_tokens` ({max})"))?;
         let n = self.stop.len();
-        ensure(n <= MAX_STOP_STRINGS, || {
-            format!("`stop` may hold at most {MAX_STOP_STRINGS} strings, got {n}")
-        })?;
-        ensure(self.stop.iter().all(|s| !s.is_empty()), || {
-            "`stop` strings must not be empty".to_string()
-        })?;
-        if let Some(&id) = self
-            .stop_token_ids
-            .iter()
-            .find(|&&id| id as usize >= vocab_size)
-        {
+        ensure(n <= MAX_STOP_STRINGS, || format!("`stop` may hold at most {MAX_STOP_STRINGS} strings, got {n}"))?;
+        ensure(self.stop.iter().all(|s| !s.is_empty()), || "`stop` strings must not be empty".to_string())?;
+        if let Some(&id) = self.stop_token_ids.iter().find(|&&id| id as usize >= vocab_size) {
             return Err(EngineError::InvalidRequest(format!(
                 "`stop_token_ids` token {id} is outside the vocabulary of {vocab_size}"
             )));
@@ -166,9 +139,7 @@ impl SamplingParams {
 
     /// Whether a penalty needs the history of the sequence.
     pub(super) fn has_penalties(&self) -> bool {
-        self.repetition_penalty != 1.0
-            || self.presence_penalty != 0.0
-            || self.frequency_penalty != 0.0
+        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }
 
@@ -191,31 +162,16 @@ mod tests {
         assert!(p.is_greedy() && p.is_deterministic());
         assert_eq!(p.max_tokens, 16);
         p.validate(10).unwrap();
-        let seeded = SamplingParams {
-            temperature: 1.0,
-            seed: Some(3),
-            ..p.clone()
-        };
+        let seeded = SamplingParams { temperature: 1.0, seed: Some(3), ..p.clone() };
         assert!(!seeded.is_greedy() && seeded.is_deterministic());
-        assert!(!SamplingParams {
-            temperature: 1.0,
-            ..p
-        }
-        .is_deterministic());
+        assert!(!SamplingParams { temperature: 1.0, ..p }.is_deterministic());
     }
 
     #[test]
     fn missing_fields_deserialize_to_defaults() {
         let p: SamplingParams = serde_json::from_str(r#"{"temperature": 0.7}"#).unwrap();
-        assert_eq!(
-            p,
-            SamplingParams {
-                temperature: 0.7,
-                ..Default::default()
-            }
-        );
-        let back: SamplingParams =
-            serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(p, SamplingParams { temperature: 0.7, ..Default::default() });
+        let back: SamplingParams = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back, p);
     }
 

@@ -217,8 +217,7 @@ impl Scheduler {
 
     fn window_open(&self, now: Instant) -> bool {
         !self.waiting.is_empty()
-            && (self.waiting.len() >= self.config.max_batch_size
-                || self.window_opens_at().is_some_and(|at| now >= at))
+            && (self.waiting.len() >= self.config.max_batch_size || self.window_opens_at().is_some_and(|at| now >= at))
     }
 
     fn window_opens_at(&self) -> Option<Instant> {
@@ -241,13 +240,8 @@ impl Scheduler {
             }
             // Victim: the lowest-priority, latest-arrived running sequence not yet given its share
             // of this step. `running` is sorted, so it is the last one not in the batch.
-            let victim = self
-                .running
-                .iter()
-                .rev()
-                .copied()
-                .find(|v| !batch.seqs.iter().any(|s| s.id == *v))
-                .unwrap_or(id);
+            let victim =
+                self.running.iter().rev().copied().find(|v| !batch.seqs.iter().any(|s| s.id == *v)).unwrap_or(id);
             self.preempt(victim, batch);
             if victim == id {
                 return None;
@@ -295,9 +289,7 @@ impl Scheduler {
             let start = seq.num_computed_tokens;
             let scheduled = ScheduledSeq { id, start, len, sample: start + len == seq.num_tokens() };
             let key = seq.order_key();
-            let at = self
-                .running
-                .partition_point(|r| self.sequences.get(r).is_some_and(|s| s.order_key() < key));
+            let at = self.running.partition_point(|r| self.sequences.get(r).is_some_and(|s| s.order_key() < key));
             self.running.insert(at, id);
             *budget -= len;
             batch.num_tokens += len;

@@ -20,28 +20,20 @@ use crate::elem::Elem;
 ///
 /// `k_cache`, `v_cache`: `(num_blocks, block_size, num_kv_heads, head_dim)`. `batch` has been
 /// validated against `geo` and `q`, which is what makes the indexing below in bounds.
-pub(super) fn forward<T: Elem>(
-    q: &[T],
-    k_cache: &[T],
-    v_cache: &[T],
-    geo: &Geometry,
-    batch: &Batch<'_>,
-) -> Vec<T> {
+pub(super) fn forward<T: Elem>(q: &[T], k_cache: &[T], v_cache: &[T], geo: &Geometry, batch: &Batch<'_>) -> Vec<T> {
     let mut out = vec![T::from_f64(0.0); q.len()];
     let heads = heads_per_item(q.len() / (geo.num_heads * geo.head_dim), geo);
     let items_per_token = geo.num_heads / heads;
     let cache = Cache { k: k_cache, v: v_cache, geo };
-    out.par_chunks_mut(heads * geo.head_dim)
-        .enumerate()
-        .for_each_init(Scratch::default, |scratch, (item, out)| {
-            let token = item / items_per_token;
-            let head0 = item % items_per_token * heads;
-            let row = query_row(batch, token, geo.block_size);
-            // (heads, head_dim)
-            let q = &q[(token * geo.num_heads + head0) * geo.head_dim..][..out.len()];
-            let kv_head = head0 / (geo.num_heads / geo.num_kv_heads);
-            attend(q, &row, kv_head, &cache, scratch, out);
-        });
+    out.par_chunks_mut(heads * geo.head_dim).enumerate().for_each_init(Scratch::default, |scratch, (item, out)| {
+        let token = item / items_per_token;
+        let head0 = item % items_per_token * heads;
+        let row = query_row(batch, token, geo.block_size);
+        // (heads, head_dim)
+        let q = &q[(token * geo.num_heads + head0) * geo.head_dim..][..out.len()];
+        let kv_head = head0 / (geo.num_heads / geo.num_kv_heads);
+        attend(q, &row, kv_head, &cache, scratch, out);
+    });
     out
 }
 
@@ -50,11 +42,7 @@ pub(super) fn forward<T: Elem>(
 fn heads_per_item(num_tokens: usize, geo: &Geometry) -> usize {
     let group = geo.num_heads / geo.num_kv_heads;
     let wanted = 4 * rayon::current_num_threads();
-    (1..=group)
-        .rev()
-        .filter(|d| group % d == 0)
-        .find(|d| num_tokens * (geo.num_heads / d) >= wanted)
-        .unwrap_or(1)
+    (1..=group).rev().filter(|d| group % d == 0).find(|d| num_tokens * (geo.num_heads / d) >= wanted).unwrap_or(1)
 }
 
 /// Where one query row reads its context.

@@ -92,7 +92,8 @@ fn bit_identical_across_batches(dev: &Device) -> Result<()> {
         let q = Tensor::cat(&order.map(rows).into_iter().collect::<Result<Vec<_>>>()?, 0)?;
         let lens = |v: [usize; 4]| order.map(|s| v[s]);
         for threads in [1, 3] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(candle_core::Error::wrap)?;
+            let pool =
+                rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(candle_core::Error::wrap)?;
             let batched = pool.install(|| run(&sc, &q, &order, &lens(q_lens), &lens(seq_lens)))?;
             assert_eq!(bits(&alone)?, bits(&batched.i(20..21)?)?, "{dtype:?}, {threads} threads");
         }

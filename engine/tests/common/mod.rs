@@ -1,0 +1,55 @@
+//! Shared helpers for the engine's integration tests, which run on the real default model.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use sluice_engine::{Engine, EngineConfig, Request, SamplingParams};
+
+/// The default model. Missing it is a failure with instructions, never a silent skip.
+pub fn model_path() -> PathBuf {
+    let path = EngineConfig::default_model_path();
+    assert!(path.is_file(), "the default model is missing at {}: run `make model` first", path.display());
+    path
+}
+
+/// An engine on the default model with `tweak` applied to the default configuration.
+pub fn engine_with(tweak: impl FnOnce(&mut EngineConfig)) -> Engine {
+    let mut config = EngineConfig::new(model_path());
+    tweak(&mut config);
+    Engine::new(config).expect("engine loads the default model")
+}
+
+/// Greedy parameters for `max_tokens` tokens.
+pub fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams { max_tokens, ..SamplingParams::default() }
+}
+
+/// Sixteen different chat prompts of varied lengths.
+pub fn prompts() -> Vec<String> {
+    [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "Explain photosynthesis in one sentence.",
+        "List three prime numbers.",
+        "What is 12 times 7?",
+        "Name a famous painter and one of their works.",
+        "Give me a synonym for happy.",
+        "Translate 'good morning' into Spanish.",
+        "Why is the sky blue? Answer briefly, in a way a child would understand, and mention sunlight.",
+        "What does a compiler do?",
+        "Suggest a name for a pet turtle.",
+        "How many legs does a spider have?",
+        "Describe the taste of lemon.",
+        "What is the boiling point of water at sea level, in Celsius and in Fahrenheit?",
+        "Tell me a fun fact about octopuses.",
+        "What is the opposite of cold?",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Generates greedily, alone, and returns the token ids.
+pub fn tokens_alone(engine: &Engine, prompt: &str, max_tokens: usize) -> Vec<u32> {
+    engine.generate(Request::user(prompt).with_params(greedy(max_tokens))).expect("generation succeeds").token_ids
+}
