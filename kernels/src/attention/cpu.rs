@@ -8,8 +8,8 @@
 //! 2. `m = max(score)`, `w[p] = exp(score[p] - m)`, `sum = Σ w[p]` in position order;
 //! 3. `acc = Σ w[p] * v[p]` in position order, then `out = acc / sum`.
 //!
-//! Keys and values are read one `head_dim` row at a time, widened to f32 once per item, so the
-//! inner loops run on contiguous f32 slices.
+//! Keys and values are read one `head_dim` row at a time and widened to f32 once per item (one
+//! row serves every head of the item), so the inner loops run on contiguous f32 slices.
 
 use rayon::prelude::*;
 
@@ -161,19 +161,18 @@ fn attend<T: Elem>(
     T::narrow(acc, out);
 }
 
-/// `Σ a[i] * b[i]` with eight interleaved partial sums, combined in a fixed tree.
+/// `Σ a[i] * b[i]` with eight interleaved partial sums (one per `i % 8`, each in index order),
+/// combined in a fixed tree. Written as array operations so the compiler vectorises it.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in a8.zip(b8) {
-        for ((l, x), y) in lanes.iter_mut().zip(x).zip(y) {
-            *l += x * y;
-        }
+        lanes = std::array::from_fn(|i| lanes[i] + x[i] * y[i]);
     }
-    let [l0, l1, l2, l3, l4, l5, l6, l7] = lanes;
-    ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)) + tail
+    let half: [f32; 4] = std::array::from_fn(|i| lanes[i] + lanes[i + 4]);
+    ((half[0] + half[2]) + (half[1] + half[3])) + tail
 }
 
 /// `acc += w * v`.

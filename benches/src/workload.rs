@@ -1,0 +1,54 @@
+//! Seeded synthetic chat workloads: real English text cut to a target prompt length.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Source text for prompts: ordinary prose on varied topics, so prompts look like real requests
+/// rather than random token soup.
+const CORPUS: &str = "\
+The river rose slowly through the night, and by morning the lower fields were under a sheet of brown water. \
+Farmers gathered on the ridge to watch, counting the fence posts that still showed above the flood. \
+A lighthouse keeper writes the weather in a log every four hours: wind, visibility, the state of the sea. \
+Over forty years those notes became one of the longest continuous records of the coast. \
+Bread rises because yeast eats sugar and releases carbon dioxide, which the gluten network traps as bubbles. \
+Bakers control the rise with temperature, time and the amount of salt, which slows fermentation. \
+The first computers filled whole rooms and were programmed by plugging cables into boards. \
+Later machines read programs from punched cards, and a single misplaced hole could ruin a night's work. \
+In a healthy forest, fallen trees are not waste: fungi and insects turn them into soil over decades. \
+Many birds nest only in old hollow trunks, so a tidy forest can be a poor home for wildlife. \
+A good map leaves things out. It shows the roads a driver needs and hides the thousand details that would bury them. \
+The choice of what to omit is where the mapmaker's skill lies. \
+Trains in the mountains climb with the help of a toothed rail between the tracks, gripping where wheels alone would slip. \
+Some of these lines have run for more than a century, carrying hikers, cheese and mail. \
+When you learn a language as an adult, listening comes before speaking: the ear must first learn which sounds matter. \
+Children do this without effort, which is why they often lose a foreign accent that adults keep. \
+The library opened its doors at nine, and a line of students was already waiting with laptops and coffee. \
+By noon every desk by the windows was taken, and the quiet was broken only by the turning of pages. \
+Bees communicate the direction of flowers with a dance: the angle of the waggle run points relative to the sun. \
+The length of the run tells the others how far they must fly. \
+A bridge is designed for loads it may never carry: wind, ice, crowds, and trucks heavier than the law allows. \
+Engineers add a margin to every figure, because the cost of being wrong is measured in lives.";
+
+/// One request of a workload.
+#[derive(Debug, Clone)]
+pub struct WorkItem {
+    /// The user message.
+    pub prompt: String,
+    /// Tokens to generate.
+    pub max_tokens: usize,
+}
+
+/// `n` seeded prompts whose lengths (in words, roughly tokens) fall in `min_len..=max_len`.
+pub fn synthetic(n: usize, min_len: usize, max_len: usize, max_tokens: usize, seed: u64) -> Vec<WorkItem> {
+    let words: Vec<&str> = CORPUS.split_whitespace().collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(min_len..=max_len.max(min_len));
+            let start = rng.random_range(0..words.len());
+            let body: Vec<&str> = (0..len).map(|i| words[(start + i) % words.len()]).collect();
+            let prompt = format!("Summarise the following text.\n\n{}", body.join(" "));
+            WorkItem { prompt, max_tokens }
+        })
+        .collect()
+}
