@@ -153,6 +153,12 @@ impl Engine {
         self.shared.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
+    /// Whether the engine thread is still running: false once it has stopped or died (a panic
+    /// leaves no chance to publish `stats().alive = false`).
+    pub fn is_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Turns a prompt into token ids (chat template, then tokenizer).
     pub fn tokenize_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         let ids = match prompt {

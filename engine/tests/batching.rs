@@ -21,13 +21,22 @@ fn collect_all(streams: Vec<TokenStream>) -> Vec<Vec<u32>> {
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// Each prompt's greedy tokens, generated alone (computed once per test binary).
+fn alone() -> &'static [Vec<u32>] {
+    static ALONE: std::sync::OnceLock<Vec<Vec<u32>>> = std::sync::OnceLock::new();
+    ALONE.get_or_init(|| {
+        let engine = common::shared_engine();
+        common::prompts().iter().map(|p| common::tokens_alone(engine, p, MAX_TOKENS)).collect()
+    })
+}
+
 #[test]
 fn sixteen_prompts_together_equal_each_alone() {
-    let engine = common::engine_with(|_| {});
     let prompts = common::prompts();
-    let alone: Vec<Vec<u32>> = prompts.iter().map(|p| common::tokens_alone(&engine, p, MAX_TOKENS)).collect();
+    let alone = alone();
+    let engine = common::engine_with(|_| {});
     let together = collect_all(submit_all(&engine, &prompts));
-    for ((p, a), t) in prompts.iter().zip(&alone).zip(&together) {
+    for ((p, a), t) in prompts.iter().zip(alone).zip(&together) {
         assert_eq!(a, t, "{p:?}: batched output differs from the output alone");
     }
     let stats = engine.stats();
@@ -36,10 +45,8 @@ fn sixteen_prompts_together_equal_each_alone() {
 
 #[test]
 fn chunked_prefill_and_preemption_keep_outputs_identical() {
-    let reference = common::engine_with(|_| {});
     let prompts = common::prompts();
-    let alone: Vec<Vec<u32>> = prompts.iter().map(|p| common::tokens_alone(&reference, p, MAX_TOKENS)).collect();
-    drop(reference);
+    let alone = alone();
 
     // A pool of 12 blocks of 16 tokens (192 tokens) for 16 sequences of ~40-60 tokens, and a
     // step budget of 24 tokens so prompts are prefilled in chunks.
@@ -51,7 +58,7 @@ fn chunked_prefill_and_preemption_keep_outputs_identical() {
     let together = collect_all(submit_all(&tight, &prompts));
     let stats = tight.stats();
     assert!(stats.preemptions > 0, "the KV budget was meant to force preemption");
-    for ((p, a), t) in prompts.iter().zip(&alone).zip(&together) {
+    for ((p, a), t) in prompts.iter().zip(alone).zip(&together) {
         assert_eq!(a, t, "{p:?}: output changed under chunked prefill and preemption");
     }
     assert_eq!(stats.kv_blocks_used, 0, "every block back in the pool");

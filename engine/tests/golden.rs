@@ -79,7 +79,7 @@ fn reference_greedy(source: &mut WeightSource, prompts: &[Vec<u32>], eos: u32) -
 
 #[test]
 fn paged_forward_matches_reference_forward_token_for_token() {
-    let engine = common::engine_with(|_| {});
+    let engine = common::shared_engine();
     let questions = ["What is the capital of France?", "Write a haiku about the sea.", "What is 12 times 7?"];
     let prompts: Vec<Vec<u32>> = questions
         .iter()
@@ -102,7 +102,7 @@ fn paged_forward_matches_reference_forward_token_for_token() {
 
 #[test]
 fn capital_of_france_is_paris() {
-    let engine = common::engine_with(|_| {});
+    let engine = common::shared_engine();
     let out = engine.generate(Request::user("What is the capital of France?").max_tokens(32)).unwrap();
     assert!(out.text.contains("Paris"), "answer was {:?}", out.text);
     assert_eq!(out.finish.reason, FinishReason::Stop, "the model ends its answer with <|im_end|>");

@@ -1,4 +1,4 @@
-//! Sluice's custom candle ops for the paged KV cache.
+//! Sluice's custom candle ops for the paged KV cache, and its CPU matmul.
 //!
 //! # Layout
 //!
@@ -7,6 +7,8 @@
 //! - [`attention`]: `paged_attention`, unified prefill + decode attention that reads keys and
 //!   values through each sequence's block table.
 //! - `attention::cpu`: the CPU body of `paged_attention`, with its fixed-order numerics.
+//! - [`matmul`]: `PackedLinear`, `y = x · Wᵀ` against a weight packed once as f32, bf16 or int8,
+//!   with SIMD kernels (AVX-512, AVX2+FMA, portable) whose rows are bit-identical at any batch size.
 //! - `elem`: the element types the ops accept (f32, f16, bf16) and their widening to f32.
 //! - `storage`: borrowing a tensor's CPU storage as a typed slice.
 //! - `test_util` (tests only): the `test_device!` macro and random tensor helpers.
@@ -24,9 +26,11 @@
 pub mod attention;
 pub mod cache;
 mod elem;
+pub mod matmul;
 mod storage;
 #[cfg(test)]
 mod test_util;
 
 pub use attention::paged_attention;
 pub use cache::reshape_and_cache;
+pub use matmul::{PackedLinear, WeightFormat};

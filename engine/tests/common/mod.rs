@@ -12,9 +12,17 @@ pub fn model_path() -> PathBuf {
     path
 }
 
-/// An engine on the default model with `tweak` applied to the default configuration.
+/// One engine on the default model shared by every test of a test binary.
+pub fn shared_engine() -> &'static Engine {
+    static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
+    ENGINE.get_or_init(|| engine_with(|_| {}))
+}
+
+/// An engine on the default model with `tweak` applied to the test configuration (the default one
+/// with a 256 MiB KV cache, plenty for these tests).
 pub fn engine_with(tweak: impl FnOnce(&mut EngineConfig)) -> Engine {
     let mut config = EngineConfig::new(model_path());
+    config.kv_cache_memory = 256 << 20;
     tweak(&mut config);
     Engine::new(config).expect("engine loads the default model")
 }

@@ -1,0 +1,170 @@
+//! The AVX-512 path: register tiles of up to `ROWS` rows × one whole panel (three zmm vectors).
+//!
+//! A tile keeps `rows × 3` accumulators in registers; each step of `k` loads (and widens) the
+//! panel's three weight vectors once and feeds them to every row of the tile with a broadcast
+//! activation. With 8 rows that is 24 accumulators, 3 weights and 1 broadcast of the 32 zmm
+//! registers. Each accumulator lane is one output's FMA chain, so tile height never changes bits.
+
+use std::arch::x86_64::*;
+
+use super::{PanelRef, DEQUANT_MIN_ROWS, INT8_GROUP, PANEL};
+
+/// Rows per register tile.
+const ROWS: usize = 8;
+/// 16-lane vectors per panel.
+const VECS: usize = PANEL / 16;
+
+/// Proof that this CPU has AVX-512F: only [`Avx512::detect`] makes one.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Avx512(());
+
+impl Avx512 {
+    /// `Some` when the running CPU supports AVX-512F.
+    pub(super) fn detect() -> Option<Self> {
+        is_x86_feature_detected!("avx512f").then_some(Self(()))
+    }
+
+    /// `out[r][j] = Σ_i x[r][i] · w[i][j]` for all `m = out.len() / PANEL` rows of `x` (`[m][k]`).
+    pub(super) fn panel(self, x: &[f32], k: usize, w: PanelRef<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
+        let m = out.len() / PANEL;
+        // The raw-pointer reads below rely on these; `PackedLinear` always passes them.
+        assert!(k > 0 && out.len() == m * PANEL && x.len() == m * k && w.fits(k), "matmul panel shapes");
+        // SAFETY: `self` exists only where avx512f was detected, and the slice lengths that every
+        // pointer offset below stays within were checked above.
+        unsafe { panel(x, k, w, out, scratch) }
+    }
+}
+
+/// See [`Avx512::panel`]. Safety: avx512f is available; the shapes were checked.
+#[target_feature(enable = "avx512f")]
+unsafe fn panel(x: &[f32], k: usize, w: PanelRef<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
+    match w {
+        PanelRef::F32(w) => rows(x, k, F32s(w.as_ptr()), out),
+        _ if out.len() / PANEL >= DEQUANT_MIN_ROWS => {
+            scratch.resize(k * PANEL, 0.0);
+            w.widen_into(scratch);
+            rows(x, k, F32s(scratch.as_ptr()), out)
+        }
+        PanelRef::Bf16(w) => rows(x, k, Bf16s(w.as_ptr()), out),
+        PanelRef::Int8 { q, scales } => rows(x, k, Int8s { q: q.as_ptr(), scales: scales.as_ptr() }, out),
+    }
+}
+
+/// Runs every row of `x` through the panel `w`, `ROWS` rows at a time.
+#[target_feature(enable = "avx512f")]
+unsafe fn rows<W: Weights>(x: &[f32], k: usize, w: W, out: &mut [f32]) {
+    for (x, out) in x.chunks(ROWS * k).zip(out.chunks_mut(ROWS * PANEL)) {
+        let (x, o) = (x.as_ptr(), out.as_mut_ptr());
+        match out.len() / PANEL {
+            1 => tile::<1, W>(x, k, w, o),
+            2 => tile::<2, W>(x, k, w, o),
+            3 => tile::<3, W>(x, k, w, o),
+            4 => tile::<4, W>(x, k, w, o),
+            5 => tile::<5, W>(x, k, w, o),
+            6 => tile::<6, W>(x, k, w, o),
+            7 => tile::<7, W>(x, k, w, o),
+            _ => tile::<ROWS, W>(x, k, w, o),
+        }
+    }
+}
+
+/// One register tile: `out[r][..PANEL] = Σ_i x[r][i] · w[i][..]` for `r < R`.
+///
+/// Safety: avx512f; `x` points at `R` rows of `k`; `out` at `R * PANEL` writable floats; `w` is a
+/// `k`-deep panel.
+#[target_feature(enable = "avx512f")]
+unsafe fn tile<const R: usize, W: Weights>(x: *const f32, k: usize, w: W, out: *mut f32) {
+    let mut acc = [[_mm512_setzero_ps(); VECS]; R];
+    let mut start = 0;
+    while start < k {
+        let end = (start + INT8_GROUP).min(k);
+        let scales = w.scales(start / INT8_GROUP);
+        for i in start..end {
+            let mut wv = [_mm512_setzero_ps(); VECS];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = w.load(i, j, scales);
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xi = _mm512_set1_ps(*x.add(r * k + i));
+                for (a, &wj) in acc.iter_mut().zip(&wv) {
+                    *a = _mm512_fmadd_ps(xi, wj, *a);
+                }
+            }
+        }
+        start = end;
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (j, &a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add(r * PANEL + 16 * j), a);
+        }
+    }
+}
+
+/// A panel's weights, widened to f32 vectors. Safety for all methods: avx512f; `i < k`,
+/// `j < VECS` and `group < k.div_ceil(INT8_GROUP)` for the `k`-deep panel the pointers address.
+trait Weights: Copy {
+    /// Per-group state (the int8 scales), loaded once per group of `INT8_GROUP` steps of `k`.
+    type Scales: Copy;
+    unsafe fn scales(self, group: usize) -> Self::Scales;
+    /// Outputs `16 * j..16 * j + 16` of the panel at step `i` of `k`, as f32.
+    unsafe fn load(self, i: usize, j: usize, scales: Self::Scales) -> __m512;
+}
+
+/// `[k][PANEL]` f32.
+#[derive(Clone, Copy)]
+struct F32s(*const f32);
+
+impl Weights for F32s {
+    type Scales = ();
+
+    #[inline(always)]
+    unsafe fn scales(self, _group: usize) {}
+
+    #[inline(always)]
+    unsafe fn load(self, i: usize, j: usize, _: ()) -> __m512 {
+        _mm512_loadu_ps(self.0.add(i * PANEL + 16 * j))
+    }
+}
+
+/// `[k][PANEL]` bf16 bits; widening is a zero-extend and a 16-bit shift.
+#[derive(Clone, Copy)]
+struct Bf16s(*const u16);
+
+impl Weights for Bf16s {
+    type Scales = ();
+
+    #[inline(always)]
+    unsafe fn scales(self, _group: usize) {}
+
+    #[inline(always)]
+    unsafe fn load(self, i: usize, j: usize, _: ()) -> __m512 {
+        let bits = _mm256_loadu_si256(self.0.add(i * PANEL + 16 * j).cast());
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+    }
+}
+
+/// `q`: `[k][PANEL]` i8; `scales`: `[groups][PANEL]` f32. A weight is `f32(q) * scale`.
+#[derive(Clone, Copy)]
+struct Int8s {
+    q: *const i8,
+    scales: *const f32,
+}
+
+impl Weights for Int8s {
+    type Scales = [__m512; VECS];
+
+    #[inline(always)]
+    unsafe fn scales(self, group: usize) -> [__m512; VECS] {
+        let mut s = [_mm512_setzero_ps(); VECS];
+        for (j, s) in s.iter_mut().enumerate() {
+            *s = _mm512_loadu_ps(self.scales.add(group * PANEL + 16 * j));
+        }
+        s
+    }
+
+    #[inline(always)]
+    unsafe fn load(self, i: usize, j: usize, scales: [__m512; VECS]) -> __m512 {
+        let q = _mm_loadu_si128(self.q.add(i * PANEL + 16 * j).cast());
+        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), scales[j])
+    }
+}

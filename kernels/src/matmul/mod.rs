@@ -1,0 +1,271 @@
+//! `PackedLinear`: `y[m, n] = x[m, k] · Wᵀ` against a weight packed once, in f32, bf16 or int8.
+//!
+//! # Numerics
+//!
+//! Every output is one chain of fused multiply-adds over `k` in order, with nothing else:
+//!
+//! ```text
+//! acc = 0.0; for i in 0..k { acc = fma(x[r, i], w[c, i], acc) }; y[r, c] = acc
+//! ```
+//!
+//! where `w[c, i]` is the weight as stored, widened to f32 exactly (bf16 is a shift; int8 is
+//! `f32(q) * scale`, one rounded multiply). Outputs sit in SIMD lanes, so there is no horizontal
+//! reduction, and the register tile (how many rows and outputs share a weight load) changes which
+//! outputs are computed together, never the chain of one output. Work is split over output
+//! columns only, never over `k`. So a row's result does not depend on `m`, on the other rows, on
+//! the thread count, nor even on the instruction set: the AVX-512, AVX2+FMA and portable paths
+//! produce the same bits (`f32::mul_add` is a correctly rounded FMA everywhere), and the tests
+//! hold all of this.
+//!
+//! # Layout
+//!
+//! The weight is cut into panels of [`PANEL`] consecutive outputs (the last one zero-padded),
+//! each stored k-major: `panel[i][j]` is `w[p * PANEL + j, i]`, so one step of `k` reads
+//! `PANEL` contiguous weights. A task owns whole panels and runs every row of `x` through a panel
+//! while it is hot in L2. At `m >= DEQUANT_MIN_ROWS` a bf16 or int8 panel is first widened into
+//! a per-thread f32 scratch panel (the same values, so the same bits) so the inner loop is pure
+//! FMA; below that it is widened in registers, which is what makes decode bandwidth-bound on the
+//! compact bytes.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod pack;
+mod scalar;
+#[cfg(test)]
+mod tests;
+
+use candle_core::{bail, DType, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::storage::contiguous_slice;
+use pack::Packed;
+
+/// Outputs per packed panel: three 16-lane AVX-512 vectors (six AVX2 ones). Divides every
+/// projection width of the default model (576, 960, 3072, 49152).
+const PANEL: usize = 48;
+
+/// Weights of one int8 output row sharing one scale, along `k`.
+pub const INT8_GROUP: usize = 32;
+
+/// From this many rows on, compact panels are widened once into f32 scratch (see module docs).
+const DEQUANT_MIN_ROWS: usize = 16;
+
+/// Multiply-adds a rayon task should at least carry, so that small matmuls are not split into
+/// tasks costing more to schedule than to run.
+const MIN_TASK_MACS: usize = 1 << 18;
+
+/// How a [`PackedLinear`] stores its weight. Activations and arithmetic are f32 in every format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    /// 4 bytes a weight, exact.
+    F32,
+    /// 2 bytes a weight: round-to-nearest-even bf16, widened to f32 exactly in registers.
+    Bf16,
+    /// 1.125 bytes a weight: symmetric int8 with one f32 scale per output row and group of
+    /// [`INT8_GROUP`] weights along `k` (`scale = max|w| / 127`). Activations are not quantised.
+    Int8,
+}
+
+/// A linear layer's weight `[n, k]` (out, in), packed for `y = x · Wᵀ` on the CPU.
+///
+/// Results are bit-identical for a given row whatever the batch around it, the batch size and
+/// the thread count (see the module docs for the exact sequence of operations).
+pub struct PackedLinear {
+    /// Output features.
+    n: usize,
+    /// Input features.
+    k: usize,
+    format: WeightFormat,
+    weights: Packed,
+    /// Chosen once at construction, so every call on this machine takes one code path.
+    isa: Isa,
+}
+
+impl PackedLinear {
+    /// Packs `w`: `[n, k]` (out, in), any float dtype (widened to f32 first), on any device.
+    ///
+    /// Errors if `w` is not 2-D or is empty.
+    pub fn from_tensor(w: &Tensor, format: WeightFormat) -> candle_core::Result<Self> {
+        let (n, k) = w.dims2()?;
+        if n == 0 || k == 0 {
+            bail!("`w` must have non-zero dims, got [{n}, {k}]")
+        }
+        if !w.dtype().is_float() {
+            bail!("`w` must be a float tensor, got {:?}", w.dtype())
+        }
+        let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self { n, k, format, weights: Packed::new(&data, n, k, format), isa: Isa::detect() })
+    }
+
+    /// `y = x · Wᵀ`: `x` is `[m, k]` f32 on the CPU (any `m`, including 0); returns `[m, n]` f32.
+    ///
+    /// Errors, without panicking, if `x` is not 2-D, not f32, not on the CPU, or has the wrong `k`.
+    /// A non-contiguous `x` is copied first.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if k != self.k {
+            bail!("`x` has {k} features but the weight expects {}", self.k)
+        }
+        if x.dtype() != DType::F32 {
+            bail!("`x` must be f32, got {:?}", x.dtype())
+        }
+        if !x.device().is_cpu() {
+            bail!("`x` must be on the CPU")
+        }
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else { bail!("`x` must be on the CPU") };
+        let xs = contiguous_slice::<f32>(cpu, layout, "x")?;
+        let y = self.matmul(xs, m);
+        Tensor::from_vec(y, (m, self.n), &Device::Cpu)
+    }
+
+    /// Output features `n`.
+    pub fn out_features(&self) -> usize {
+        self.n
+    }
+
+    /// Input features `k`.
+    pub fn in_features(&self) -> usize {
+        self.k
+    }
+
+    /// The storage format chosen at construction.
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// Bytes held by the packed weight (and int8 scales), padding included.
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.bytes()
+    }
+
+    /// The weight `[n, k]` f32 exactly as the kernel sees it (after bf16 or int8 rounding), for
+    /// references that must follow the same numeric path.
+    pub fn dequantized(&self) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(self.weights.unpack(self.n, self.k), (self.n, self.k), &Device::Cpu)
+    }
+
+    /// `x`: `[m, k]` row-major, `m * k` long. Returns `[m, n]` row-major.
+    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let panels = self.n.div_ceil(PANEL);
+        if m == 0 {
+            return Vec::new();
+        }
+        // (panels, m, PANEL): each task writes whole panels.
+        let mut by_panel = vec![0.0f32; panels * m * PANEL];
+        let min_len = MIN_TASK_MACS.div_ceil(m * self.k * PANEL);
+        by_panel.par_chunks_mut(m * PANEL).enumerate().with_min_len(min_len).for_each_init(Vec::new, |scratch, (p, out)| {
+            self.isa.panel(x, self.k, self.weights.panel(p, self.k), out, scratch)
+        });
+        if m == 1 {
+            // (1, panels * PANEL) is already `[1, n]` plus padding.
+            by_panel.truncate(self.n);
+            return by_panel;
+        }
+        let mut y = vec![0.0f32; m * self.n];
+        y.par_chunks_mut(self.n).enumerate().with_min_len(16).for_each(|(r, row)| {
+            for (p, dst) in row.chunks_mut(PANEL).enumerate() {
+                dst.copy_from_slice(&by_panel[(p * m + r) * PANEL..][..dst.len()]);
+            }
+        });
+        y
+    }
+}
+
+/// One panel of the packed weight: `PANEL` outputs, k-major.
+#[derive(Clone, Copy, Debug)]
+enum PanelRef<'a> {
+    /// `[k][PANEL]`
+    F32(&'a [f32]),
+    /// `[k][PANEL]` bf16 bit patterns.
+    Bf16(&'a [u16]),
+    /// `q`: `[k][PANEL]`; `scales`: `[k.div_ceil(INT8_GROUP)][PANEL]`.
+    Int8 { q: &'a [i8], scales: &'a [f32] },
+}
+
+impl PanelRef<'_> {
+    /// Whether the slices have the lengths a `k`-deep panel needs (what the SIMD paths rely on).
+    fn fits(&self, k: usize) -> bool {
+        match self {
+            Self::F32(w) => w.len() == k * PANEL,
+            Self::Bf16(w) => w.len() == k * PANEL,
+            Self::Int8 { q, scales } => q.len() == k * PANEL && scales.len() == k.div_ceil(INT8_GROUP) * PANEL,
+        }
+    }
+
+    /// Widens the panel into `out` (`[k][PANEL]` f32), each weight exactly as the kernels widen it
+    /// in registers. Inlined into each SIMD path so the compiler vectorises it for that target.
+    #[inline(always)]
+    fn widen_into(&self, out: &mut [f32]) {
+        match *self {
+            Self::F32(w) => out.copy_from_slice(w),
+            Self::Bf16(w) => out.iter_mut().zip(w).for_each(|(o, &b)| *o = bf16_to_f32(b)),
+            Self::Int8 { q, scales } => {
+                for ((o, q), s) in out.chunks_mut(INT8_GROUP * PANEL).zip(q.chunks(INT8_GROUP * PANEL)).zip(scales.chunks(PANEL)) {
+                    for (o, q) in o.chunks_mut(PANEL).zip(q.chunks(PANEL)) {
+                        o.iter_mut().zip(q).zip(s).for_each(|((o, &q), &s)| *o = f32::from(q) * s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A bf16 bit pattern widened to f32 (exact).
+#[inline(always)]
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// The instruction set the kernels run on, detected at runtime.
+#[derive(Clone, Copy, Debug)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512(avx512::Avx512),
+    #[cfg(target_arch = "x86_64")]
+    Avx2(avx2::Avx2),
+    Scalar,
+}
+
+impl Isa {
+    /// The fastest path this CPU supports.
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(t) = avx512::Avx512::detect() {
+                return Self::Avx512(t);
+            }
+            if let Some(t) = avx2::Avx2::detect() {
+                return Self::Avx2(t);
+            }
+        }
+        Self::Scalar
+    }
+
+    /// Every path this CPU supports, fastest first.
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        let mut all = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            all.extend(avx512::Avx512::detect().map(Self::Avx512));
+            all.extend(avx2::Avx2::detect().map(Self::Avx2));
+        }
+        all.push(Self::Scalar);
+        all
+    }
+
+    /// `out[r][j] = Σ_i x[r][i] · w[i][j]` for all `m = out.len() / PANEL` rows of `x` (`[m][k]`).
+    fn panel(self, x: &[f32], k: usize, w: PanelRef<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512(t) => t.panel(x, k, w, out, scratch),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(t) => t.panel(x, k, w, out, scratch),
+            Self::Scalar => scalar::panel(x, k, w, out, scratch),
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! One typed configuration, [`ServerConfig`], from flags, `SLUICE_*` environment variables and an
+//! optional TOML file (`--config`), in that order of precedence, then defaults; validated at
+//! start-up with messages that name the setting.
+//!
+//! [`Settings`] is the raw form, every field optional: clap fills it from flags and environment,
+//! serde from the file (same names, snake_case; unknown keys are an error, to catch typos).
+
+mod units;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sluice_engine::{DType, DeviceSpec, EngineConfig, SchedulerConfig};
+
+pub use units::{ByteSize, HumanDuration};
+
+use crate::logging::LogFormat;
+
+/// A setting that is missing, unreadable or out of range; the message names it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Raw settings as given; see [`ServerConfig`] for the resolved, validated form.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// TOML file with any of these settings (snake_case keys); flags and environment override it.
+    #[arg(long, env = "SLUICE_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Model to serve: a .gguf file or a Hugging Face folder [default: models/SmolLM2-135M-Instruct.Q4_1.gguf].
+    #[arg(long, env = "SLUICE_MODEL", value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Name clients use in `model` [default: the model file's stem].
+    #[arg(long, env = "SLUICE_SERVED_MODEL_NAME", value_name = "NAME")]
+    pub served_model_name: Option<String>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "SLUICE_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one [default: 8080].
+    #[arg(long, env = "SLUICE_PORT")]
+    pub port: Option<u16>,
+    /// Device: cpu, cuda or cuda:N [default: cpu].
+    #[arg(long, env = "SLUICE_DEVICE")]
+    pub device: Option<String>,
+    /// Weight and activation dtype: f32, f16 or bf16 [default: f32].
+    #[arg(long, env = "SLUICE_DTYPE")]
+    pub dtype: Option<String>,
+    /// Start a batch when this many requests wait [default: 32].
+    #[arg(long, env = "SLUICE_MAX_BATCH_SIZE", value_name = "N")]
+    pub max_batch_size: Option<usize>,
+    /// ...or when the oldest has waited this long [default: 5ms].
+    #[arg(long, env = "SLUICE_BATCH_TIMEOUT", value_name = "DURATION")]
+    pub batch_timeout: Option<HumanDuration>,
+    /// Token budget of one engine step (decodes + prompt chunks) [default: 512].
+    #[arg(long, env = "SLUICE_MAX_BATCH_TOKENS", value_name = "N")]
+    pub max_batch_tokens: Option<usize>,
+    /// Sequences running at once [default: 128].
+    #[arg(long, env = "SLUICE_MAX_NUM_SEQS", value_name = "N")]
+    pub max_num_seqs: Option<usize>,
+    /// Bound of the waiting queue; past it requests get 503 [default: 1024].
+    #[arg(long, env = "SLUICE_MAX_WAITING", value_name = "N")]
+    pub max_waiting: Option<usize>,
+    /// Memory for the KV cache, e.g. 512MiB or 2GiB [default: 1GiB].
+    #[arg(long, env = "SLUICE_KV_CACHE_MEMORY", value_name = "SIZE")]
+    pub kv_cache_memory: Option<ByteSize>,
+    /// Tokens per KV cache block [default: 16].
+    #[arg(long, env = "SLUICE_BLOCK_SIZE", value_name = "N")]
+    pub block_size: Option<usize>,
+    /// Longest prompt + output in tokens [default: the model's context].
+    #[arg(long, env = "SLUICE_MAX_MODEL_LEN", value_name = "N")]
+    pub max_model_len: Option<usize>,
+    /// Seed for requests that carry none [default: 0].
+    #[arg(long, env = "SLUICE_SEED")]
+    pub seed: Option<u64>,
+    /// Longest prompt accepted, in tokens (never past the context) [default: 8000].
+    #[arg(long, env = "SLUICE_MAX_PROMPT_TOKENS", value_name = "N")]
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest request body; past it requests get 413 [default: 4MiB].
+    #[arg(long, env = "SLUICE_BODY_LIMIT", value_name = "SIZE")]
+    pub body_limit: Option<ByteSize>,
+    /// A request still running after this long ends with an error [default: 300s].
+    #[arg(long, env = "SLUICE_REQUEST_TIMEOUT", value_name = "DURATION")]
+    pub request_timeout: Option<HumanDuration>,
+    /// On SIGTERM/SIGINT, in-flight requests get this long to finish [default: 30s].
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<HumanDuration>,
+    /// Idle time before a keep-alive comment on an event stream [default: 10s].
+    #[arg(long, env = "SLUICE_SSE_KEEP_ALIVE", value_name = "DURATION")]
+    pub sse_keep_alive: Option<HumanDuration>,
+    /// Comma-separated API keys; with none (and no key file) the API is open.
+    #[arg(long, env = "SLUICE_API_KEYS", value_name = "KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Option<Vec<String>>,
+    /// File of API keys, one per line (`#` starts a comment); added to --api-keys.
+    #[arg(long, env = "SLUICE_API_KEY_FILE", value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Log format: text (for a terminal) or json (one object per line) [default: text].
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, in `tracing` EnvFilter syntax (e.g. info or sluice_server=debug) [default: info].
+    #[arg(long, env = "SLUICE_LOG", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// What the HTTP layer needs: everything but the engine's and the listener's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiConfig {
+    /// The model's name in requests and in `/v1/models`.
+    pub served_model_name: String,
+    /// Accepted bearer keys; empty means the API is open.
+    pub api_keys: Vec<String>,
+    /// Longest prompt in tokens (also capped by the model's context).
+    pub max_prompt_tokens: usize,
+    /// Largest request body in bytes.
+    pub body_limit: usize,
+    /// Longest a request may run, streaming included.
+    pub request_timeout: Duration,
+    /// Idle time before a keep-alive comment on an event stream.
+    pub sse_keep_alive: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            served_model_name: "model".into(),
+            api_keys: Vec::new(),
+            max_prompt_tokens: 8000,
+            body_limit: 4 << 20,
+            request_timeout: Duration::from_secs(300),
+            sse_keep_alive: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The resolved, validated configuration of `sluice serve`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Host to bind.
+    pub host: String,
+    /// Port to bind (0: any free port).
+    pub port: u16,
+    /// The engine's configuration.
+    pub engine: EngineConfig,
+    /// The HTTP layer's configuration.
+    pub api: ApiConfig,
+    /// How long in-flight requests get on shutdown.
+    pub shutdown_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter directive.
+    pub log_level: String,
+}
+
+impl Settings {
+    /// `self`, with every unset field taken from `file`.
+    fn or(self, file: Settings) -> Settings {
+        Settings {
+            config: self.config,
+            model: self.model.or(file.model),
+            served_model_name: self.served_model_name.or(file.served_model_name),
+            host: self.host.or(file.host),
+            port: self.port.or(file.port),
+            device: self.device.or(file.device),
+            dtype: self.dtype.or(file.dtype),
+            max_batch_size: self.max_batch_size.or(file.max_batch_size),
+            batch_timeout: self.batch_timeout.or(file.batch_timeout),
+            max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
+            max_num_seqs: self.max_num_seqs.or(file.max_num_seqs),
+            max_waiting: self.max_waiting.or(file.max_waiting),
+            kv_cache_memory: self.kv_cache_memory.or(file.kv_cache_memory),
+            block_size: self.block_size.or(file.block_size),
+            max_model_len: self.max_model_len.or(file.max_model_len),
+            seed: self.seed.or(file.seed),
+            max_prompt_tokens: self.max_prompt_tokens.or(file.max_prompt_tokens),
+            body_limit: self.body_limit.or(file.body_limit),
+            request_timeout: self.request_timeout.or(file.request_timeout),
+            shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
+            sse_keep_alive: self.sse_keep_alive.or(file.sse_keep_alive),
+            api_keys: self.api_keys.or(file.api_keys),
+            api_key_file: self.api_key_file.or(file.api_key_file),
+            log_format: self.log_format.or(file.log_format),
+            log_level: self.log_level.or(file.log_level),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Merges `settings` (flags and environment) over the file it names, applies the defaults
+    /// and validates every value.
+    pub fn load(settings: Settings) -> Result<Self, ConfigError> {
+        let settings = match &settings.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("`config`: cannot read {}: {e}", path.display())))?;
+                let file: Settings = toml::from_str(&text)
+                    .map_err(|e| ConfigError(format!("`config`: {} is not a valid settings file: {e}", path.display())))?;
+                settings.or(file)
+            }
+            None => settings,
+        };
+        let engine = engine_config(&settings)?;
+        let api = api_config(&settings, &engine.model)?;
+        let log_level = settings.log_level.unwrap_or_else(|| "info".into());
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|e| ConfigError(format!("`log_level`: `{log_level}` is not a valid filter: {e}")))?;
+        let host = settings.host.unwrap_or_else(|| "127.0.0.1".into());
+        if host.trim().is_empty() {
+            return Err(ConfigError("`host` must not be empty".into()));
+        }
+        Ok(Self {
+            host,
+            port: settings.port.unwrap_or(8080),
+            engine,
+            api,
+            shutdown_grace: settings.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0),
+            log_format: settings.log_format.unwrap_or_default(),
+            log_level,
+        })
+    }
+}
+
+/// At least one, or an error naming the setting.
+fn positive(name: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(ConfigError(format!("`{name}` must be at least 1"))),
+        v => Ok(v),
+    }
+}
+
+fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
+    let model = s.model.clone().unwrap_or_else(EngineConfig::default_model_path);
+    if !model.exists() {
+        return Err(ConfigError(format!(
+            "`model`: nothing at {} (give a .gguf file or a Hugging Face folder; `make model` fetches the default)",
+            model.display()
+        )));
+    }
+    let mut config = EngineConfig::new(model);
+    let device = s.device.as_deref().unwrap_or("cpu");
+    config.device = DeviceSpec::parse(device).map_err(|e| ConfigError(e.to_string()))?;
+    config.dtype = match s.dtype.as_deref().unwrap_or("f32") {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => return Err(ConfigError(format!("`dtype` must be f32, f16 or bf16, got `{other}`"))),
+    };
+    let defaults = SchedulerConfig::default();
+    config.scheduler = SchedulerConfig {
+        max_batch_size: positive("max_batch_size", s.max_batch_size, defaults.max_batch_size)?,
+        batch_timeout: s.batch_timeout.map_or(defaults.batch_timeout, |d| d.0),
+        max_batch_tokens: positive("max_batch_tokens", s.max_batch_tokens, defaults.max_batch_tokens)?,
+        max_num_seqs: positive("max_num_seqs", s.max_num_seqs, defaults.max_num_seqs)?,
+        max_waiting: positive("max_waiting", s.max_waiting, defaults.max_waiting)?,
+    };
+    config.kv_cache_memory = positive("kv_cache_memory", s.kv_cache_memory.map(|b| b.0), config.kv_cache_memory)?;
+    config.block_size = positive("block_size", s.block_size, config.block_size)?;
+    if s.max_model_len == Some(0) {
+        return Err(ConfigError("`max_model_len` must be at least 1".into()));
+    }
+    config.max_model_len = s.max_model_len;
+    config.seed = s.seed.unwrap_or(0);
+    config.validate().map_err(|e| ConfigError(e.to_string()))?;
+    Ok(config)
+}
+
+fn api_config(s: &Settings, model: &Path) -> Result<ApiConfig, ConfigError> {
+    let defaults = ApiConfig::default();
+    let stem = model.file_stem().map(|n| n.to_string_lossy().into_owned());
+    let served_model_name = s.served_model_name.clone().or(stem).unwrap_or(defaults.served_model_name);
+    if served_model_name.trim().is_empty() {
+        return Err(ConfigError("`served_model_name` must not be empty".into()));
+    }
+    let mut api_keys: Vec<String> = s.api_keys.clone().unwrap_or_default();
+    if let Some(path) = &s.api_key_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("`api_key_file`: cannot read {}: {e}", path.display())))?;
+        api_keys.extend(text.lines().map(|l| l.split('#').next().unwrap_or("").to_string()));
+    }
+    api_keys = api_keys.into_iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
+    let nonzero = |name: &str, d: Option<HumanDuration>, default: Duration| match d.map_or(default, |d| d.0) {
+        d if d.is_zero() => Err(ConfigError(format!("`{name}` must be longer than 0"))),
+        d => Ok(d),
+    };
+    Ok(ApiConfig {
+        served_model_name,
+        api_keys,
+        max_prompt_tokens: positive("max_prompt_tokens", s.max_prompt_tokens, defaults.max_prompt_tokens)?,
+        body_limit: positive("body_limit", s.body_limit.map(|b| b.0), defaults.body_limit)?,
+        request_timeout: nonzero("request_timeout", s.request_timeout, defaults.request_timeout)?,
+        sse_keep_alive: nonzero("sse_keep_alive", s.sse_keep_alive, defaults.sse_keep_alive)?,
+    })
+}
+
+#[cfg(test)]
+mod tests;
