@@ -94,7 +94,12 @@ impl Worker {
                         Err(RecvTimeoutError::Timeout) => None,
                         Err(RecvTimeoutError::Disconnected) => Some(Command::Shutdown),
                     },
-                    None => None,
+                    // Requests wait but the window gave no time: should not happen; poll, never spin.
+                    None => match self.commands.recv_timeout(std::time::Duration::from_millis(10)) {
+                        Ok(c) => Some(c),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => Some(Command::Shutdown),
+                    },
                 }
             } else {
                 None

@@ -51,3 +51,33 @@ fn dropping_streams_while_waiting_prefilling_and_decoding_frees_every_block() {
     assert!(!out.token_ids.is_empty());
     assert_eq!(engine.stats().kv_blocks_used, 0);
 }
+
+#[test]
+fn full_waiting_queue_refuses_new_submissions() {
+    // A long admission window keeps submissions in the waiting queue.
+    let engine = common::engine_with(|c| {
+        c.scheduler.max_waiting = 2;
+        c.scheduler.max_batch_size = 100;
+        c.scheduler.batch_timeout = Duration::from_secs(600);
+    });
+    let a = engine.submit(Request::user("one").max_tokens(4)).unwrap();
+    let b = engine.submit(Request::user("two").max_tokens(4)).unwrap();
+    let refused = engine.submit(Request::user("three").max_tokens(4)).unwrap_err();
+    assert!(matches!(refused, sluice_engine::EngineError::QueueFull(2)), "{refused:?}");
+    // Aborting a waiting request makes room again.
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let c = loop {
+        match engine.submit(Request::user("three").max_tokens(4)) {
+            Ok(c) => break c,
+            Err(_) => assert!(Instant::now() < deadline, "the aborted request's place never came back"),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    while engine.stats().waiting != 2 {
+        assert!(Instant::now() < deadline, "expected two waiting requests: {:?}", engine.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop((b, c));
+    wait_for_empty_pool(&engine);
+}
