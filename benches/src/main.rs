@@ -43,10 +43,10 @@ struct EngineArgs {
     /// Tokens generated per request (EOS ignored).
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// Shortest prompt, in words of text.
+    /// Shortest user message, in tokens (the chat template adds about 20).
     #[arg(long, default_value_t = 30)]
     min_prompt_len: usize,
-    /// Longest prompt, in words of text.
+    /// Longest user message, in tokens.
     #[arg(long, default_value_t = 250)]
     max_prompt_len: usize,
     /// Workload seed.
@@ -91,8 +91,10 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     let engine = Arc::new(Engine::new(config).with_context(|| format!("loading {}", args.model.display()))?);
     // Warm-up: the first step touches every weight page and sizes candle's buffers.
     engine.generate(Request::user("Hello").max_tokens(4))?;
-    let items =
-        workload::synthetic(args.num_requests, args.min_prompt_len, args.max_prompt_len, args.max_tokens, args.seed);
+    let tokenizer = engine.tokenizer();
+    let count = |text: &str| tokenizer.encode(text, false).map(|ids| ids.len()).unwrap_or(0);
+    let lengths = (args.min_prompt_len, args.max_prompt_len);
+    let items = workload::synthetic(args.num_requests, lengths, args.max_tokens, args.seed, &count);
     let (results, wall) = engine_bench::run(&engine, &items, args.concurrency);
     let summary = report::Summary::new("engine", args.concurrency, &results, wall);
     println!("{}", summary.table());

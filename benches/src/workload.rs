@@ -38,17 +38,45 @@ pub struct WorkItem {
     pub max_tokens: usize,
 }
 
-/// `n` seeded prompts whose lengths (in words, roughly tokens) fall in `min_len..=max_len`.
-pub fn synthetic(n: usize, min_len: usize, max_len: usize, max_tokens: usize, seed: u64) -> Vec<WorkItem> {
+/// `n` seeded prompts whose lengths fall in `min_len..=max_len` as measured by `count` (tokens,
+/// when given a tokenizer's counter; words otherwise).
+pub fn synthetic(
+    n: usize,
+    (min_len, max_len): (usize, usize),
+    max_tokens: usize,
+    seed: u64,
+    count: &dyn Fn(&str) -> usize,
+) -> Vec<WorkItem> {
     let words: Vec<&str> = CORPUS.split_whitespace().collect();
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n)
         .map(|_| {
             let len = rng.random_range(min_len..=max_len.max(min_len));
             let start = rng.random_range(0..words.len());
-            let body: Vec<&str> = (0..len).map(|i| words[(start + i) % words.len()]).collect();
-            let prompt = format!("Summarise the following text.\n\n{}", body.join(" "));
-            WorkItem { prompt, max_tokens }
+            let mut prompt = String::from("Summarise the following text.\n\n");
+            let mut i = 0;
+            while count(&prompt) < len {
+                prompt.push_str(words[(start + i) % words.len()]);
+                prompt.push(' ');
+                i += 1;
+            }
+            WorkItem { prompt: prompt.trim_end().to_string(), max_tokens }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_are_seeded_and_within_length() {
+        let words = |s: &str| s.split_whitespace().count();
+        let a = synthetic(20, (30, 60), 8, 1, &words);
+        let b = synthetic(20, (30, 60), 8, 1, &words);
+        assert_eq!(a.iter().map(|w| &w.prompt).collect::<Vec<_>>(), b.iter().map(|w| &w.prompt).collect::<Vec<_>>());
+        assert!(a.iter().all(|w| (30..=60).contains(&words(&w.prompt)) && w.max_tokens == 8));
+        let c = synthetic(20, (30, 60), 8, 2, &words);
+        assert_ne!(a[0].prompt, c[0].prompt);
+    }
 }
