@@ -81,6 +81,8 @@ impl Worker {
     /// The loop. Sleeps on the command channel when there is nothing to do (no busy-wait), and
     /// until the admission window opens when requests wait for it.
     pub(crate) fn run(mut self) {
+        // Marks the engine dead however this thread ends, a panic included, so health checks see it.
+        let _alive = AliveGuard(self.shared.clone());
         self.publish_stats(true);
         let mut wake_at: Option<Instant> = None;
         while !self.shutting_down {
@@ -298,6 +300,17 @@ impl Worker {
             s.kv_blocks_total = bm.num_blocks();
             s.preemptions = self.scheduler.counters().preemptions;
             s.alive = alive;
+        }
+    }
+}
+
+/// Sets `EngineStats::alive` to false when dropped.
+struct AliveGuard(Arc<Shared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.stats.lock() {
+            s.alive = false;
         }
     }
 }
