@@ -3,8 +3,10 @@
 
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 CARGO ?= cargo
+# Python environment holding the official `openai` SDK, for the server's SDK test.
+VENV ?= .venv
 
-.PHONY: model run test lint bench examples clean-model
+.PHONY: model venv run test lint check-cuda bench examples clean-model
 
 # Fetch and verify the default model (skipped when present).   e.g. `make model`
 model: $(MODEL)
@@ -12,18 +14,34 @@ model: $(MODEL)
 $(MODEL):
 	scripts/fetch-model.sh models
 
+# Install the `openai` Python SDK into $(VENV) (skipped when present).   e.g. `make venv`
+venv: $(VENV)/.openai-installed
+
+# The `*` in $(VENV)/.gitignore keeps the environment out of git.
+$(VENV)/.openai-installed:
+	python3 -m venv $(VENV)
+	echo '*' > $(VENV)/.gitignore
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai
+	touch $@
+
 # Serve the default model.   e.g. `make run` (then follow the printed instructions)
 run: $(MODEL)
 	$(CARGO) run --release -p sluice-server --bin sluice -- serve --model $(MODEL)
 
 # Run every test on the real default model.   e.g. `make test`
-test: $(MODEL)
-	$(CARGO) test --workspace
+test: $(MODEL) venv
+	SLUICE_TEST_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) test --workspace
 
 # Formatting and lints, as CI checks them.   e.g. `make lint`
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Compile the `cuda` build (no GPU needed; CUDA 13.0 nvcc from pinned wheels, cached).   e.g. `make check-cuda`
+check-cuda:
+	eval "$$(scripts/cuda-toolkit.sh)" && \
+	$(CARGO) check --workspace --features cuda && \
+	$(CARGO) check -p sluice-kernels --features cuda --tests
 
 # In-process engine throughput at concurrency 1 and 32.   e.g. `make bench`
 bench: $(MODEL)

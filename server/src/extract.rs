@@ -44,6 +44,10 @@ fn json_error(path: &str, e: serde_json::Error) -> ApiError {
     let text = e.to_string();
     let detail = text.rsplit_once(" at line ").map_or(text.as_str(), |(head, _)| head);
     match e.classify() {
+        // serde reads a struct from an array too; say what the body should be instead.
+        Category::Data if path.starts_with('[') => {
+            ApiError::InvalidRequest { message: "The request body must be a JSON object.".into(), param: None }
+        }
         Category::Data if path != "." && path != "?" => ApiError::InvalidRequest {
             message: format!("Invalid value for `{path}`: {detail}"),
             param: Some(path.to_string()),

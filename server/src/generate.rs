@@ -62,7 +62,9 @@ pub fn start(state: &AppState, req: &GenerateRequest, log: &RequestLog) -> Resul
 fn prompt_too_long(prompt: &Prompt, tokens: usize, limit: usize) -> ApiError {
     let param = if matches!(prompt, Prompt::Chat(_)) { "messages" } else { "prompt" };
     ApiError::InvalidRequest {
-        message: format!("The prompt (`{param}`) is {tokens} tokens long, more than this server's limit of {limit} tokens."),
+        message: format!(
+            "The prompt (`{param}`) is {tokens} tokens long, more than this server's limit of {limit} tokens."
+        ),
         param: Some(param.to_string()),
     }
 }

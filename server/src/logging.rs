@@ -76,7 +76,13 @@ struct LogFields {
 
 impl RequestLog {
     fn new(id: String, method: String, route: String) -> Self {
-        Self(Arc::new(LogRecord { id, method, route, arrived: Instant::now(), fields: Mutex::new(LogFields::default()) }))
+        Self(Arc::new(LogRecord {
+            id,
+            method,
+            route,
+            arrived: Instant::now(),
+            fields: Mutex::new(LogFields::default()),
+        }))
     }
 
     /// The request's id.
@@ -100,7 +106,8 @@ impl RequestLog {
         self.with(|f| {
             f.completion_tokens += finish.usage.completion_tokens;
             f.queue = f.queue.max(Some(finish.timings.queue));
-            f.ttft = Some(f.ttft.map_or(finish.timings.time_to_first_token, |t| t.min(finish.timings.time_to_first_token)));
+            f.ttft =
+                Some(f.ttft.map_or(finish.timings.time_to_first_token, |t| t.min(finish.timings.time_to_first_token)));
         });
     }
 
@@ -112,7 +119,7 @@ impl RequestLog {
     /// Writes the line.
     fn emit(&self, status: StatusCode, completed: bool) {
         let Ok(f) = self.0.fields.lock() else { return };
-        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+        let ms = |d: Option<Duration>| d.map(|d| d.as_micros() as f64 / 1e3);
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
@@ -132,8 +139,8 @@ impl RequestLog {
                 )
             };
         }
-        match status.as_u16() {
-            500.. => line!(error),
+        match status {
+            StatusCode::INTERNAL_SERVER_ERROR => line!(error),
             _ if f.error.is_some() => line!(warn),
             _ => line!(info),
         }
@@ -192,7 +199,7 @@ impl http_body::Body for ObservedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        http_body::Body::is_end_stream(&self.inner)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -203,7 +210,7 @@ impl http_body::Body for ObservedBody {
 impl Drop for ObservedBody {
     fn drop(&mut self) {
         // An empty body is complete as soon as it is sent, though it may never be polled.
-        let completed = self.completed || self.inner.is_end_stream();
+        let completed = self.completed || http_body::Body::is_end_stream(&self.inner);
         self.log.emit(self.status, completed);
     }
 }
@@ -215,8 +222,11 @@ mod tests {
     #[test]
     fn sane_ids_are_kept_and_others_replaced() {
         assert_eq!(request_id(Some(&HeaderValue::from_static("abc-123"))), "abc-123");
-        for bad in [HeaderValue::from_static(""), HeaderValue::from_static("has space"), HeaderValue::from_str(&"x".repeat(129)).unwrap()]
-        {
+        for bad in [
+            HeaderValue::from_static(""),
+            HeaderValue::from_static("has space"),
+            HeaderValue::from_str(&"x".repeat(129)).unwrap(),
+        ] {
             let id = request_id(Some(&bad));
             assert_eq!(id.len(), 32, "{bad:?} -> {id}");
         }

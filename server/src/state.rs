@@ -66,7 +66,7 @@ impl AppState {
         }
         match self.0.engine.get() {
             None => Err(ApiError::NotReady),
-            Some(engine) if !engine.is_alive() || !engine.stats().alive => Err(ApiError::EngineStopped),
+            Some(engine) if !engine.is_alive() => Err(ApiError::EngineStopped),
             Some(engine) => Ok(engine),
         }
     }

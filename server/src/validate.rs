@@ -269,7 +269,10 @@ mod tests {
         assert_eq!((r.max_tokens, r.n, r.priority, r.stream, r.include_usage), (Some(7), 2, -3, true, true));
         let p = &r.params;
         assert_eq!((p.stop.clone(), p.temperature, p.top_p, p.seed), (vec!["x".to_string()], 0.0, 0.5, Some(u64::MAX)));
-        assert_eq!((p.logit_bias.clone(), p.logprobs, p.top_k, p.min_tokens), (vec![(3, -1.0), (12, 5.0)], Some(3), 0, 2));
+        assert_eq!(
+            (p.logit_bias.clone(), p.logprobs, p.top_k, p.min_tokens),
+            (vec![(3, -1.0), (12, 5.0)], Some(3), 0, 2)
+        );
         assert!(p.ignore_eos);
     }
 
@@ -285,7 +288,10 @@ mod tests {
             (serde_json::json!({"messages": []}), "messages"),
             (serde_json::json!({"messages": [{"role": "tool", "content": "x"}]}), "messages[0].role"),
             (serde_json::json!({"messages": [{"role": "user"}]}), "messages[0].content"),
-            (serde_json::json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "messages[0].content"),
+            (
+                serde_json::json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+                "messages[0].content",
+            ),
             (serde_json::json!({"messages": [{"role": "user", "content": "x"}], "n": 0}), "n"),
             (serde_json::json!({"messages": [{"role": "user", "content": "x"}], "n": 17}), "n"),
             (serde_json::json!({"messages": [{"role": "user", "content": "x"}], "temperature": 3}), "temperature"),
@@ -293,10 +299,16 @@ mod tests {
             (serde_json::json!({"messages": [{"role": "user", "content": "x"}], "top_k": -2}), "top_k"),
             (serde_json::json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), "max_tokens"),
             (serde_json::json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), "top_logprobs"),
-            (serde_json::json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}), "top_logprobs"),
+            (
+                serde_json::json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
             (serde_json::json!({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1}}), "logit_bias"),
             (serde_json::json!({"messages": [{"role": "user", "content": "x"}], "stop": [""]}), "stop"),
-            (serde_json::json!({"messages": [{"role": "user", "content": "x"}], "presence_penalty": -3}), "presence_penalty"),
+            (
+                serde_json::json!({"messages": [{"role": "user", "content": "x"}], "presence_penalty": -3}),
+                "presence_penalty",
+            ),
         ];
         for (json, field) in cases {
             let e = chat(json.clone()).expect_err(&json.to_string());
@@ -313,7 +325,8 @@ mod tests {
             (serde_json::json!([[1], [2, 3]]), 2),
         ];
         for (prompt, count) in forms {
-            let wire: CompletionRequest = serde_json::from_value(serde_json::json!({"prompt": prompt, "n": 2})).unwrap();
+            let wire: CompletionRequest =
+                serde_json::from_value(serde_json::json!({"prompt": prompt, "n": 2})).unwrap();
             let r = GenerateRequest::try_from(wire).unwrap();
             assert_eq!(r.prompts.len(), count, "{prompt}");
             assert_eq!(r.max_tokens, Some(DEFAULT_COMPLETION_MAX_TOKENS));

@@ -194,8 +194,9 @@ impl ServerConfig {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| ConfigError(format!("`config`: cannot read {}: {e}", path.display())))?;
-                let file: Settings = toml::from_str(&text)
-                    .map_err(|e| ConfigError(format!("`config`: {} is not a valid settings file: {e}", path.display())))?;
+                let file: Settings = toml::from_str(&text).map_err(|e| {
+                    ConfigError(format!("`config`: {} is not a valid settings file: {e}", path.display()))
+                })?;
                 settings.or(file)
             }
             None => settings,

@@ -81,7 +81,10 @@ fn engine_settings_reach_the_engine_config() {
     ])
     .unwrap();
     let s = &c.engine.scheduler;
-    assert_eq!((s.max_batch_size, s.batch_timeout, s.max_batch_tokens, s.max_waiting), (4, Duration::from_millis(20), 64, 7));
+    assert_eq!(
+        (s.max_batch_size, s.batch_timeout, s.max_batch_tokens, s.max_waiting),
+        (4, Duration::from_millis(20), 64, 7)
+    );
     assert_eq!((c.engine.kv_cache_memory, c.engine.max_model_len), (64 << 20, Some(512)));
     assert_eq!(c.api.served_model_name, "smol");
 }

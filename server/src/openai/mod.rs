@@ -10,8 +10,6 @@ mod completions;
 pub use chat::*;
 pub use completions::*;
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
