@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use sluice_engine::{DType, Engine, EngineConfig, Request};
+use sluice_engine::{DType, DeviceSpec, Engine, EngineConfig, Request, WeightFormat};
 
 #[derive(Parser)]
 #[command(name = "sluice-bench", about = "Throughput and latency benchmarks for Sluice")]
@@ -52,9 +52,15 @@ struct EngineArgs {
     /// Workload seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Weight and activation dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// CPU projection weights for the packed kernels: f32, bf16 or int8.
+    #[arg(long, default_value = "f32")]
+    cpu_weights: String,
     /// Tokens per engine step (decodes plus prompt chunks).
     #[arg(long)]
     max_batch_tokens: Option<usize>,
@@ -80,8 +86,15 @@ fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 
 fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     let mut config = EngineConfig::new(&args.model);
+    config.device = DeviceSpec::parse(&args.device)?;
     config.dtype = parse_dtype(&args.dtype)?;
     config.kv_cache_memory = args.kv_cache_mib << 20;
+    config.cpu_weights = match args.cpu_weights.as_str() {
+        "f32" => WeightFormat::F32,
+        "bf16" => WeightFormat::Bf16,
+        "int8" => WeightFormat::Int8,
+        other => anyhow::bail!("--cpu-weights must be f32, bf16 or int8, got {other}"),
+    };
     if let Some(t) = args.max_batch_tokens {
         config.scheduler.max_batch_tokens = t;
     }

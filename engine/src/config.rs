@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 
 use crate::error::{EngineError, Result};
+use crate::model::WeightFormat;
 use crate::scheduler::SchedulerConfig;
 
 /// Which device the model runs on.
@@ -52,6 +53,9 @@ pub struct EngineConfig {
     /// Weight, activation and KV cache dtype. On the CPU quantized GGUF weights are dequantized to
     /// it at load (candle's quantized CPU matmul does not batch).
     pub dtype: DType,
+    /// On the CPU with f32 activations: how projection weights are stored for the packed matmul
+    /// kernels (`F32` exact; `Bf16`/`Int8` read half/a quarter of the bytes per token).
+    pub cpu_weights: WeightFormat,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Bytes of memory for the KV cache pools (all layers, K and V).
@@ -71,6 +75,7 @@ impl EngineConfig {
             model: model.into(),
             device: DeviceSpec::Cpu,
             dtype: DType::F32,
+            cpu_weights: WeightFormat::F32,
             block_size: 16,
             kv_cache_memory: 1 << 30,
             max_model_len: None,

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::chat_template::ChatTemplate;
 use crate::config::EngineConfig;
 use crate::error::{EngineError, Result};
-use crate::model::{read_gguf, Llama, ModelFormat, ModelRunner, WeightSource};
+use crate::model::{read_gguf, Llama, LoadOptions, ModelFormat, ModelRunner, WeightSource};
 use crate::request::{Prompt, Request};
 use crate::scheduler::Scheduler;
 use crate::sequence::{RequestId, Sequence};
@@ -86,7 +86,8 @@ impl Engine {
         let (mut source, tokenizer, template, name) = open_model(&config)?;
         let model_config = source.config().clone();
         tracing::info!(model = %config.model.display(), layers = model_config.num_layers, "loading weights");
-        let model = Llama::load(&mut source, config.dtype, &device, &|done, total| {
+        let options = LoadOptions { dtype: config.dtype, device, cpu_weights: config.cpu_weights };
+        let model = Llama::load(&mut source, &options, &|done, total| {
             tracing::info!("loading weights: layer {done}/{total}");
         })?;
         drop(source);

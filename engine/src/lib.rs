@@ -33,6 +33,7 @@ pub use chat_template::ChatMessage;
 pub use config::{DeviceSpec, EngineConfig};
 pub use engine::{Engine, ModelInfo};
 pub use error::{EngineError, Result};
+pub use model::WeightFormat;
 pub use request::{Prompt, Request};
 pub use sampling::{SamplingParams, TokenLogprob};
 pub use scheduler::SchedulerConfig;

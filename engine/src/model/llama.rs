@@ -11,6 +11,8 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 
+use sluice_kernels::matmul::{PackedLinear, WeightFormat};
+
 use super::config::LlamaConfig;
 use super::loader::WeightSource;
 use crate::error::Result;
@@ -43,37 +45,63 @@ pub struct LayerCache {
     pub v: Tensor,
 }
 
-/// A dense projection `y = x · Wᵀ`.
+/// A projection `y = x · Wᵀ`.
 ///
-/// candle's CPU matmul gives bit-identical rows for any batch of two rows or more, but takes
-/// another path for a single row (a difference of about 6e-5 on this model's shapes). A lone row
-/// is therefore run as two identical rows, so a sequence decoding alone gets exactly the numbers it
-/// would get in a batch.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    // [in, out], contiguous: x [n, in] · w_t → [n, out].
-    w_t: Tensor,
+/// On the CPU with f32 activations it runs on `sluice_kernels::matmul::PackedLinear`, whose rows
+/// are bit-identical at every batch size (one FMA chain per output, in order over `k`), with the
+/// weight stored as f32, bf16 or int8. Elsewhere it is candle's matmul, which on the CPU takes
+/// another path for a single row (a difference of about 6e-5 on this model's shapes); a lone row
+/// is then run as two identical rows so that it gets exactly the numbers it would get in a batch.
+pub enum Linear {
+    /// Packed CPU weight.
+    Packed(PackedLinear),
+    /// `[in, out]`, contiguous: x `[n, in]` · w_t → `[n, out]`.
+    Dense(Tensor),
+}
+
+impl std::fmt::Debug for Linear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Packed(p) => write!(f, "Linear::Packed({:?}, {}x{})", p.format(), p.out_features(), p.in_features()),
+            Self::Dense(w) => write!(f, "Linear::Dense({:?})", w.shape()),
+        }
+    }
 }
 
 impl Linear {
-    /// From a Hugging Face weight `[out, in]`.
-    pub fn new(w: &Tensor) -> Result<Self> {
-        Ok(Self { w_t: w.t()?.contiguous()? })
+    /// From a Hugging Face weight `[out, in]`; `packed` picks the CPU kernel and its weight format.
+    pub fn new(w: &Tensor, packed: Option<WeightFormat>) -> Result<Self> {
+        match packed {
+            Some(format) => Ok(Self::Packed(PackedLinear::from_tensor(w, format)?)),
+            None => Ok(Self::Dense(w.t()?.contiguous()?)),
+        }
     }
 
     /// Concatenates several projections of the same input into one (e.g. Q, K and V).
-    pub fn fused(ws: &[Tensor]) -> Result<Self> {
-        Self::new(&Tensor::cat(ws, 0)?)
+    pub fn fused(ws: &[Tensor], packed: Option<WeightFormat>) -> Result<Self> {
+        Self::new(&Tensor::cat(ws, 0)?, packed)
     }
 
     /// `x: [n, in] → [n, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        if n == 1 {
-            let two = Tensor::cat(&[x, x], 0)?;
-            return Ok(two.matmul(&self.w_t)?.narrow(0, 0, 1)?);
+        match self {
+            Self::Packed(p) => Ok(p.forward(x)?),
+            Self::Dense(w_t) => {
+                if x.dim(0)? == 1 {
+                    let two = Tensor::cat(&[x, x], 0)?;
+                    return Ok(two.matmul(w_t)?.narrow(0, 0, 1)?);
+                }
+                Ok(x.matmul(w_t)?)
+            }
         }
-        Ok(x.matmul(&self.w_t)?)
+    }
+
+    /// Bytes the weight occupies.
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Self::Packed(p) => p.weight_bytes(),
+            Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+        }
     }
 }
 
@@ -101,6 +129,18 @@ struct Layer {
     down: Linear,
 }
 
+/// How to load a model's weights.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Activation, KV cache and (off the CPU) weight dtype.
+    pub dtype: DType,
+    /// Where the weights live.
+    pub device: Device,
+    /// On the CPU with f32 activations: how the projection weights are stored for the packed
+    /// kernels (f32 exact; bf16 and int8 halve and quarter the bytes read per token).
+    pub cpu_weights: WeightFormat,
+}
+
 /// A loaded Llama-family model.
 #[derive(Debug)]
 pub struct Llama {
@@ -118,12 +158,10 @@ pub struct Llama {
 impl Llama {
     /// Loads every weight from `source` as `dtype` on `device`; `progress(done, total)` is called
     /// after each layer.
-    pub fn load(
-        source: &mut WeightSource,
-        dtype: DType,
-        device: &Device,
-        progress: &dyn Fn(usize, usize),
-    ) -> Result<Self> {
+    pub fn load(source: &mut WeightSource, options: &LoadOptions, progress: &dyn Fn(usize, usize)) -> Result<Self> {
+        let (dtype, device) = (options.dtype, &options.device);
+        // The packed kernels serve f32 activations on the CPU; anything else goes through candle.
+        let packed = (device.is_cpu() && dtype == DType::F32).then_some(options.cpu_weights);
         let config = source.config().clone();
         let eps = config.rms_norm_eps as f32;
         let embed = source.get("model.embed_tokens.weight", dtype, device)?;
@@ -132,20 +170,20 @@ impl Llama {
             let mut w = |name: &str| source.get(&format!("model.layers.{i}.{name}.weight"), dtype, device);
             let layer = Layer {
                 attn_norm: RmsNorm { weight: w("input_layernorm")?, eps },
-                qkv: Linear::fused(&[w("self_attn.q_proj")?, w("self_attn.k_proj")?, w("self_attn.v_proj")?])?,
-                o: Linear::new(&w("self_attn.o_proj")?)?,
+                qkv: Linear::fused(&[w("self_attn.q_proj")?, w("self_attn.k_proj")?, w("self_attn.v_proj")?], packed)?,
+                o: Linear::new(&w("self_attn.o_proj")?, packed)?,
                 mlp_norm: RmsNorm { weight: w("post_attention_layernorm")?, eps },
-                gate_up: Linear::fused(&[w("mlp.gate_proj")?, w("mlp.up_proj")?])?,
-                down: Linear::new(&w("mlp.down_proj")?)?,
+                gate_up: Linear::fused(&[w("mlp.gate_proj")?, w("mlp.up_proj")?], packed)?,
+                down: Linear::new(&w("mlp.down_proj")?, packed)?,
             };
             layers.push(layer);
             progress(i + 1, config.num_layers);
         }
         let norm = RmsNorm { weight: source.get("model.norm.weight", dtype, device)?, eps };
         let lm_head = if !config.tie_word_embeddings && source.contains("lm_head.weight") {
-            Linear::new(&source.get("lm_head.weight", dtype, device)?)?
+            Linear::new(&source.get("lm_head.weight", dtype, device)?, packed)?
         } else {
-            Linear::new(&embed)?
+            Linear::new(&embed, packed)?
         };
         let (cos, sin) = rope_tables(&config, dtype, device)?;
         Ok(Self { config, embed, layers, norm, lm_head, cos, sin, dtype, device: device.clone() })
@@ -221,6 +259,16 @@ impl Llama {
         let last = x.index_select(&input.sample_rows, 0)?; // [num_sampled, hidden]
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?; // [num_sampled, vocab]
         Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// Bytes of all projection weights (what a decode step reads), embedding excluded.
+    pub fn projection_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.weight_bytes() + l.o.weight_bytes() + l.gate_up.weight_bytes() + l.down.weight_bytes())
+            .sum();
+        layers + self.lm_head.weight_bytes()
     }
 
     /// The vocabulary size (logits' width).

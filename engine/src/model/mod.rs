@@ -7,6 +7,7 @@ mod loader;
 mod runner;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
-pub use llama::{LayerCache, Linear, Llama, StepInput};
+pub use llama::{LayerCache, Linear, Llama, LoadOptions, StepInput};
 pub use loader::{read_gguf, ModelFormat, WeightSource};
 pub use runner::{ModelRunner, StepLogits};
+pub use sluice_kernels::matmul::WeightFormat;

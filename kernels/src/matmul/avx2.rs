@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{PanelRef, DEQUANT_MIN_ROWS, INT8_GROUP, PANEL};
+use super::{PanelJob, PanelRef, DEQUANT_MIN_ROWS, INT8_GROUP, PANEL};
 
 /// Rows per register tile.
 const ROWS: usize = 4;
@@ -25,30 +25,53 @@ impl Avx2 {
         (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then_some(Self(()))
     }
 
-    /// `out[r][j] = Σ_i x[r][i] · w[i][j]` for all `m = out.len() / PANEL` rows of `x` (`[m][k]`).
-    pub(super) fn panel(self, x: &[f32], k: usize, w: PanelRef<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
-        let m = out.len() / PANEL;
+    /// `out[r][j] = Σ_i x[r][i] · w[i][j]` for all `m = out.len() / PANEL` rows of `job.x`.
+    pub(super) fn panel(self, job: &PanelJob<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
         // The raw-pointer reads below rely on these; `PackedLinear` always passes them.
-        assert!(k > 0 && out.len() == m * PANEL && x.len() == m * k && w.fits(k), "matmul panel shapes");
+        assert!(job.fits(out.len()), "matmul panel shapes");
         // SAFETY: `self` exists only where avx2 and fma were detected, and the slice lengths that
         // every pointer offset below stays within were checked above.
-        unsafe { panel(x, k, w, out, scratch) }
+        unsafe { panel(job.x, job.k, job.w, out, scratch) }
     }
 }
 
-/// See [`Avx2::panel`]. Safety: avx2 and fma are available; the shapes were checked.
+/// See [`Avx2::panel`]. Safety: avx2 and fma are available; `job.fits(out.len())`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn panel(x: &[f32], k: usize, w: PanelRef<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
     match w {
         PanelRef::F32(w) => rows(x, k, F32s(w.as_ptr()), out),
-        _ if out.len() / PANEL >= DEQUANT_MIN_ROWS => {
-            scratch.resize(k * PANEL, 0.0);
-            w.widen_into(scratch);
-            rows(x, k, F32s(scratch.as_ptr()), out)
+        PanelRef::Bf16(w) => widen_or_fuse(x, k, Bf16s(w.as_ptr()), out, scratch),
+        PanelRef::Int8 { q, scales } => {
+            widen_or_fuse(x, k, Int8s { q: q.as_ptr(), scales: scales.as_ptr() }, out, scratch)
         }
-        PanelRef::Bf16(w) => rows(x, k, Bf16s(w.as_ptr()), out),
-        PanelRef::Int8 { q, scales } => rows(x, k, Int8s { q: q.as_ptr(), scales: scales.as_ptr() }, out),
     }
+}
+
+/// Runs a compact panel: widened in registers by each tile, or, from `DEQUANT_MIN_ROWS` rows on,
+/// widened once into `scratch` by the same `Weights::load` (so to the same values) and then run
+/// as f32.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn widen_or_fuse<W: Weights>(x: &[f32], k: usize, w: W, out: &mut [f32], scratch: &mut Vec<f32>) {
+    if out.len() / PANEL < DEQUANT_MIN_ROWS {
+        return rows(x, k, w, out);
+    }
+    scratch.resize(k * PANEL, 0.0);
+    let dst = scratch.as_mut_ptr();
+    let mut start = 0;
+    while start < k {
+        let end = (start + INT8_GROUP).min(k);
+        for half in [0, HALF] {
+            let scales = w.scales(start / INT8_GROUP, half);
+            for i in start..end {
+                for j in 0..VECS {
+                    let col = half + 8 * j;
+                    _mm256_storeu_ps(dst.add(i * PANEL + col), w.load(i, col, scales));
+                }
+            }
+        }
+        start = end;
+    }
+    rows(x, k, F32s(scratch.as_ptr()), out)
 }
 
 /// Runs every row of `x` through both halves of the panel `w`, `ROWS` rows at a time.

@@ -19,18 +19,21 @@
 //!
 //! # Layout
 //!
-//! The weight is cut into panels of [`PANEL`] consecutive outputs (the last one zero-padded),
+//! The weight is cut into panels of `PANEL` consecutive outputs (the last one zero-padded),
 //! each stored k-major: `panel[i][j]` is `w[p * PANEL + j, i]`, so one step of `k` reads
 //! `PANEL` contiguous weights. A task owns whole panels and runs every row of `x` through a panel
-//! while it is hot in L2. At `m >= DEQUANT_MIN_ROWS` a bf16 or int8 panel is first widened into
+//! while it is hot in L2, then writes the panel's columns of `y`. At `m >= DEQUANT_MIN_ROWS` a bf16 or int8 panel is first widened into
 //! a per-thread f32 scratch panel (the same values, so the same bits) so the inner loop is pure
 //! FMA; below that it is widened in registers, which is what makes decode bandwidth-bound on the
 //! compact bytes.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+// AVX-512 intrinsics are stable from Rust 1.89, above the workspace's declared 1.85.
 #[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
 mod avx512;
+mod out;
 mod pack;
 mod scalar;
 #[cfg(test)]
@@ -40,6 +43,7 @@ use candle_core::{bail, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::storage::contiguous_slice;
+use out::Columns;
 use pack::Packed;
 
 /// Outputs per packed panel: three 16-lane AVX-512 vectors (six AVX2 ones). Divides every
@@ -50,11 +54,13 @@ const PANEL: usize = 48;
 pub const INT8_GROUP: usize = 32;
 
 /// From this many rows on, compact panels are widened once into f32 scratch (see module docs).
+#[cfg(target_arch = "x86_64")]
 const DEQUANT_MIN_ROWS: usize = 16;
 
 /// Multiply-adds a rayon task should at least carry, so that small matmuls are not split into
-/// tasks costing more to schedule than to run.
-const MIN_TASK_MACS: usize = 1 << 18;
+/// tasks costing more to schedule than to run. At m = 1 a task of this size takes some 10 µs
+/// to stream its weights; eight times more kept decode's 576-wide projections on one thread.
+const MIN_TASK_MACS: usize = 1 << 15;
 
 /// How a [`PackedLinear`] stores its weight. Activations and arithmetic are f32 in every format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -68,10 +74,11 @@ pub enum WeightFormat {
     Int8,
 }
 
-/// A linear layer's weight `[n, k]` (out, in), packed for `y = x · Wᵀ` on the CPU.
+/// A linear layer's weight `[n, k]` (out, in), packed for `y[m, n] = x[m, k] · Wᵀ` on the CPU.
 ///
-/// Results are bit-identical for a given row whatever the batch around it, the batch size and
-/// the thread count (see the module docs for the exact sequence of operations).
+/// Row `r` of `y` is bit-identical whatever the other rows of `x`, `m`, and the thread count
+/// (see the module docs for the exact sequence of operations). The SIMD path is picked once per
+/// process from the CPU's features; all paths give the same bits.
 pub struct PackedLinear {
     /// Output features.
     n: usize,
@@ -85,8 +92,9 @@ pub struct PackedLinear {
 
 impl PackedLinear {
     /// Packs `w`: `[n, k]` (out, in), any float dtype (widened to f32 first), on any device.
+    /// Int8 expects finite weights (a group holding an infinity or NaN quantises to garbage).
     ///
-    /// Errors if `w` is not 2-D or is empty.
+    /// Errors if `w` is not 2-D, not a float tensor, or empty.
     pub fn from_tensor(w: &Tensor, format: WeightFormat) -> candle_core::Result<Self> {
         let (n, k) = w.dims2()?;
         if n == 0 || k == 0 {
@@ -150,28 +158,42 @@ impl PackedLinear {
 
     /// `x`: `[m, k]` row-major, `m * k` long. Returns `[m, n]` row-major.
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let panels = self.n.div_ceil(PANEL);
-        if m == 0 {
-            return Vec::new();
-        }
-        // (panels, m, PANEL): each task writes whole panels.
-        let mut by_panel = vec![0.0f32; panels * m * PANEL];
-        let min_len = MIN_TASK_MACS.div_ceil(m * self.k * PANEL);
-        by_panel.par_chunks_mut(m * PANEL).enumerate().with_min_len(min_len).for_each_init(Vec::new, |scratch, (p, out)| {
-            self.isa.panel(x, self.k, self.weights.panel(p, self.k), out, scratch)
-        });
-        if m == 1 {
-            // (1, panels * PANEL) is already `[1, n]` plus padding.
-            by_panel.truncate(self.n);
-            return by_panel;
-        }
         let mut y = vec![0.0f32; m * self.n];
-        y.par_chunks_mut(self.n).enumerate().with_min_len(16).for_each(|(r, row)| {
-            for (p, dst) in row.chunks_mut(PANEL).enumerate() {
-                dst.copy_from_slice(&by_panel[(p * m + r) * PANEL..][..dst.len()]);
-            }
-        });
+        if m == 0 {
+            return y;
+        }
+        let columns = Columns::new(&mut y, m, self.n);
+        let min_len = MIN_TASK_MACS.div_ceil(m * self.k * PANEL);
+        (0..self.n.div_ceil(PANEL)).into_par_iter().with_min_len(min_len).for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(out, scratch), p| {
+                // (m, PANEL)
+                out.resize(m * PANEL, 0.0);
+                let job = PanelJob { x, k: self.k, w: self.weights.panel(p, self.k) };
+                self.isa.panel(&job, out, scratch);
+                // SAFETY: the range yields each panel once, so only this task writes panel `p`.
+                unsafe { columns.write_panel(p, out) }
+            },
+        );
         y
+    }
+}
+
+/// One task's unit of work: every row of `x` through one panel.
+#[derive(Clone, Copy, Debug)]
+struct PanelJob<'a> {
+    /// `[m][k]` row-major.
+    x: &'a [f32],
+    k: usize,
+    w: PanelRef<'a>,
+}
+
+impl PanelJob<'_> {
+    /// Whether `x`, `w` and an `out_len`-long output agree on `m` and `k`: what the SIMD paths'
+    /// pointer arithmetic relies on.
+    fn fits(&self, out_len: usize) -> bool {
+        let m = out_len / PANEL;
+        self.k > 0 && out_len == m * PANEL && self.x.len() == m * self.k && self.w.fits(self.k)
     }
 }
 
@@ -196,15 +218,16 @@ impl PanelRef<'_> {
         }
     }
 
-    /// Widens the panel into `out` (`[k][PANEL]` f32), each weight exactly as the kernels widen it
-    /// in registers. Inlined into each SIMD path so the compiler vectorises it for that target.
-    #[inline(always)]
+    /// Widens the panel into `out` (`[k][PANEL]` f32) with the arithmetic the SIMD paths use in
+    /// registers (a shift for bf16, one f32 multiply for int8), so to the same values.
     fn widen_into(&self, out: &mut [f32]) {
         match *self {
             Self::F32(w) => out.copy_from_slice(w),
             Self::Bf16(w) => out.iter_mut().zip(w).for_each(|(o, &b)| *o = bf16_to_f32(b)),
             Self::Int8 { q, scales } => {
-                for ((o, q), s) in out.chunks_mut(INT8_GROUP * PANEL).zip(q.chunks(INT8_GROUP * PANEL)).zip(scales.chunks(PANEL)) {
+                for ((o, q), s) in
+                    out.chunks_mut(INT8_GROUP * PANEL).zip(q.chunks(INT8_GROUP * PANEL)).zip(scales.chunks(PANEL))
+                {
                     for (o, q) in o.chunks_mut(PANEL).zip(q.chunks(PANEL)) {
                         o.iter_mut().zip(q).zip(s).for_each(|((o, &q), &s)| *o = f32::from(q) * s);
                     }
@@ -258,14 +281,14 @@ impl Isa {
         all
     }
 
-    /// `out[r][j] = Σ_i x[r][i] · w[i][j]` for all `m = out.len() / PANEL` rows of `x` (`[m][k]`).
-    fn panel(self, x: &[f32], k: usize, w: PanelRef<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
+    /// `out[r][j] = Σ_i x[r][i] · w[i][j]` for all `m = out.len() / PANEL` rows of `job.x`.
+    fn panel(self, job: &PanelJob<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512(t) => t.panel(x, k, w, out, scratch),
+            Self::Avx512(t) => t.panel(job, out, scratch),
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2(t) => t.panel(x, k, w, out, scratch),
-            Self::Scalar => scalar::panel(x, k, w, out, scratch),
+            Self::Avx2(t) => t.panel(job, out, scratch),
+            Self::Scalar => scalar::panel(job, out, scratch),
         }
     }
 }

@@ -24,8 +24,7 @@ impl Packed {
             WeightFormat::Int8 => {
                 let groups = k.div_ceil(INT8_GROUP);
                 // [n][groups]
-                let row_scales: Vec<f32> =
-                    w.chunks(k).flat_map(|row| row.chunks(INT8_GROUP).map(|g| int8_scale(g))).collect();
+                let row_scales: Vec<f32> = w.chunks(k).flat_map(|row| row.chunks(INT8_GROUP).map(int8_scale)).collect();
                 let q = panels(n, k, |c, i| quantise(w[c * k + i], row_scales[c * groups + i / INT8_GROUP]));
                 let scales = panels(n, groups, |c, g| row_scales[c * groups + g]);
                 Self::Int8 { q, scales }

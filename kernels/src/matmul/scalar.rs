@@ -4,16 +4,18 @@
 //! the same bits as the SIMD ones. Without hardware FMA (e.g. x86-64 before Haswell) it is slow;
 //! it exists for other architectures and as the tests' yardstick.
 
-use super::{PanelRef, PANEL};
+use super::{PanelJob, PanelRef, PANEL};
 
 /// Rows per register tile; any value gives the same bits.
 const ROWS: usize = 4;
 
-/// `out[r][j] = Σ_i x[r][i] · w[i][j]` for all `m = out.len() / PANEL` rows of `x` (`[m][k]`).
-pub(super) fn panel(x: &[f32], k: usize, w: PanelRef<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
-    let w = match w {
+/// `out[r][j] = Σ_i x[r][i] · w[i][j]` for all `m = out.len() / PANEL` rows of `job.x`.
+pub(super) fn panel(job: &PanelJob<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
+    debug_assert!(job.fits(out.len()));
+    let (x, k) = (job.x, job.k);
+    let w = match job.w {
         PanelRef::F32(w) => w,
-        _ => {
+        w => {
             scratch.resize(k * PANEL, 0.0);
             w.widen_into(scratch);
             scratch

@@ -34,6 +34,26 @@ fn rel_error(x: &Tensor, w: &Tensor, got: &Tensor) -> Result<f64> {
     Ok(worst)
 }
 
+/// Int8 against the original weight `w`: each weight moves by at most half its group's step
+/// (`max|w| / 127` over its 32), so `|y - x·wᵀ| <= Σ_i |x[r, i]| · step(c, i) / 2`, plus rounding.
+fn check_int8_rounding(x: &Tensor, w: &Tensor, y: &Tensor) -> Result<()> {
+    let ((m, k), n) = (x.dims2()?, w.dims2()?.0);
+    let (xs, ws, ys) = (data(x)?, data(w)?, data(y)?);
+    for c in 0..n {
+        let row = &ws[c * k..][..k];
+        let steps: Vec<f64> =
+            row.chunks(32).map(|g| f64::from(g.iter().fold(0.0f32, |a, v| a.max(v.abs()))) / 127.0).collect();
+        for r in 0..m {
+            let xr = &xs[r * k..][..k];
+            let exact: f64 = xr.iter().zip(row).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            let bound: f64 = xr.iter().enumerate().map(|(i, &a)| f64::from(a).abs() * steps[i / 32] / 2.0).sum();
+            let err = (f64::from(ys[r * n + c]) - exact).abs();
+            assert!(err <= bound * 1.001 + 1e-5, "int8 row {r} out {c}: {err} > {bound}");
+        }
+    }
+    Ok(())
+}
+
 /// A random `[n, k]` weight and the layer packed from it.
 fn layer(rng: &mut StdRng, n: usize, k: usize, format: WeightFormat) -> Result<(Tensor, PackedLinear)> {
     let w = uniform(rng, &[n, k], DType::F32, &Device::Cpu)?;
@@ -42,8 +62,17 @@ fn layer(rng: &mut StdRng, n: usize, k: usize, format: WeightFormat) -> Result<(
 }
 
 /// `(m, k, n)`: the default model's projections, and tails of every kind.
-const SHAPES: [(usize, usize, usize); 9] =
-    [(3, 576, 960), (2, 576, 3072), (9, 1536, 576), (1, 33, 7), (70, 33, 7), (17, 1, 1), (5, 31, 49), (40, 100, 97), (13, 64, 48)];
+const SHAPES: [(usize, usize, usize); 9] = [
+    (3, 576, 960),
+    (2, 576, 3072),
+    (9, 1536, 576),
+    (1, 33, 7),
+    (70, 33, 7),
+    (17, 1, 1),
+    (5, 31, 49),
+    (40, 100, 97),
+    (13, 64, 48),
+];
 
 #[test]
 fn matches_reference() -> Result<()> {
@@ -58,13 +87,14 @@ fn matches_reference() -> Result<()> {
             let err = rel_error(&x, &layer.dequantized()?, &y)?;
             assert!(err < 4.0 * f64::from(f32::EPSILON) * (k as f64).sqrt(), "{format:?} {m}x{k}x{n}: {err}");
             // Against the original f32 weight: bounded by the format's weight rounding.
-            let bound = match format {
-                WeightFormat::F32 => 1e-5,
-                WeightFormat::Bf16 => 2f64.powi(-8),
-                WeightFormat::Int8 => 0.2,
-            };
-            let err = rel_error(&x, &w, &y)?;
-            assert!(err < bound, "{format:?} {m}x{k}x{n} against f32 weights: {err}");
+            match format {
+                WeightFormat::Int8 => check_int8_rounding(&x, &w, &y)?,
+                _ => {
+                    let bound = if format == WeightFormat::F32 { 1e-5 } else { 2f64.powi(-8) };
+                    let err = rel_error(&x, &w, &y)?;
+                    assert!(err < bound, "{format:?} {m}x{k}x{n} against f32 weights: {err}");
+                }
+            }
         }
     }
     Ok(())
@@ -73,12 +103,12 @@ fn matches_reference() -> Result<()> {
 #[test]
 fn m_from_1_to_70() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(2);
-    for format in FORMATS {
-        let (_, layer) = layer(&mut rng, 53, 47, format)?;
+    for (format, (k, n)) in FORMATS.into_iter().flat_map(|f| [(f, (33, 7)), (f, (47, 53))]) {
+        let (_, layer) = layer(&mut rng, n, k, format)?;
         for m in 1..=70 {
-            let x = uniform(&mut rng, &[m, 47], DType::F32, &Device::Cpu)?;
+            let x = uniform(&mut rng, &[m, k], DType::F32, &Device::Cpu)?;
             let err = rel_error(&x, &layer.dequantized()?, &layer.forward(&x)?)?;
-            assert!(err < 1e-6, "{format:?} m={m}: {err}");
+            assert!(err < 1e-6, "{format:?} {m}x{k}x{n}: {err}");
         }
     }
     Ok(())
@@ -123,7 +153,8 @@ fn rows_are_batch_and_thread_invariant() -> Result<()> {
             let x = uniform(&mut rng, &[37, k], DType::F32, &Device::Cpu)?;
             let batch = layer.forward(&x)?;
             for threads in [1, 2] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(candle_core::Error::wrap)?;
+                let pool =
+                    rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(candle_core::Error::wrap)?;
                 pool.install(|| -> Result<()> {
                     for r in [0, 1, 8, 17, 36] {
                         let row = x.i(r..r + 1)?;
@@ -160,6 +191,12 @@ fn every_isa_gives_the_same_bits() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[test]
+fn shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<PackedLinear>();
 }
 
 #[test]

@@ -1,0 +1,44 @@
+//! Greedy continuations of token-id prompts with their top logprobs, one JSON object per line, to
+//! compare the engine with a reference implementation (step 2 of the GPU proof, `benches/GPU.md`).
+//!
+//! `greedy_logprobs MODEL DEVICE DTYPE MAX_TOKENS < prompts.jsonl`, each input line a JSON array of
+//! token ids; each output line `{"tokens": [..], "logprobs": [..], "top": [[[id, logprob], ..], ..]}`.
+//! Prompts run one at a time, so the result is the batch-1 path.
+
+use std::io::BufRead;
+
+use anyhow::Context;
+use sluice_engine::{DType, DeviceSpec, Engine, EngineConfig, Request, SamplingParams};
+
+/// Alternatives reported per position.
+const TOP: usize = 5;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [model, device, dtype, max_tokens] = args.as_slice() else {
+        anyhow::bail!("usage: greedy_logprobs MODEL DEVICE DTYPE MAX_TOKENS < prompts.jsonl")
+    };
+    let mut config = EngineConfig::new(model);
+    config.device = DeviceSpec::parse(device)?;
+    config.dtype = match dtype.as_str() {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => anyhow::bail!("DTYPE must be f32, f16 or bf16, got {other}"),
+    };
+    let engine = Engine::new(config).with_context(|| format!("loading {model}"))?;
+    let params = SamplingParams {
+        max_tokens: max_tokens.parse().context("MAX_TOKENS")?,
+        logprobs: Some(TOP),
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    for line in std::io::stdin().lock().lines() {
+        let prompt: Vec<u32> = serde_json::from_str(&line?).context("a prompt line must be a JSON array of ids")?;
+        let done = engine.generate(Request::tokens(prompt).with_params(params.clone()))?;
+        let logprobs: Vec<f32> = done.logprobs.iter().map(|lp| lp.logprob).collect();
+        let top: Vec<&[(u32, f32)]> = done.logprobs.iter().map(|lp| lp.top.as_slice()).collect();
+        println!("{}", serde_json::json!({ "tokens": done.token_ids, "logprobs": logprobs, "top": top }));
+    }
+    Ok(())
+}
