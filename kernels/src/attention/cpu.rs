@@ -42,7 +42,11 @@ pub(super) fn forward<T: Elem>(q: &[T], k_cache: &[T], v_cache: &[T], geo: &Geom
 fn heads_per_item(num_tokens: usize, geo: &Geometry) -> usize {
     let group = geo.num_heads / geo.num_kv_heads;
     let wanted = 4 * rayon::current_num_threads();
-    (1..=group).rev().filter(|d| group.is_multiple_of(*d)).find(|d| num_tokens * (geo.num_heads / d) >= wanted).unwrap_or(1)
+    (1..=group)
+        .rev()
+        .filter(|d| group.is_multiple_of(*d))
+        .find(|d| num_tokens * (geo.num_heads / d) >= wanted)
+        .unwrap_or(1)
 }
 
 /// Where one query row reads its context.
