@@ -37,11 +37,11 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Compile the `cuda` build (no GPU needed; CUDA 13.0 nvcc from pinned wheels, cached).   e.g. `make check-cuda`
+# Compile and lint the `cuda` build and its tests with no GPU (nvcc 13.0 from pinned wheels).   e.g. `make check-cuda`
+# One cargo call: a second with other targets would resolve features anew and rebuild candle's CUDA kernels.
 check-cuda:
 	eval "$$(scripts/cuda-toolkit.sh)" && \
-	$(CARGO) check --workspace --features cuda && \
-	$(CARGO) check -p sluice-kernels --features cuda --tests
+	$(CARGO) clippy --workspace --all-targets --features cuda -- -D warnings
 
 # In-process engine throughput at concurrency 1 and 32.   e.g. `make bench`
 bench: $(MODEL)

@@ -8,6 +8,8 @@
 //! Numerics are a product guarantee: see [`paged_attention`].
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 #[cfg(test)]
 mod tests;
 
@@ -42,7 +44,16 @@ use crate::storage::{contiguous_slice, cpu};
 /// the batch, however the sequence's prompt was chunked, and however many threads run: scores over
 /// positions `0..=pos` in order, a max-subtracted softmax, then `sum(p * v)` in position order.
 /// A row's reduction is never split across threads, so the output is bit-identical across batch
-/// compositions.
+/// compositions. The CUDA body keeps the same guarantee with its own fixed order (a row's positions
+/// split over four warps by position alone, merged in warp order), so CUDA and CPU agree to f32
+/// rounding, not bit for bit.
+///
+/// # Errors
+///
+/// Shapes, dtypes and devices are always checked, as are the metadata values (`cu_seqlens_q`,
+/// `seq_lens`, block ids) on the CPU. On CUDA the value checks read the metadata back to the host,
+/// which waits for the GPU, so only debug builds run them; in a release build a malformed row comes
+/// out as zeros, and no index ever leaves its tensor. CUDA also needs `head_dim <= 256`.
 pub fn paged_attention(
     q: &Tensor,
     key_cache: &Tensor,
@@ -53,7 +64,10 @@ pub fn paged_attention(
     scale: f32,
 ) -> candle_core::Result<Tensor> {
     check_cache_pair(key_cache, value_cache)?;
-    let (_, _, num_kv_heads, head_dim) = key_cache.dims4()?;
+    let (_, block_size, num_kv_heads, head_dim) = key_cache.dims4()?;
+    if block_size == 0 {
+        bail!("the caches' `block_size` (second dimension) must be > 0")
+    }
     let &[_, num_heads, q_head_dim] = q.dims() else {
         bail!("`q` must have shape (num_tokens, num_heads, head_dim), got {:?}", q.dims())
     };
@@ -214,6 +228,15 @@ impl CustomOp1 for PagedAttention {
             other => bail!("`q` must be f32, f16 or bf16, got {:?}", other.dtype()),
         };
         Ok((out, q_l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(self, q, q_l)
     }
 }
 

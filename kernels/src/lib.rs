@@ -11,6 +11,8 @@
 //!   with SIMD kernels (AVX-512, AVX2+FMA, portable) whose rows are bit-identical at any batch size.
 //! - `elem`: the element types the ops accept (f32, f16, bf16) and their widening to f32.
 //! - `storage`: borrowing a tensor's CPU storage as a typed slice.
+//! - `cuda` (`cuda` feature): the PTX built from `kernels/cuda/*.cu` and the helpers the ops'
+//!   CUDA bodies (`cache::cuda`, `attention::cuda`) share.
 //! - `test_util` (tests only): the `test_device!` macro and random tensor helpers.
 //!
 //! # The KV cache
@@ -19,12 +21,14 @@
 //! `(num_blocks, block_size, num_kv_heads, head_dim)`. A *slot* is `block * block_size + offset`,
 //! so the pool is also a `(num_slots, num_kv_heads, head_dim)` array indexed by slot.
 //!
-//! Only CPU bodies exist today. Each op is a candle custom op, so a CUDA body can be added beside
-//! the CPU one (`cuda_fwd`) behind the `cuda` feature; until then candle returns an error on GPU
-//! tensors.
+//! Each op is a candle custom op with a CPU body and, behind the `cuda` feature, a CUDA body
+//! (`cuda_fwd`) with the same layouts. The CUDA bodies compile in CI (`make check-cuda`) but have not
+//! yet run on a GPU; `benches/GPU.md` lists the steps that will check them.
 
 pub mod attention;
 pub mod cache;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod elem;
 pub mod matmul;
 mod storage;

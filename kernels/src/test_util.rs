@@ -79,6 +79,17 @@ impl Scenario {
         })
     }
 
+    /// The same scenario with every tensor copied to `dev`.
+    pub fn to_device(&self, dev: &Device) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg,
+            q: self.q.to_device(dev)?,
+            k_cache: self.k_cache.to_device(dev)?,
+            v_cache: self.v_cache.to_device(dev)?,
+            tables: self.tables.clone(),
+        })
+    }
+
     /// The `block_tables` tensor for sequences `seqs`, padded with junk that must never be read.
     pub fn block_tables(&self, seqs: &[usize], dev: &Device) -> Result<Tensor> {
         let width = seqs.iter().map(|&s| self.tables[s].len()).max().unwrap_or(0) + 1;

@@ -1,0 +1,72 @@
+//! The CUDA side of the ops (`cuda` feature): the PTX that `build.rs` compiles from
+//! `kernels/cuda/*.cu`, and the helpers each op's `cuda_fwd` shares.
+//!
+//! Kernels are named `<op>_<dtype>` and loaded once per device through candle's
+//! [`CudaDevice::get_or_load_custom_func`], which caches the module.
+//!
+//! Written and compiled without a GPU at hand: CI builds this with `make check-cuda`, and the tests
+//! that compare it with the CPU bodies run only on a machine with one (`benches/GPU.md`).
+
+use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, CudaStorage};
+use candle_core::{bail, CudaDevice, DType, Layout, Storage};
+
+/// One PTX module embedded in the crate.
+pub(crate) struct Module {
+    /// The key of candle's per-device module cache; unique across crates.
+    name: &'static str,
+    ptx: &'static str,
+}
+
+/// `kernels/cuda/reshape_and_cache.cu`.
+pub(crate) const RESHAPE_AND_CACHE: Module =
+    Module { name: "sluice_reshape_and_cache", ptx: include_str!(concat!(env!("OUT_DIR"), "/reshape_and_cache.ptx")) };
+
+/// `kernels/cuda/paged_attention.cu`.
+pub(crate) const PAGED_ATTENTION: Module =
+    Module { name: "sluice_paged_attention", ptx: include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx")) };
+
+/// Loads kernel `<op>_<dtype>` of `module` on `dev` (compiled by the driver on first use).
+pub(crate) fn load(
+    dev: &CudaDevice,
+    module: &Module,
+    op: &str,
+    dtype: DType,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+    let suffix = match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("{op}: no CUDA kernel for dtype {other:?}"),
+    };
+    Ok(dev.get_or_load_custom_func(&format!("{op}_{suffix}"), module.name, module.ptx)?.into_cuda_function())
+}
+
+/// The CUDA storage behind `storage`, or an error naming `what` when it lives elsewhere.
+pub(crate) fn cuda<'a>(storage: &'a Storage, what: &str) -> candle_core::Result<&'a CudaStorage> {
+    match storage {
+        Storage::Cuda(s) => Ok(s),
+        _ => bail!("`{what}` must be on the same CUDA device as the op's first operand"),
+    }
+}
+
+/// The elements of a contiguous tensor as a device view, with its start offset applied.
+pub(crate) fn contiguous_view<'a, T: CudaDType + DeviceRepr>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<CudaView<'a, T>> {
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("`{what}` must be contiguous") };
+    match storage.as_cuda_slice::<T>()?.try_slice(start..end) {
+        Some(view) => Ok(view),
+        None => bail!("`{what}`: layout runs past its storage"),
+    }
+}
+
+/// `n` as the `uint32_t` a kernel takes, or an error naming `what`.
+pub(crate) fn to_u32(n: usize, what: &str) -> candle_core::Result<u32> {
+    match u32::try_from(n) {
+        Ok(n) => Ok(n),
+        Err(_) => bail!("`{what}` = {n} is too large for the CUDA kernels (at most {})", u32::MAX),
+    }
+}
