@@ -16,22 +16,7 @@ const MAX_TOKENS: usize = 24;
 /// Greedy generation with candle-transformers' Llama on the same weights.
 fn reference_greedy(source: &mut WeightSource, prompts: &[Vec<u32>], eos: u32) -> Vec<Vec<u32>> {
     let c = source.config().clone();
-    let mut names = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
-    for i in 0..c.num_layers {
-        for w in [
-            "input_layernorm",
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "post_attention_layernorm",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ] {
-            names.push(format!("model.layers.{i}.{w}.weight"));
-        }
-    }
+    let names = common::weight_names(c.num_layers);
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for n in names {
         tensors.insert(n.clone(), source.get(&n, DType::F32, &Device::Cpu).unwrap());

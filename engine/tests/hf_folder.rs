@@ -17,22 +17,7 @@ fn write_hf_folder(engine: &Engine, dir: &std::path::Path) {
     let mut source = WeightSource::gguf(content, reader).unwrap();
     let c = source.config().clone();
     let mut tensors = HashMap::new();
-    let mut names = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
-    for i in 0..c.num_layers {
-        for w in [
-            "input_layernorm",
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "post_attention_layernorm",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ] {
-            names.push(format!("model.layers.{i}.{w}.weight"));
-        }
-    }
+    let names = common::weight_names(c.num_layers);
     for n in names {
         let t = source.get(&n, DType::F32, &Device::Cpu).unwrap();
         tensors.insert(n, t);

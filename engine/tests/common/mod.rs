@@ -61,3 +61,24 @@ pub fn prompts() -> Vec<String> {
 pub fn tokens_alone(engine: &Engine, prompt: &str, max_tokens: usize) -> Vec<u32> {
     engine.generate(Request::user(prompt).with_params(greedy(max_tokens))).expect("generation succeeds").token_ids
 }
+
+/// Hugging Face names of every weight of a tied-embedding Llama with `num_layers` layers.
+pub fn weight_names(num_layers: usize) -> Vec<String> {
+    let mut names = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
+    for i in 0..num_layers {
+        for w in [
+            "input_layernorm",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "post_attention_layernorm",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
+            names.push(format!("model.layers.{i}.{w}.weight"));
+        }
+    }
+    names
+}
