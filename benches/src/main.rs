@@ -2,19 +2,39 @@
 //!
 //! # Layout
 //! - `workload`: seeded synthetic chat prompts of real text.
+//! - `dataset`: ShareGPT-format JSON files as workloads (`--dataset`).
+//! - `arrival`: open-loop send times, Poisson or gamma (`--request-rate`, `--burstiness`).
 //! - `engine_bench`: the workload in-process through the engine crate (`sluice-bench engine`).
-//! - `report`: percentiles, throughput, the table and the JSON.
+//! - `client`: one streamed request to an OpenAI-compatible server, measured, with retries.
+//! - `sse`: the event-stream parser the client reads with.
+//! - `serve_bench`: the workload over HTTP, closed or open loop (`sluice-bench serve`).
+//! - `report`: percentiles, throughput, goodput, the table and the JSON, shared by both modes.
+//! - `plot`: throughput against latency across a sweep, and latency CDFs (`--plot`).
 
+mod arrival;
+mod client;
+mod dataset;
 mod engine_bench;
+mod plot;
 mod report;
+mod serve_bench;
+mod sse;
 mod workload;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use sluice_engine::{DType, DeviceSpec, Engine, EngineConfig, Request, WeightFormat};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sluice_engine::{DType, DeviceSpec, Engine, EngineConfig, Request};
+
+use crate::client::{Endpoint, RetryPolicy, Target};
+use crate::plot::Run;
+use crate::report::{Setup, Slo, Summary};
+use crate::workload::WorkItem;
 
 #[derive(Parser)]
 #[command(name = "sluice-bench", about = "Throughput and latency benchmarks for Sluice")]
@@ -27,6 +47,26 @@ struct Cli {
 enum Command {
     /// In-process engine throughput (no HTTP): closed loop at a fixed concurrency.
     Engine(EngineArgs),
+    /// Load against any OpenAI-compatible server over HTTP, streamed; closed or open loop.
+    Serve(ServeArgs),
+}
+
+/// What both modes report and how.
+#[derive(Args)]
+struct Output {
+    /// Run these concurrency levels one after another (closed loop), or these caps on requests in
+    /// flight (with --request-rate), and report each: e.g. `--sweep 1,8,32`.
+    #[arg(long, value_delimiter = ',')]
+    sweep: Vec<usize>,
+    /// Goodput objectives: requests/s meeting all of them, e.g. `ttft=500ms,tpot=50ms` (also `e2e`).
+    #[arg(long)]
+    slo: Option<Slo>,
+    /// Also write the summary (an array of them for a sweep) as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw throughput against latency and the latency distributions to this .svg or .png file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -58,8 +98,9 @@ struct EngineArgs {
     /// Weight and activation dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// CPU projection weights for the packed kernels: f32, bf16 or int8.
-    #[arg(long, default_value = "f32")]
+    /// CPU projection weights for the packed kernels: native (GGUF Q4_1/Q8_0 kept exactly), f32,
+    /// bf16, int8 or int4.
+    #[arg(long, default_value = "native")]
     cpu_weights: String,
     /// Tokens per engine step (decodes plus prompt chunks).
     #[arg(long)]
@@ -70,9 +111,71 @@ struct EngineArgs {
     /// KV cache size in MiB.
     #[arg(long, default_value_t = 1024)]
     kv_cache_mib: usize,
-    /// Also write the summary as JSON to this file.
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The server, e.g. `http://127.0.0.1:8080` (a trailing `/v1` is accepted).
     #[arg(long)]
-    json: Option<PathBuf>,
+    url: String,
+    /// API key, sent as `Authorization: Bearer`.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Model name; by default the first one `GET /v1/models` lists.
+    #[arg(long)]
+    model: Option<String>,
+    /// The route requests go to.
+    #[arg(long, value_enum, default_value_t = Endpoint::Chat)]
+    endpoint: Endpoint,
+    /// Closed loop: requests in flight at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Open loop: requests sent per second on average, whatever is still running (`inf`: all at once).
+    #[arg(long)]
+    request_rate: Option<f64>,
+    /// Shape of the gamma distribution of inter-arrival gaps: 1 is Poisson, lower is burstier.
+    #[arg(long, default_value_t = 1.0)]
+    burstiness: f64,
+    /// Most requests in flight: caps the open loop (and sets the closed loop's concurrency).
+    #[arg(long)]
+    max_concurrency: Option<usize>,
+    /// Requests in all.
+    #[arg(long, default_value_t = 64)]
+    num_requests: usize,
+    /// Tokens to generate per request (default 128, or the dataset's reply lengths).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Send `ignore_eos: true` so every request generates its max tokens (Sluice and vLLM honour it).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// A ShareGPT-format JSON file as the workload instead of the synthetic one.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Shortest synthetic prompt, in approximate tokens (4 per 3 words).
+    #[arg(long, default_value_t = 30)]
+    min_prompt_len: usize,
+    /// Longest synthetic prompt, in approximate tokens.
+    #[arg(long, default_value_t = 250)]
+    max_prompt_len: usize,
+    /// Seed of the workload and of the arrival times.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Longest one request may take, retries included, in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    timeout: f64,
+    /// Longest the whole run (each level of a sweep) may take, in seconds; then it stops.
+    #[arg(long, default_value_t = 3600.0)]
+    max_duration: f64,
+    /// Re-sends per request after a 429 or 503 (exponential backoff with jitter, or `Retry-After`).
+    #[arg(long, default_value_t = 3)]
+    max_retries: u32,
+    /// No progress bar (it is shown only on a terminal anyway).
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    output: Output,
 }
 
 fn parse_dtype(s: &str) -> anyhow::Result<DType> {
@@ -84,23 +187,41 @@ fn parse_dtype(s: &str) -> anyhow::Result<DType> {
     }
 }
 
+/// The levels to run: the sweep's, or the one given.
+fn levels(sweep: &[usize], one: usize) -> anyhow::Result<Vec<usize>> {
+    let levels = if sweep.is_empty() { vec![one] } else { sweep.to_vec() };
+    anyhow::ensure!(!levels.contains(&0), "concurrency levels must be >= 1");
+    Ok(levels)
+}
+
+/// Writes the JSON and the plot of `runs` as `output` asks.
+fn write_outputs(output: &Output, runs: &[Run]) -> anyhow::Result<()> {
+    if let Some(path) = &output.json {
+        let json = match runs {
+            [(one, _)] => serde_json::to_string_pretty(one)?,
+            _ => serde_json::to_string_pretty(&runs.iter().map(|(s, _)| s).collect::<Vec<_>>())?,
+        };
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &output.plot {
+        plot::write(path, runs).with_context(|| format!("plotting to {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     let mut config = EngineConfig::new(&args.model);
     config.device = DeviceSpec::parse(&args.device)?;
     config.dtype = parse_dtype(&args.dtype)?;
     config.kv_cache_memory = args.kv_cache_mib << 20;
-    config.cpu_weights = match args.cpu_weights.as_str() {
-        "f32" => WeightFormat::F32,
-        "bf16" => WeightFormat::Bf16,
-        "int8" => WeightFormat::Int8,
-        other => anyhow::bail!("--cpu-weights must be f32, bf16 or int8, got {other}"),
-    };
+    config.cpu_weights = args.cpu_weights.parse().map_err(anyhow::Error::msg)?;
     if let Some(t) = args.max_batch_tokens {
         config.scheduler.max_batch_tokens = t;
     }
     if let Some(n) = args.max_num_seqs {
         config.scheduler.max_num_seqs = n;
     }
+    let levels = levels(&args.output.sweep, args.concurrency)?;
     let engine = Arc::new(Engine::new(config).with_context(|| format!("loading {}", args.model.display()))?);
     // Warm-up: the first step touches every weight page and sizes candle's buffers.
     engine.generate(Request::user("Hello").max_tokens(4))?;
@@ -108,21 +229,124 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     let count = |text: &str| tokenizer.encode(text, false).map(|ids| ids.len()).unwrap_or(0);
     let lengths = (args.min_prompt_len, args.max_prompt_len);
     let items = workload::synthetic(args.num_requests, lengths, args.max_tokens, args.seed, &count);
-    let (results, wall) = engine_bench::run(&engine, &items, args.concurrency);
-    let summary = report::Summary::new("engine", args.concurrency, &results, wall);
-    println!("{}", summary.table());
-    for r in results.iter().filter_map(|r| r.error.as_ref()).take(5) {
-        eprintln!("failed request: {r}");
+    let mut runs = Vec::new();
+    for concurrency in levels {
+        let (results, wall) = engine_bench::run(&engine, &items, concurrency);
+        let setup = Setup {
+            mode: "engine".into(),
+            model: args.model.display().to_string(),
+            concurrency,
+            request_rate: None,
+            slo: args.output.slo.clone().unwrap_or_default(),
+        };
+        let summary = Summary::new(&setup, &results, wall);
+        println!("{}", summary.table());
+        runs.push((summary, results));
     }
-    if let Some(path) = args.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+    write_outputs(&args.output, &runs)
+}
+
+/// The serve workload: the dataset's, or synthetic prompts measured in approximate tokens.
+fn serve_items(args: &ServeArgs) -> anyhow::Result<Vec<WorkItem>> {
+    // Client side there is no tokenizer; English runs at about 4 tokens per 3 words.
+    let approx_tokens = |text: &str| (text.split_whitespace().count() * 4).div_ceil(3);
+    anyhow::ensure!(args.max_tokens != Some(0), "--max-tokens must be >= 1");
+    match &args.dataset {
+        Some(path) => dataset::sharegpt(path, args.num_requests, args.seed, args.max_tokens, &approx_tokens),
+        None => {
+            let lengths = (args.min_prompt_len, args.max_prompt_len);
+            let max_tokens = args.max_tokens.unwrap_or(128);
+            Ok(workload::synthetic(args.num_requests, lengths, max_tokens, args.seed, &approx_tokens))
+        }
     }
-    Ok(())
+}
+
+fn progress_bar(len: usize, quiet: bool, label: String) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} requests, {elapsed_precise}")
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(label);
+    bar
+}
+
+fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("`{flag}` must be a positive number of seconds, got {value}"))
+}
+
+async fn serve_bench(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.num_requests > 0, "--num-requests must be >= 1");
+    let (timeout, max_duration) = (seconds(args.timeout, "--timeout")?, seconds(args.max_duration, "--max-duration")?);
+    let closed = args.max_concurrency.unwrap_or(args.concurrency);
+    let levels = match args.request_rate {
+        None => levels(&args.output.sweep, closed)?,
+        Some(_) if args.output.sweep.is_empty() => vec![args.max_concurrency.unwrap_or(0)],
+        Some(_) => levels(&args.output.sweep, 0)?,
+    };
+    let arrivals = match args.request_rate {
+        Some(rate) => {
+            Some(arrival::schedule(args.num_requests, rate, args.burstiness, args.seed).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
+    let items = Arc::new(serve_items(&args)?);
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .build()
+        .context("building the HTTP client")?;
+    let base_url = client::base_url(&args.url);
+    let model = match args.model.clone() {
+        Some(m) => m,
+        None => client::first_model(&client, &base_url, args.api_key.as_deref()).await.map_err(anyhow::Error::msg)?,
+    };
+    let target = Arc::new(Target {
+        client,
+        base_url,
+        api_key: args.api_key.clone(),
+        model: model.clone(),
+        endpoint: args.endpoint,
+        ignore_eos: args.ignore_eos,
+        retry: RetryPolicy { max_retries: args.max_retries, ..RetryPolicy::default() },
+    });
+    let mut runs = Vec::new();
+    for concurrency in levels {
+        let load =
+            serve_bench::Load { concurrency, arrivals: arrivals.clone(), request_timeout: timeout, max_duration };
+        let label = match args.request_rate {
+            Some(rate) => format!("{rate} req/s"),
+            None => format!("c={concurrency}"),
+        };
+        let bar = progress_bar(items.len(), args.quiet, label);
+        let (results, wall) = serve_bench::run(target.clone(), items.clone(), &load, &bar).await;
+        bar.finish_and_clear();
+        let setup = Setup {
+            mode: "serve".into(),
+            model: model.clone(),
+            concurrency,
+            request_rate: args.request_rate,
+            slo: args.output.slo.clone().unwrap_or_default(),
+        };
+        let summary = Summary::new(&setup, &results, wall);
+        println!("{}", summary.table());
+        runs.push((summary, results));
+    }
+    write_outputs(&args.output, &runs)
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Engine(args) => engine_bench(args),
+        Command::Serve(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(serve_bench(args))
+        }
     }
 }

@@ -2,6 +2,10 @@
 //! `chat_template`), rendered with minijinja the way `transformers.apply_chat_template` does:
 //! `trim_blocks` and `lstrip_blocks` on, Python string methods (`.strip()`, `.startswith()`) via
 //! minijinja-contrib's pycompat, and the `raise_exception` and `strftime_now` globals.
+//!
+//! Message text is the client's, not markup: [`ChatTemplate::render_pieces`] cuts the rendered
+//! prompt where a message spells a special token (`<|im_start|>`), so that the tokenizer encodes
+//! that text as plain text and only the template's own markup becomes control tokens.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -36,6 +40,15 @@ pub struct ChatTemplate {
 }
 
 const TEMPLATE_NAME: &str = "chat";
+
+/// A piece of a rendered chat prompt, in order; see [`ChatTemplate::render_pieces`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptPiece {
+    /// Template output (with message text): special-token text in it is the special token.
+    Markup(String),
+    /// Message text that spells a special token: encoded as plain text, never as the token.
+    Literal(String),
+}
 
 /// The error `raise_exception` raises, found again in the error chain after rendering so that a
 /// template's complaint about the messages becomes a client error rather than a server one.
@@ -82,6 +95,81 @@ impl ChatTemplate {
             EngineError::ChatTemplate(format!("cannot render the template: {e}"))
         })
     }
+
+    /// Renders `messages` like [`Self::render`], cut into pieces so that message text spelling one
+    /// of `specials` (the tokenizer's special-token texts) comes out as a [`PromptPiece::Literal`].
+    ///
+    /// When no message spells a special token (the usual case) the result is one `Markup` piece
+    /// holding exactly what `render` returns. Otherwise each such text is swapped for a placeholder
+    /// (a private-use character that appears in no message, around an index) before rendering,
+    /// and the rendered text is cut at the placeholders. A template that mangles a placeholder
+    /// (slices the content, say) gets `InvalidRequest` rather than an unsafe prompt.
+    pub fn render_pieces(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        specials: &[String],
+    ) -> Result<Vec<PromptPiece>> {
+        let spells_special = |text: &str| specials.iter().any(|s| !s.is_empty() && text.contains(s.as_str()));
+        if !messages.iter().any(|m| spells_special(&m.content)) {
+            return Ok(vec![PromptPiece::Markup(self.render(messages, add_generation_prompt)?)]);
+        }
+        let unsafe_prompt = || {
+            EngineError::InvalidRequest(
+                "`messages` spell special tokens in a way this model's chat template cannot keep apart from its markup"
+                    .into(),
+            )
+        };
+        let marker = ('\u{E000}'..='\u{F8FF}')
+            .find(|&c| !messages.iter().any(|m| m.content.contains(c)))
+            .ok_or_else(unsafe_prompt)?;
+        let mut literals = Vec::new();
+        let escaped: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage::new(m.role.clone(), escape_specials(&m.content, specials, marker, &mut literals)))
+            .collect();
+        let rendered = self.render(&escaped, add_generation_prompt)?;
+        let mut pieces = Vec::new();
+        // Parts alternate: markup, placeholder index, markup, ..., markup.
+        for (i, part) in rendered.split(marker).enumerate() {
+            if i % 2 == 0 {
+                if !part.is_empty() {
+                    pieces.push(PromptPiece::Markup(part.to_string()));
+                }
+                continue;
+            }
+            let literal = part.parse::<usize>().ok().and_then(|n| literals.get(n)).ok_or_else(unsafe_prompt)?;
+            pieces.push(PromptPiece::Literal(literal.clone()));
+        }
+        if rendered.matches(marker).count() % 2 != 0 {
+            return Err(unsafe_prompt());
+        }
+        Ok(pieces)
+    }
+}
+
+/// `text` with each special-token text in it (leftmost, longest first) replaced by
+/// `{marker}{index}{marker}`, its text pushed to `literals` at `index`.
+fn escape_specials(text: &str, specials: &[String], marker: char, literals: &mut Vec<String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let longest = specials.iter().filter(|s| !s.is_empty() && rest.starts_with(s.as_str())).max_by_key(|s| s.len());
+        match longest {
+            Some(special) => {
+                out.push(marker);
+                out.push_str(&literals.len().to_string());
+                out.push(marker);
+                literals.push(special.clone());
+                rest = &rest[special.len()..];
+            }
+            None => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    out
 }
 
 /// `raise_exception(msg)`: Hugging Face templates call it to reject the messages.

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 
+use crate::breaker::BreakerConfig;
 use crate::error::{EngineError, Result};
-use crate::model::WeightFormat;
+use crate::model::CpuWeights;
 use crate::scheduler::SchedulerConfig;
 
 /// Which device the model runs on.
@@ -54,8 +55,8 @@ pub struct EngineConfig {
     /// it at load (candle's quantized CPU matmul does not batch).
     pub dtype: DType,
     /// On the CPU with f32 activations: how projection weights are stored for the packed matmul
-    /// kernels (`F32` exact; `Bf16`/`Int8` read half/a quarter of the bytes per token).
-    pub cpu_weights: WeightFormat,
+    /// kernels (`Native` keeps GGUF's Q4_1/Q8_0 exactly, compact and with f32's results).
+    pub cpu_weights: CpuWeights,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Bytes of memory for the KV cache pools (all layers, K and V).
@@ -66,6 +67,8 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Seed for requests that do not carry one (each request gets `seed + its id`).
     pub seed: u64,
+    /// When repeated step failures open the circuit breaker, and for how long.
+    pub breaker: BreakerConfig,
 }
 
 impl EngineConfig {
@@ -75,12 +78,13 @@ impl EngineConfig {
             model: model.into(),
             device: DeviceSpec::Cpu,
             dtype: DType::F32,
-            cpu_weights: WeightFormat::F32,
+            cpu_weights: CpuWeights::Native,
             block_size: 16,
             kv_cache_memory: 1 << 30,
             max_model_len: None,
             scheduler: SchedulerConfig::default(),
             seed: 0,
+            breaker: BreakerConfig::default(),
         }
     }
 
@@ -97,7 +101,7 @@ impl EngineConfig {
         if s.max_batch_size == 0 || s.max_num_seqs == 0 || s.max_batch_tokens == 0 || s.max_waiting == 0 {
             return bad("`max_batch_size`, `max_num_seqs`, `max_batch_tokens` and `max_waiting` must be at least 1");
         }
-        Ok(())
+        self.breaker.validate()
     }
 
     /// The default model's path: `$SLUICE_MODEL`, else `models/SmolLM2-135M-Instruct.Q4_1.gguf`

@@ -9,6 +9,7 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 use tokio::sync::mpsc;
 
+use crate::breaker::BreakerState;
 use crate::chat_template::ChatTemplate;
 use crate::config::EngineConfig;
 use crate::error::{EngineError, Result};
@@ -47,6 +48,17 @@ pub(crate) struct Shared {
     // Submitted but not yet admitted (or gone). Checked on submit for back-pressure, so a full
     // queue is refused on the caller's thread without a round trip to the engine.
     pub queued: AtomicUsize,
+    // Model steps still to fail on purpose (`Engine::inject_step_failures`).
+    #[cfg(feature = "fault-injection")]
+    pub injected_failures: std::sync::atomic::AtomicU32,
+}
+
+impl Shared {
+    /// Takes one injected failure, if any is left.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn take_injected_failure(&self) -> bool {
+        self.injected_failures.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
+    }
 }
 
 /// Facts about the loaded model.
@@ -120,7 +132,7 @@ impl Engine {
         let scheduler = Scheduler::new(config.scheduler.clone(), num_blocks, config.block_size);
         let shared = Arc::new(Shared::default());
         let (tx, rx) = crossbeam_channel::unbounded();
-        let worker = Worker::new(runner, scheduler, tokenizer.clone(), shared.clone(), rx);
+        let worker = Worker::new(runner, scheduler, config.breaker, tokenizer.clone(), shared.clone(), rx);
         let thread = std::thread::Builder::new().name("sluice-engine".into()).spawn(move || worker.run())?;
         Ok(Self {
             commands: tx,
@@ -154,13 +166,29 @@ impl Engine {
         self.shared.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
+    /// The circuit breaker around model execution. While it is open
+    /// (`breaker().retry_after(now)` is `Some`), `submit` refuses new requests with
+    /// [`EngineError::BreakerOpen`].
+    pub fn breaker(&self) -> BreakerState {
+        self.shared.stats.lock().map(|s| s.breaker).unwrap_or_default()
+    }
+
+    /// Makes the next `n` model steps fail as a real fault would (every sequence in the step gets
+    /// an error, the circuit breaker counts it). For tests of failure handling.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_step_failures(&self, n: u32) {
+        self.shared.injected_failures.store(n, Ordering::Release);
+    }
+
     /// Whether the engine thread is still running: false once it has stopped or died (a panic
     /// leaves no chance to publish `stats().alive = false`).
     pub fn is_alive(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
-    /// Turns a prompt into token ids (chat template, then tokenizer).
+    /// Turns a prompt into token ids (chat template, then tokenizer). In chat messages, text that
+    /// spells a special token is encoded as plain text; a raw text prompt is the caller's own
+    /// markup, so special-token text in it is the special token (as in vLLM).
     pub fn tokenize_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         let ids = match prompt {
             Prompt::Tokens(ids) => {
@@ -180,9 +208,10 @@ impl Engine {
                 if messages.is_empty() {
                     return Err(EngineError::InvalidRequest("`messages` must not be empty".into()));
                 }
-                let text = template.render(messages, true)?;
-                // The template writes the BOS itself when the model wants one.
-                self.tokenizer.encode(&text, false)?
+                // Message text that spells a special token is encoded as plain text, never as
+                // the control token; the template writes the BOS itself when the model wants one.
+                let pieces = template.render_pieces(messages, true, self.tokenizer.special_texts())?;
+                self.tokenizer.encode_pieces(&pieces)?
             }
         };
         if ids.is_empty() {
@@ -193,8 +222,9 @@ impl Engine {
 
     /// Submits a request; tokens come back on the returned stream.
     ///
-    /// Fails at once, without queueing, on a bad request (`InvalidRequest`, naming the field) and
-    /// when the waiting queue is full (`QueueFull`).
+    /// Fails at once, without queueing, on a bad request (`InvalidRequest`, naming the field),
+    /// when the waiting queue is full (`QueueFull`) and while the circuit breaker is open
+    /// (`BreakerOpen`, with the remaining cool-down).
     pub fn submit(&self, request: Request) -> Result<TokenStream> {
         let prompt = self.tokenize_prompt(&request.prompt)?;
         self.submit_tokens(prompt, request)
@@ -220,6 +250,9 @@ impl Engine {
                 total - 1,
                 self.info.num_kv_blocks * self.info.block_size
             )));
+        }
+        if let Some(retry_after) = self.breaker().retry_after(Instant::now()) {
+            return Err(EngineError::BreakerOpen(retry_after));
         }
         let limit = self.config.scheduler.max_waiting;
         if self.shared.queued.fetch_add(1, Ordering::AcqRel) >= limit {

@@ -19,6 +19,10 @@ pub enum EngineError {
     /// The waiting queue is at its bound; the caller should retry later (back-pressure).
     #[error("the waiting queue is full ({0} requests); retry later")]
     QueueFull(usize),
+    /// The circuit breaker is open after repeated model step failures; retry after the remaining
+    /// cool-down.
+    #[error("model execution is failing and the circuit breaker is open; retry in {:.1} s", .0.as_secs_f64())]
+    BreakerOpen(std::time::Duration),
     /// The engine thread is gone (shut down or crashed).
     #[error("the engine has stopped")]
     EngineStopped,

@@ -11,12 +11,16 @@
 //! - `tokenizer`: the tokenizer built from GGUF metadata or `tokenizer.json`, and incremental detokenization.
 //! - `chat_template`: the model's own Jinja chat template rendered with minijinja.
 //! - `stop`: stop-string matching with hold-back of text that may still become a stop string.
+//! - `breaker`: `CircuitBreaker`, a pure state machine around model execution (open, half-open, closed).
+//! - `metrics`: the engine's metric names (vLLM's, `sluice_` prefix) and their recording.
 
+pub mod breaker;
 pub mod chat_template;
 pub mod config;
 mod engine;
 pub mod error;
 pub mod kv_cache;
+pub mod metrics;
 pub mod model;
 pub mod request;
 pub mod sampling;
@@ -28,12 +32,13 @@ pub mod stream;
 pub mod tokenizer;
 mod worker;
 
+pub use breaker::{BreakerConfig, BreakerState};
 pub use candle_core::DType;
 pub use chat_template::ChatMessage;
 pub use config::{DeviceSpec, EngineConfig};
 pub use engine::{Engine, ModelInfo};
 pub use error::{EngineError, Result};
-pub use model::WeightFormat;
+pub use model::{CpuWeights, WeightFormat};
 pub use request::{Prompt, Request};
 pub use sampling::{SamplingParams, TokenLogprob};
 pub use scheduler::SchedulerConfig;

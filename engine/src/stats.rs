@@ -1,5 +1,7 @@
 //! `EngineStats`: a snapshot of the engine's state, updated by the engine thread every step.
 
+use crate::breaker::BreakerState;
+
 /// What the engine is doing, as of its last step.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -21,6 +23,8 @@ pub struct EngineStats {
     pub prompt_tokens: u64,
     /// Tokens generated since start.
     pub generated_tokens: u64,
+    /// The circuit breaker around model execution (published as soon as it changes).
+    pub breaker: BreakerState,
     /// False once the engine thread has stopped.
     pub alive: bool,
 }

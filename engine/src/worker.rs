@@ -1,18 +1,20 @@
 //! The engine loop, on its own OS thread: take commands, schedule, run the model, sample, and fan
 //! the tokens out to each request's stream. The only place where threads and channels meet the
-//! scheduler.
+//! scheduler and the circuit breaker, and where the engine's metrics are recorded.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::engine::{Command, Shared};
 use crate::error::EngineError;
-use crate::model::ModelRunner;
+use crate::metrics::{self, FinishRecord, StepRecord};
+use crate::model::{ModelRunner, StepLogits};
 use crate::sampling::{SampleContext, Sampler, SamplingParams};
 use crate::scheduler::{AddError, Batch, Scheduler};
 use crate::sequence::{RequestId, Sequence};
@@ -31,6 +33,8 @@ pub(crate) struct RequestState {
     tx: UnboundedSender<StreamEvent>,
     admitted_at: Option<Instant>,
     first_token_at: Option<Instant>,
+    // For the inter-token latency.
+    last_token_at: Option<Instant>,
 }
 
 impl RequestState {
@@ -49,6 +53,7 @@ impl RequestState {
             tx,
             admitted_at: None,
             first_token_at: None,
+            last_token_at: None,
         }
     }
 }
@@ -57,6 +62,7 @@ impl RequestState {
 pub(crate) struct Worker {
     runner: ModelRunner,
     scheduler: Scheduler,
+    breaker: CircuitBreaker,
     tokenizer: Arc<Tokenizer>,
     shared: Arc<Shared>,
     commands: Receiver<Command>,
@@ -70,41 +76,44 @@ impl Worker {
     pub(crate) fn new(
         runner: ModelRunner,
         scheduler: Scheduler,
+        breaker: BreakerConfig,
         tokenizer: Arc<Tokenizer>,
         shared: Arc<Shared>,
         commands: Receiver<Command>,
     ) -> Self {
         let eos = tokenizer.eos_token_ids().to_vec();
-        Self { runner, scheduler, tokenizer, shared, commands, requests: HashMap::new(), eos, shutting_down: false }
+        Self {
+            runner,
+            scheduler,
+            breaker: CircuitBreaker::new(breaker),
+            tokenizer,
+            shared,
+            commands,
+            requests: HashMap::new(),
+            eos,
+            shutting_down: false,
+        }
     }
 
-    /// The loop. Sleeps on the command channel when there is nothing to do (no busy-wait), and
-    /// until the admission window opens when requests wait for it.
+    /// The loop. Sleeps on the command channel when there is nothing to do (no busy-wait), until
+    /// the admission window opens when requests wait for it, and until the cool-down ends while
+    /// the circuit breaker is open (requests already in hand are held, not failed).
     pub(crate) fn run(mut self) {
         // Marks the engine dead however this thread ends, a panic included, so health checks see it.
         let _alive = AliveGuard(self.shared.clone());
         self.publish_stats(true);
         let mut wake_at: Option<Instant> = None;
         while !self.shutting_down {
-            // Block only when there is nothing to run.
-            let idle = self.scheduler.num_running() == 0;
-            let first = if idle {
-                match wake_at {
-                    None if self.scheduler.is_idle() => self.commands.recv().ok(),
-                    Some(at) => match self.commands.recv_deadline(at) {
-                        Ok(c) => Some(c),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => Some(Command::Shutdown),
-                    },
+            // Block only when there is nothing to run, or nothing may run.
+            let first = match self.breaker.held_until() {
+                Some(until) => self.wait_for_command(Some(until)),
+                None if self.scheduler.num_running() > 0 => None,
+                None => match wake_at {
+                    None if self.scheduler.is_idle() => self.wait_for_command(None),
+                    Some(at) => self.wait_for_command(Some(at)),
                     // Requests wait but the window gave no time: should not happen; poll, never spin.
-                    None => match self.commands.recv_timeout(std::time::Duration::from_millis(10)) {
-                        Ok(c) => Some(c),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => Some(Command::Shutdown),
-                    },
-                }
-            } else {
-                None
+                    None => self.wait_for_command(Some(Instant::now() + Duration::from_millis(10))),
+                },
             };
             if let Some(c) = first {
                 self.handle(c);
@@ -112,6 +121,13 @@ impl Worker {
             self.drain_commands();
             if self.shutting_down {
                 break;
+            }
+            if let Some(state) = self.breaker.poll(Instant::now()) {
+                self.breaker_changed(state);
+            }
+            if self.breaker.held_until().is_some() {
+                self.publish_stats(true);
+                continue;
             }
             let batch = self.scheduler.schedule(Instant::now());
             self.note_admissions(&batch);
@@ -128,6 +144,19 @@ impl Worker {
             self.fail(id, EngineError::EngineStopped);
         }
         self.publish_stats(false);
+    }
+
+    /// The next command, waiting for it until `deadline` (forever when `None`).
+    fn wait_for_command(&self, deadline: Option<Instant>) -> Option<Command> {
+        let Some(at) = deadline else {
+            // Disconnected: `drain_commands` sees it and shuts down.
+            return self.commands.recv().ok();
+        };
+        match self.commands.recv_deadline(at) {
+            Ok(c) => Some(c),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(Command::Shutdown),
+        }
     }
 
     fn drain_commands(&mut self) {
@@ -164,7 +193,12 @@ impl Worker {
                     }
                 }
             }
-            Command::Abort(id) => self.abort(id),
+            Command::Abort(id) => {
+                if self.requests.contains_key(&id) {
+                    metrics::record_abort();
+                }
+                self.abort(id);
+            }
             Command::Shutdown => self.shutting_down = true,
         }
     }
@@ -198,21 +232,40 @@ impl Worker {
         }
     }
 
-    /// Runs one model step and hands out its tokens.
+    /// Runs the model on `batch`: the one place a step can fail.
+    fn execute(&mut self, batch: &Batch) -> crate::error::Result<StepLogits> {
+        #[cfg(feature = "fault-injection")]
+        if self.shared.take_injected_failure() {
+            return Err(EngineError::Model("injected step failure".into()));
+        }
+        self.runner.execute(batch, &self.scheduler)
+    }
+
+    /// Runs one model step and hands out its tokens. A failed step fails the requests in it (the
+    /// others go on) and counts towards the circuit breaker.
     fn step(&mut self, batch: &Batch) {
-        let logits = match self.runner.execute(batch, &self.scheduler) {
+        let logits = match self.execute(batch) {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(error = %e, "model step failed");
+                tracing::error!(error = %e, sequences = batch.seqs.len(), "model step failed");
+                metrics::record_step_failure();
                 if let Ok(mut s) = self.shared.stats.lock() {
                     s.failed_steps += 1;
                 }
+                // The breaker's new state is published before the errors go out, so a caller that
+                // sees its error and retries at once meets the open breaker.
+                if let Some(state) = self.breaker.on_failure(Instant::now()) {
+                    self.breaker_changed(state);
+                }
                 for s in &batch.seqs {
-                    self.fail(s.id, EngineError::Model("the model step failed; see the server log".into()));
+                    self.fail(s.id, EngineError::Model(format!("the model step failed: {e}")));
                 }
                 return;
             }
         };
+        if let Some(state) = self.breaker.on_success() {
+            self.breaker_changed(state);
+        }
         let mut sampled = Vec::with_capacity(logits.rows.len());
         let mut rows = logits.rows.iter();
         for s in batch.seqs.iter().filter(|s| s.sample) {
@@ -229,6 +282,12 @@ impl Worker {
         }
         let pairs: Vec<(RequestId, u32)> = sampled.iter().map(|(id, c)| (*id, c.token)).collect();
         self.scheduler.update(batch, &pairs);
+        metrics::record_step(&StepRecord {
+            seqs: batch.seqs.len(),
+            tokens: batch.num_tokens,
+            generated: pairs.len(),
+            preempted: batch.preempted.len(),
+        });
         if let Ok(mut s) = self.shared.stats.lock() {
             s.steps += 1;
             s.generated_tokens += pairs.len() as u64;
@@ -245,6 +304,10 @@ impl Worker {
             return;
         };
         let now = Instant::now();
+        match state.last_token_at.replace(now) {
+            Some(last) => metrics::record_inter_token(now.saturating_duration_since(last)),
+            None => metrics::record_first_token(seq.num_prompt_tokens, now.saturating_duration_since(seq.arrival)),
+        }
         state.first_token_at.get_or_insert(now);
         let params = &state.params;
         let is_eos = !params.ignore_eos && self.eos.contains(&token);
@@ -281,6 +344,14 @@ impl Worker {
         let alive = state.tx.send(StreamEvent::Token(TokenEvent { token_id: token, text, logprob })).is_ok();
         if let Some(reason) = finish {
             let finish = Finish { reason, stop_string, usage: usage(seq), timings: timings(seq, state, now) };
+            metrics::record_finish(&FinishRecord {
+                reason: reason.as_str(),
+                prompt_tokens: finish.usage.prompt_tokens,
+                generated_tokens: finish.usage.completion_tokens,
+                queue: finish.timings.queue,
+                time_to_first_token: finish.timings.time_to_first_token,
+                total: finish.timings.total,
+            });
             // A caller gone by now misses nothing it could use.
             let _ = state.tx.send(StreamEvent::Finished(finish));
             self.requests.remove(&id);
@@ -291,14 +362,33 @@ impl Worker {
         }
     }
 
-    fn publish_stats(&self, alive: bool) {
+    /// Logs, counts and publishes a breaker transition.
+    fn breaker_changed(&self, state: BreakerState) {
+        match state {
+            BreakerState::Open { .. } => tracing::warn!(
+                failures = self.breaker.consecutive_failures(),
+                "circuit breaker open: model steps are failing; holding requests, refusing new ones"
+            ),
+            BreakerState::HalfOpen => tracing::info!("circuit breaker half-open: the next step is a probe"),
+            BreakerState::Closed => tracing::info!("circuit breaker closed: the probe step succeeded"),
+        }
+        metrics::record_breaker(state.as_str());
         if let Ok(mut s) = self.shared.stats.lock() {
-            let bm = self.scheduler.block_manager();
-            s.waiting = self.scheduler.num_waiting();
-            s.running = self.scheduler.num_running();
+            s.breaker = state;
+        }
+    }
+
+    fn publish_stats(&self, alive: bool) {
+        let bm = self.scheduler.block_manager();
+        let (running, waiting) = (self.scheduler.num_running(), self.scheduler.num_waiting());
+        metrics::record_gauges(running, waiting, bm.num_used() as f64 / bm.num_blocks().max(1) as f64);
+        if let Ok(mut s) = self.shared.stats.lock() {
+            s.waiting = waiting;
+            s.running = running;
             s.kv_blocks_used = bm.num_used();
             s.kv_blocks_total = bm.num_blocks();
             s.preemptions = self.scheduler.counters().preemptions;
+            s.breaker = self.breaker.state();
             s.alive = alive;
         }
     }

@@ -20,7 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sluice_kernels::{PackedLinear, WeightFormat};
 
-const FORMATS: [WeightFormat; 3] = [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Int8];
+const FORMATS: [WeightFormat; 4] = [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Int8, WeightFormat::Int4];
 
 /// `(k, n)` of the model's projections: fused QKV, MLP gate+up, MLP down, LM head.
 const SHAPES: [(usize, usize); 4] = [(576, 960), (576, 3072), (1536, 576), (576, 49152)];

@@ -7,7 +7,7 @@
 //!
 //! Numerics are a product guarantee: see [`paged_attention`].
 
-mod cpu;
+pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(test)]

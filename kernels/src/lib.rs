@@ -9,6 +9,7 @@
 //! - `attention::cpu`: the CPU body of `paged_attention`, with its fixed-order numerics.
 //! - [`matmul`]: `PackedLinear`, `y = x · Wᵀ` against a weight packed once as f32, bf16 or int8,
 //!   with SIMD kernels (AVX-512, AVX2+FMA, portable) whose rows are bit-identical at any batch size.
+//! - [`activation`]: `silu_mul`, the SwiGLU activation in one pass on the CPU.
 //! - `elem`: the element types the ops accept (f32, f16, bf16) and their widening to f32.
 //! - `storage`: borrowing a tensor's CPU storage as a typed slice.
 //! - `cuda` (`cuda` feature): the PTX built from `kernels/cuda/*.cu` and the helpers the ops'
@@ -25,6 +26,7 @@
 //! (`cuda_fwd`) with the same layouts. The CUDA bodies compile in CI (`make check-cuda`) but have not
 //! yet run on a GPU; `benches/GPU.md` lists the steps that will check them.
 
+pub mod activation;
 pub mod attention;
 pub mod cache;
 #[cfg(feature = "cuda")]

@@ -58,15 +58,37 @@ pub enum ApiError {
     /// The server is shutting down and admits nothing new.
     #[error("The server is shutting down; retry on another replica.")]
     Draining,
+    /// The caller's requests-per-minute or tokens-per-minute limit is used up (see `rate_limit`).
+    #[error("{message}")]
+    RateLimited {
+        /// Which limit, its size and when to retry.
+        message: String,
+        /// When the request would fit; `None` when it never will (larger than the limit).
+        retry_after: Option<Duration>,
+    },
     /// The engine's waiting queue is full (back-pressure).
     #[error("The server is overloaded ({0} requests waiting); retry shortly.")]
     Overloaded(usize),
     /// The engine thread has stopped.
     #[error("The inference engine is not running.")]
     EngineStopped,
+    /// Model execution failed repeatedly and the circuit breaker is open for this much longer.
+    #[error("Model execution is failing and this server's circuit breaker is open; retry in {} s.", retry_secs(*.0))]
+    BreakerOpen(Duration),
     /// The request ran past the configured request timeout.
     #[error("The request did not finish within this server's request timeout of {} s.", .0.as_secs())]
     Timeout(Duration),
+    /// An `Idempotency-Key` reused with another request body.
+    #[error("This `Idempotency-Key` was already used with a different request; use a new key for a new request.")]
+    IdempotencyConflict,
+    /// A user message matched an instruction-override rule and the server blocks them.
+    #[error("The request was blocked by this server's input policy (rule `{rule}`).")]
+    PromptInjection {
+        /// The message at fault (`messages[1].content`).
+        param: String,
+        /// The rule that matched.
+        rule: String,
+    },
     /// Anything else; the detail is logged, the client sees a generic message.
     #[error("The server had an internal error while processing your request.")]
     Internal(String),
@@ -88,10 +110,13 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NotReady | Self::Draining | Self::Overloaded(_) | Self::EngineStopped => {
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::NotReady | Self::Draining | Self::Overloaded(_) | Self::EngineStopped | Self::BreakerOpen(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::IdempotencyConflict => StatusCode::CONFLICT,
+            Self::PromptInjection { .. } => StatusCode::BAD_REQUEST,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -99,6 +124,7 @@ impl ApiError {
     /// The envelope's `type`.
     fn kind(&self) -> &'static str {
         match self.status() {
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_exceeded",
             s if s.is_client_error() => "invalid_request_error",
             _ => "server_error",
         }
@@ -113,11 +139,15 @@ impl ApiError {
             Self::RouteNotFound { .. } => "unknown_url",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::BodyTooLarge(_) => "request_too_large",
+            Self::RateLimited { .. } => "rate_limit_exceeded",
             Self::NotReady => "model_loading",
             Self::Draining => "shutting_down",
             Self::Overloaded(_) => "overloaded",
             Self::EngineStopped => "engine_stopped",
+            Self::BreakerOpen(_) => "breaker_open",
             Self::Timeout(_) => "timeout",
+            Self::IdempotencyConflict => "idempotency_key_reused",
+            Self::PromptInjection { .. } => "prompt_injection",
             Self::Internal(_) => "internal_error",
         })
     }
@@ -126,6 +156,7 @@ impl ApiError {
     fn param(&self) -> Option<String> {
         match self {
             Self::InvalidRequest { param, .. } => param.clone(),
+            Self::PromptInjection { param, .. } => Some(param.clone()),
             Self::ModelNotFound(_) => Some("model".into()),
             _ => None,
         }
@@ -137,6 +168,7 @@ impl ApiError {
             // The one place internal details go: the log line (which carries the request id).
             tracing::error!(detail = %detail, "internal error");
         }
+        crate::metrics::record_error(self.code().unwrap_or(self.kind()));
         ErrorResponse {
             error: ErrorBody {
                 message: self.to_string(),
@@ -154,6 +186,7 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidRequest(message) => Self::invalid(message),
             EngineError::QueueFull(n) => Self::Overloaded(n),
             EngineError::EngineStopped => Self::EngineStopped,
+            EngineError::BreakerOpen(retry_after) => Self::BreakerOpen(retry_after),
             other => Self::Internal(other.to_string()),
         }
     }
@@ -162,12 +195,22 @@ impl From<EngineError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let retry_after = match &self {
+            Self::RateLimited { retry_after, .. } => retry_after.map(|d| d.as_secs_f64().ceil().max(1.0) as u64),
+            Self::BreakerOpen(remaining) => Some(retry_secs(*remaining)),
+            _ => (status == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_SECS),
+        };
         let mut response = (status, Json(self.body())).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        if let Some(secs) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
+}
+
+/// Whole seconds to wait for `d`, at least 1 (`Retry-After` has no fractions).
+fn retry_secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// The first name in backticks in `message` (engine messages name their field that way).
@@ -195,6 +238,7 @@ mod tests {
             (EngineError::InvalidRequest("`top_p` bad".into()), 400),
             (EngineError::QueueFull(4), 503),
             (EngineError::EngineStopped, 503),
+            (EngineError::BreakerOpen(Duration::from_millis(300)), 503),
             (EngineError::Model("cuda out of memory at 0xdead".into()), 500),
         ];
         for (e, status) in cases {
@@ -207,6 +251,34 @@ mod tests {
         let body = ApiError::from(EngineError::Model("secret path /opt/x".into())).body();
         assert!(!body.error.message.contains("secret"), "{}", body.error.message);
         assert_eq!(body.error.kind, "server_error");
+    }
+
+    #[test]
+    fn rate_limited_answers_are_429_with_retry_after_in_whole_seconds() {
+        let limited = |retry_after| ApiError::RateLimited { message: "limit".into(), retry_after };
+        let r = limited(Some(Duration::from_millis(1200))).into_response();
+        assert_eq!(
+            (r.status(), &r.headers()[header::RETRY_AFTER]),
+            (StatusCode::TOO_MANY_REQUESTS, &HeaderValue::from(2))
+        );
+        assert!(!limited(None).into_response().headers().contains_key(header::RETRY_AFTER));
+        let body = limited(None).body();
+        assert_eq!(
+            (body.error.kind.as_str(), body.error.code.as_deref()),
+            ("rate_limit_exceeded", Some("rate_limit_exceeded"))
+        );
+    }
+
+    #[test]
+    fn an_open_breaker_answers_503_with_its_remaining_cooldown() {
+        let r = ApiError::from(EngineError::BreakerOpen(Duration::from_millis(2100))).into_response();
+        assert_eq!(
+            (r.status(), &r.headers()[header::RETRY_AFTER]),
+            (StatusCode::SERVICE_UNAVAILABLE, &HeaderValue::from(3))
+        );
+        let r = ApiError::BreakerOpen(Duration::from_millis(10)).into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], HeaderValue::from(1));
+        assert_eq!(ApiError::BreakerOpen(Duration::ZERO).body().error.code.as_deref(), Some("breaker_open"));
     }
 
     #[test]

@@ -1,35 +1,72 @@
 //! From a [`GenerateRequest`] to token streams: tokenize each prompt once, check it against the
-//! prompt limit, resolve `max_tokens`, submit `n` choices that share the prompt's ids; then, for
-//! non-streamed answers, gather them. [`Cutoff`] ends a request early at its deadline or when a
+//! prompt limit, resolve `max_tokens`, charge the caller's tokens-per-minute bucket, submit `n`
+//! choices that share the prompt's ids; then, for non-streamed answers, gather them. [`Cutoff`] ends a request early at its deadline or when a
 //! shutdown's grace period is over. Dropping the streams (a client that went away) aborts them.
+//!
+//! Between tokenizing and submitting sits the response cache ([`crate::cache`]): a deterministic
+//! request may be answered by replaying a finished answer, or by waiting for an identical one in
+//! flight. Live or replayed, the events then pass the output filter ([`crate::filter::output`]).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_engine::{Completion, Engine, Prompt, Request, TokenStream};
+use futures_util::{Stream, StreamExt};
+use sluice_engine::{Completion, Engine, EngineError, Finish, ModelInfo, Prompt, Request, StreamEvent, TokenLogprob};
 use tokio::time::{Instant, Sleep};
+
+use crate::cache::{self, CacheControl, CacheStatus, Lookup};
+use crate::filter::output;
 
 use crate::error::ApiError;
 use crate::logging::RequestLog;
+use crate::rate_limit::{Caller, TokenCharge};
 use crate::state::AppState;
 use crate::validate::GenerateRequest;
 
-/// Submitted choices, in `index` order (`prompt * n + choice`).
-#[derive(Debug)]
+/// Every choice's events, merged, each tagged with its choice's `index` (`prompt * n + choice`).
+/// Each choice ends with `Finished` or `Error`. Dropping it aborts what is still running.
+pub type Events = Pin<Box<dyn Stream<Item = (usize, StreamEvent)> + Send>>;
+
+/// A request's answer under way: live from the engine or replayed from the response cache.
 pub struct Generation {
-    /// The engine that runs them (its tokenizer decodes logprobs).
+    /// The engine (its tokenizer decodes logprobs).
     pub engine: Arc<Engine>,
-    /// One stream per choice.
-    pub streams: Vec<TokenStream>,
+    /// The choices' events, output filter applied.
+    pub events: Events,
+    /// Number of choices.
+    pub choices: usize,
     /// Prompt tokens, each prompt counted once however many choices share it.
     pub prompt_tokens: usize,
+    /// The tokens charged to the caller; record generated tokens on it, and drop it when the
+    /// request is over (its unused `max_tokens` go back to the caller's bucket).
+    pub charge: TokenCharge,
+    /// How the response cache answered (`x-cache`).
+    pub cache: CacheStatus,
 }
 
-/// Tokenizes, checks and submits every choice of `req`. Fails before anything runs when any
-/// prompt is over a limit; a later failure (queue full) drops, and so aborts, what was submitted.
-pub fn start(state: &AppState, req: &GenerateRequest, log: &RequestLog) -> Result<Generation, ApiError> {
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("choices", &self.choices)
+            .field("prompt_tokens", &self.prompt_tokens)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Tokenizes, checks and charges `req`, then answers it from the response cache (per `control`)
+/// or submits every choice. Fails before anything runs when any prompt is over a limit or the
+/// caller is out of tokens; a later failure (queue full) drops, and so aborts and refunds, what
+/// was submitted.
+pub async fn start(
+    state: &AppState,
+    req: &GenerateRequest,
+    caller: &Caller,
+    log: &RequestLog,
+    control: CacheControl,
+) -> Result<Generation, ApiError> {
     let engine = state.engine()?.clone();
     state.check_model(req.model.as_deref())?;
     let info = engine.model_info();
@@ -43,20 +80,40 @@ pub fn start(state: &AppState, req: &GenerateRequest, log: &RequestLog) -> Resul
         prompts.push(ids);
     }
     let prompt_tokens = prompts.iter().map(Vec::len).sum();
+    let charge = caller.charge(prompt_tokens, prompts.iter().map(|ids| max_tokens_of(req, info, ids) * req.n).sum())?;
     log.started(prompt_tokens, req.user.clone());
+    let choices = prompts.len() * req.n;
+    let key = cache::key(&state.config().served_model_name, &prompts, req);
+    let (events, cache) = match state.response_cache().lookup(key, control).await {
+        Lookup::Hit(recording) => (recording.replay(), CacheStatus::Hit),
+        Lookup::Miss(flight) => (flight.record(submit(&engine, req, caller, prompts)?, choices), CacheStatus::Miss),
+        Lookup::Bypass => (submit(&engine, req, caller, prompts)?, CacheStatus::Bypass),
+    };
+    let events = output::redact_events(events, choices, &state.config().redact);
+    Ok(Generation { engine, events, choices, prompt_tokens, charge, cache })
+}
+
+/// `max_tokens` of a prompt: the client's, or what is left of the context.
+fn max_tokens_of(req: &GenerateRequest, info: &ModelInfo, ids: &[u32]) -> usize {
+    req.max_tokens.unwrap_or_else(|| info.max_model_len.saturating_sub(ids.len()).max(1))
+}
+
+/// Submits `n` choices per prompt; their streams, merged.
+fn submit(engine: &Engine, req: &GenerateRequest, caller: &Caller, prompts: Vec<Vec<u32>>) -> Result<Events, ApiError> {
     let mut streams = Vec::with_capacity(prompts.len() * req.n);
     for ids in prompts {
-        let max_tokens = req.max_tokens.unwrap_or_else(|| info.max_model_len.saturating_sub(ids.len()).max(1));
+        let max_tokens = max_tokens_of(req, engine.model_info(), &ids);
         for choice in 0..req.n {
             let mut params = req.params.clone();
             params.max_tokens = max_tokens;
             // Seeded choices must still differ from one another.
             params.seed = params.seed.map(|seed| seed.wrapping_add(choice as u64));
-            let request = Request::tokens(Vec::new()).with_params(params).with_priority(req.priority);
+            let request = Request::tokens(Vec::new()).with_params(params).with_priority(caller.priority(req.priority));
             streams.push(engine.submit_tokens(ids.clone(), request)?);
         }
     }
-    Ok(Generation { engine, streams, prompt_tokens })
+    let tagged = streams.into_iter().enumerate().map(|(index, s)| StreamExt::map(s, move |event| (index, event)));
+    Ok(Box::pin(futures_util::stream::select_all(tagged)))
 }
 
 fn prompt_too_long(prompt: &Prompt, tokens: usize, limit: usize) -> ApiError {
@@ -69,11 +126,40 @@ fn prompt_too_long(prompt: &Prompt, tokens: usize, limit: usize) -> ApiError {
     }
 }
 
-/// Waits for every choice to finish; the first failure, the deadline or the cut ends them all.
-pub async fn gather(streams: Vec<TokenStream>, cutoff: &mut Cutoff) -> Result<Vec<Completion>, ApiError> {
-    let all = futures_util::future::try_join_all(streams.into_iter().map(TokenStream::collect));
+/// Waits for every choice to finish, recording each token on the caller's charge as it comes
+/// (so that a request cut short is still charged for what it generated); the first failure, the
+/// deadline or the cut ends them all.
+pub async fn gather(generation: Generation, cutoff: &mut Cutoff) -> Result<Vec<Completion>, ApiError> {
+    let Generation { mut events, choices, charge, .. } = generation;
+    let all = async {
+        let mut parts: Vec<(String, Vec<u32>, Vec<TokenLogprob>)> = vec![Default::default(); choices];
+        let mut finishes: Vec<Option<Finish>> = vec![None; choices];
+        while finishes.iter().any(Option::is_none) {
+            match events.next().await {
+                Some((index, StreamEvent::Token(token))) => {
+                    charge.record(1);
+                    if let Some((text, ids, logprobs)) = parts.get_mut(index) {
+                        text.push_str(&token.text);
+                        ids.push(token.token_id);
+                        logprobs.extend(token.logprob);
+                    }
+                }
+                Some((index, StreamEvent::Finished(finish))) => {
+                    if let Some(slot) = finishes.get_mut(index) {
+                        *slot = Some(finish);
+                    }
+                }
+                Some((_, StreamEvent::Error(e))) => return Err(ApiError::from(e)),
+                None => return Err(ApiError::from(EngineError::EngineStopped)),
+            }
+        }
+        let finished = parts.into_iter().zip(finishes.into_iter().flatten());
+        Ok(finished
+            .map(|((text, token_ids, logprobs), finish)| Completion { text, token_ids, logprobs, finish })
+            .collect())
+    };
     tokio::select! {
-        done = all => done.map_err(ApiError::from),
+        done = all => done,
         error = cutoff.reached() => Err(error),
     }
 }

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -66,6 +66,8 @@ struct LogRecord {
 
 #[derive(Debug, Default)]
 struct LogFields {
+    /// The API key's name (or fingerprint), never the key.
+    api_key: Option<String>,
     user: Option<String>,
     prompt_tokens: usize,
     completion_tokens: usize,
@@ -94,6 +96,11 @@ impl RequestLog {
         if let Ok(mut fields) = self.0.fields.lock() {
             f(&mut fields);
         }
+    }
+
+    /// Records which API key the request carried, by its name.
+    pub fn authenticated(&self, key_name: &str) {
+        self.with(|f| f.api_key = Some(key_name.to_string()));
     }
 
     /// Records the prompt's size (all prompts, once each) and the end-user id.
@@ -127,6 +134,7 @@ impl RequestLog {
                     method = %self.0.method,
                     route = %self.0.route,
                     status = status.as_u16(),
+                    api_key = f.api_key.as_deref(),
                     user = f.user.as_deref(),
                     prompt_tokens = f.prompt_tokens,
                     completion_tokens = f.completion_tokens,
@@ -157,8 +165,11 @@ fn request_id(given: Option<&HeaderValue>) -> String {
     }
 }
 
-/// The outermost middleware: request id, span, in-flight guard, one log line per request.
+/// The outermost middleware: request id, span, in-flight guard, one log line per request, and
+/// the request counter (`sluice_requests_total{route,status}`).
 pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    // The route's pattern, not the path, so that the counter's labels stay few.
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_string();
     let id = request_id(req.headers().get(&X_REQUEST_ID));
     // INVARIANT: `request_id` returns printable ASCII only, which is always a valid header value.
     let header = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
@@ -170,6 +181,7 @@ pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next
     let mut response = next.run(req).instrument(span.clone()).await;
     response.headers_mut().insert(X_REQUEST_ID, header);
     let status = response.status();
+    crate::metrics::record_request(&route, status);
     response.map(|inner| Body::new(ObservedBody { inner, span, log, status, completed: false, _in_flight: in_flight }))
 }
 

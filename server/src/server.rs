@@ -23,12 +23,22 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;
+    // Before the engine starts, so that its first steps (the warm-up) are counted too.
+    crate::metrics::install();
     let state = AppState::new(config.api.clone());
     match state.config().api_keys.len() {
         0 => tracing::warn!(
             "no API keys configured (SLUICE_API_KEYS or --api-key-file): the API is open to anyone who can reach it"
         ),
-        n => tracing::info!(keys = n, "API keys required"),
+        n => {
+            // Names (or fingerprints) only: keys themselves are never logged.
+            let names: Vec<&str> = state.config().api_keys.iter().map(|k| k.name.as_str()).collect();
+            tracing::info!(keys = n, names = ?names, "API keys required");
+        }
+    }
+    let limits = state.config().rate_limit;
+    if limits.rpm > 0 || limits.tpm > 0 || state.config().api_keys.iter().any(|k| k.rpm.is_some() || k.tpm.is_some()) {
+        tracing::info!(rpm = limits.rpm, tpm = limits.tpm, trusted_proxy = limits.trusted_proxy, "rate limits on");
     }
     tracing::info!(%addr, model = %config.engine.model.display(), "listening; loading the model");
     let server = run(listener, state.clone(), config.shutdown_grace, shutdown::signal());
@@ -52,7 +62,8 @@ pub async fn run(
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(state.clone());
-    axum::serve(listener, app)
+    // The peer's address is what rate limits key clients without an API key on.
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
             signal.await;
             state.shutdown().drain(grace).await;

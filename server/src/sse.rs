@@ -67,17 +67,14 @@ pub fn respond<W: ChunkWriter>(
     mut cutoff: Cutoff,
     log: RequestLog,
 ) -> Response {
-    let Generation { streams, prompt_tokens, .. } = generation;
-    let choices = streams.len();
+    let Generation { events, choices, prompt_tokens, charge, .. } = generation;
     let events = async_stream::stream! {
         for index in 0..choices {
             if let Some(event) = writer.start(index) {
                 yield Ok::<_, Infallible>(event);
             }
         }
-        let mut merged = futures_util::stream::select_all(
-            streams.into_iter().enumerate().map(|(index, s)| StreamExt::map(s, move |event| (index, event))),
-        );
+        let mut merged = events;
         let (mut finished, mut completion_tokens) = (0, 0);
         while finished < choices {
             let next = tokio::select! {
@@ -86,6 +83,7 @@ pub fn respond<W: ChunkWriter>(
             };
             let error = match next {
                 Some(Ok((index, StreamEvent::Token(token)))) => {
+                    charge.record(1);
                     if let Some(event) = writer.token(index, token) {
                         yield Ok(event);
                     }
@@ -107,6 +105,8 @@ pub fn respond<W: ChunkWriter>(
             break;
         }
         drop(merged);
+        // The stream is over (or aborted above): the unused tokens go back to the caller now.
+        drop(charge);
         if finished == choices && options.include_usage {
             yield Ok(writer.usage(Usage::new(prompt_tokens, completion_tokens)));
         }

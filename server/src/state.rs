@@ -8,11 +8,14 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
-use sluice_engine::Engine;
+use sluice_engine::{BreakerState, Engine};
 
+use crate::cache::ResponseCache;
 use crate::config::ApiConfig;
 use crate::error::ApiError;
+use crate::idempotency::IdempotencyStore;
 use crate::openai::{unix_now, HealthResponse};
+use crate::rate_limit::RateLimiter;
 use crate::shutdown::Shutdown;
 
 /// Shared state of the server; cheap to clone.
@@ -26,12 +29,18 @@ struct Inner {
     engine: OnceLock<Arc<Engine>>,
     shutdown: Arc<Shutdown>,
     started: u64,
+    rate_limiter: RateLimiter,
+    response_cache: ResponseCache,
+    idempotency: IdempotencyStore,
 }
 
 impl AppState {
     /// A server that is still loading its model.
     pub fn new(config: ApiConfig) -> Self {
         Self(Arc::new(Inner {
+            rate_limiter: RateLimiter::new(&config.api_keys, config.rate_limit),
+            response_cache: ResponseCache::new(config.response_cache_size, config.response_cache_ttl),
+            idempotency: IdempotencyStore::new(config.idempotency_ttl),
             config,
             engine: OnceLock::new(),
             shutdown: Arc::new(Shutdown::default()),
@@ -42,6 +51,21 @@ impl AppState {
     /// The HTTP layer's settings.
     pub fn config(&self) -> &ApiConfig {
         &self.0.config
+    }
+
+    /// Every caller's rate-limit buckets.
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.0.rate_limiter
+    }
+
+    /// The response cache.
+    pub fn response_cache(&self) -> &ResponseCache {
+        &self.0.response_cache
+    }
+
+    /// The idempotency keys.
+    pub fn idempotency(&self) -> &IdempotencyStore {
+        &self.0.idempotency
     }
 
     /// Unix time the server started (`created` of the model card).
@@ -87,19 +111,30 @@ impl AppState {
             waiting: None,
             running: None,
             kv_cache_usage: None,
+            breaker: None,
         };
         match self.engine() {
             Ok(engine) => {
                 let stats = engine.stats();
                 let usage = stats.kv_blocks_used as f64 / stats.kv_blocks_total.max(1) as f64;
+                // Open until its cool-down is over; then half-open, and traffic must come back
+                // for the probe step to run, so readiness is 200 again.
+                let open = stats.breaker.retry_after(std::time::Instant::now()).is_some();
+                let breaker = match stats.breaker {
+                    BreakerState::Open { .. } if !open => "half_open",
+                    state => state.as_str(),
+                };
+                let (code, word) =
+                    if open { (StatusCode::SERVICE_UNAVAILABLE, "breaker_open") } else { (StatusCode::OK, "ok") };
                 let body = HealthResponse {
                     model: Some(self.0.config.served_model_name.clone()),
                     waiting: Some(stats.waiting),
                     running: Some(stats.running),
                     kv_cache_usage: Some(usage),
-                    ..status("ok")
+                    breaker: Some(breaker.to_string()),
+                    ..status(word)
                 };
-                (StatusCode::OK, body)
+                (code, body)
             }
             Err(ApiError::Draining) => (StatusCode::SERVICE_UNAVAILABLE, status("draining")),
             Err(ApiError::NotReady) => (StatusCode::SERVICE_UNAVAILABLE, status("loading")),

@@ -33,8 +33,8 @@ pub struct GenerateRequest {
     pub max_tokens: Option<usize>,
     /// Choices per prompt.
     pub n: usize,
-    /// Scheduling priority (lower first).
-    pub priority: i32,
+    /// Scheduling priority (lower first); `None` takes the API key's default, else 0.
+    pub priority: Option<i32>,
     /// Answer as server-sent events.
     pub stream: bool,
     /// With `stream`: end with a usage chunk.
@@ -181,7 +181,7 @@ fn build(
         params,
         max_tokens,
         n,
-        priority: s.priority.unwrap_or(0),
+        priority: s.priority,
         stream: s.stream.unwrap_or(false),
         include_usage: s.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
         user: s.user,
@@ -266,7 +266,7 @@ mod tests {
         .unwrap();
         let Prompt::Chat(messages) = &r.prompts[0] else { panic!("not a chat prompt") };
         assert_eq!(messages, &[ChatMessage::new("system", "a\nb"), ChatMessage::new("user", "hi")]);
-        assert_eq!((r.max_tokens, r.n, r.priority, r.stream, r.include_usage), (Some(7), 2, -3, true, true));
+        assert_eq!((r.max_tokens, r.n, r.priority, r.stream, r.include_usage), (Some(7), 2, Some(-3), true, true));
         let p = &r.params;
         assert_eq!((p.stop.clone(), p.temperature, p.top_p, p.seed), (vec!["x".to_string()], 0.0, 0.5, Some(u64::MAX)));
         assert_eq!(

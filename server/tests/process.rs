@@ -40,6 +40,10 @@ fn help_documents_every_flag_and_its_environment_twin() {
         "sse-keep-alive",
         "api-keys",
         "api-key-file",
+        "metrics-key",
+        "rate-limit-rpm",
+        "rate-limit-tpm",
+        "trusted-proxy",
         "log-format",
         "log-level",
     ];

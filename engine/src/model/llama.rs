@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use sluice_kernels::matmul::{PackedLinear, WeightFormat};
 
 use super::config::LlamaConfig;
-use super::loader::WeightSource;
+use super::cpu_weights::CpuWeights;
+use super::loader::{QuantizedWeight, WeightSource};
 use crate::error::Result;
 
 /// Metadata for one step's packed tokens, as device tensors. Built by the `ModelRunner`.
@@ -82,6 +83,32 @@ impl Linear {
         Self::new(&Tensor::cat(ws, 0)?, packed)
     }
 
+    /// Loads the projections `names` (Hugging Face names, one input) as one layer. On the packed
+    /// CPU path `CpuWeights::Native` keeps GGUF Q4_1/Q8_0 weights as they are stored when every part
+    /// has the same quantisation, and bf16 safetensors as bf16; otherwise the weight is read dense.
+    fn load(source: &mut WeightSource, names: &[String], options: &LoadOptions) -> Result<Self> {
+        let packed = options.device.is_cpu() && options.dtype == DType::F32;
+        let format = match (packed, options.cpu_weights) {
+            (false, _) => None,
+            (true, CpuWeights::Repack(format)) => Some(format),
+            (true, CpuWeights::Native) => {
+                let parts: Option<Vec<QuantizedWeight>> =
+                    names.iter().map(|name| source.get_quantized(name)).collect::<Result<_>>()?;
+                if let Some(w) = parts.and_then(QuantizedWeight::stack) {
+                    return Ok(Self::Packed(PackedLinear::from_quantized(&w.weight, w.n, w.k)?));
+                }
+                let all_bf16 = names.iter().all(|name| source.stored_dtype(name) == Some(DType::BF16));
+                Some(if all_bf16 { WeightFormat::Bf16 } else { WeightFormat::F32 })
+            }
+        };
+        let ws =
+            names.iter().map(|name| source.get(name, options.dtype, &options.device)).collect::<Result<Vec<_>>>()?;
+        match ws.as_slice() {
+            [w] => Self::new(w, format),
+            _ => Self::fused(&ws, format),
+        }
+    }
+
     /// `x: [n, in] → [n, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -137,8 +164,8 @@ pub struct LoadOptions {
     /// Where the weights live.
     pub device: Device,
     /// On the CPU with f32 activations: how the projection weights are stored for the packed
-    /// kernels (f32 exact; bf16 and int8 halve and quarter the bytes read per token).
-    pub cpu_weights: WeightFormat,
+    /// kernels.
+    pub cpu_weights: CpuWeights,
 }
 
 /// A loaded Llama-family model.
@@ -160,31 +187,35 @@ impl Llama {
     /// after each layer.
     pub fn load(source: &mut WeightSource, options: &LoadOptions, progress: &dyn Fn(usize, usize)) -> Result<Self> {
         let (dtype, device) = (options.dtype, &options.device);
-        // The packed kernels serve f32 activations on the CPU; anything else goes through candle.
-        let packed = (device.is_cpu() && dtype == DType::F32).then_some(options.cpu_weights);
         let config = source.config().clone();
         let eps = config.rms_norm_eps as f32;
         let embed = source.get("model.embed_tokens.weight", dtype, device)?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
-            let mut w = |name: &str| source.get(&format!("model.layers.{i}.{name}.weight"), dtype, device);
+            let name = |part: &str| format!("model.layers.{i}.{part}.weight");
+            let names = |parts: &[&str]| parts.iter().map(|p| name(p)).collect::<Vec<_>>();
             let layer = Layer {
-                attn_norm: RmsNorm { weight: w("input_layernorm")?, eps },
-                qkv: Linear::fused(&[w("self_attn.q_proj")?, w("self_attn.k_proj")?, w("self_attn.v_proj")?], packed)?,
-                o: Linear::new(&w("self_attn.o_proj")?, packed)?,
-                mlp_norm: RmsNorm { weight: w("post_attention_layernorm")?, eps },
-                gate_up: Linear::fused(&[w("mlp.gate_proj")?, w("mlp.up_proj")?], packed)?,
-                down: Linear::new(&w("mlp.down_proj")?, packed)?,
+                attn_norm: RmsNorm { weight: source.get(&name("input_layernorm"), dtype, device)?, eps },
+                qkv: Linear::load(
+                    source,
+                    &names(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+                    options,
+                )?,
+                o: Linear::load(source, &names(&["self_attn.o_proj"]), options)?,
+                mlp_norm: RmsNorm { weight: source.get(&name("post_attention_layernorm"), dtype, device)?, eps },
+                gate_up: Linear::load(source, &names(&["mlp.gate_proj", "mlp.up_proj"]), options)?,
+                down: Linear::load(source, &names(&["mlp.down_proj"]), options)?,
             };
             layers.push(layer);
             progress(i + 1, config.num_layers);
         }
         let norm = RmsNorm { weight: source.get("model.norm.weight", dtype, device)?, eps };
-        let lm_head = if !config.tie_word_embeddings && source.contains("lm_head.weight") {
-            Linear::new(&source.get("lm_head.weight", dtype, device)?, packed)?
+        let head = if !config.tie_word_embeddings && source.contains("lm_head.weight") {
+            "lm_head.weight"
         } else {
-            Linear::new(&embed, packed)?
+            "model.embed_tokens.weight"
         };
+        let lm_head = Linear::load(source, &[head.to_string()], options)?;
         let (cos, sin) = rope_tables(&config, dtype, device)?;
         Ok(Self { config, embed, layers, norm, lm_head, cos, sin, dtype, device: device.clone() })
     }
@@ -250,10 +281,13 @@ impl Llama {
 
             let normed = layer.mlp_norm.forward(&x)?;
             let gate_up = layer.gate_up.forward(&normed)?; // [n, 2 * intermediate]
-            let i = c.intermediate_size;
-            let gate = gate_up.narrow(1, 0, i)?;
-            let up = gate_up.narrow(1, i, i)?;
-            let act = (candle_nn::Activation::Silu.forward(&gate)? * up)?;
+            let act = if matches!(layer.gate_up, Linear::Packed(_)) {
+                sluice_kernels::activation::silu_mul(&gate_up)?
+            } else {
+                let i = c.intermediate_size;
+                let (gate, up) = (gate_up.narrow(1, 0, i)?, gate_up.narrow(1, i, i)?);
+                (candle_nn::Activation::Silu.forward(&gate)? * up)?
+            };
             x = (x + layer.down.forward(&act)?)?;
         }
         let last = x.index_select(&input.sample_rows, 0)?; // [num_sampled, hidden]

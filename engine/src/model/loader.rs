@@ -10,8 +10,10 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
+use half::f16;
+use sluice_kernels::matmul::Quantized;
 
 use super::config::LlamaConfig;
 use crate::error::{EngineError, Result};
@@ -111,6 +113,35 @@ impl WeightSource {
         }
     }
 
+    /// The weight named `hf_name` kept as its file stores it, if the file is GGUF and the tensor is
+    /// Q4_1 or Q8_0 (which the packed CPU kernels hold exactly); `None` for any other weight.
+    pub fn get_quantized(&mut self, hf_name: &str) -> Result<Option<QuantizedWeight>> {
+        let Inner::Gguf { content, reader } = &mut self.inner else { return Ok(None) };
+        let Some(name) = gguf_name(hf_name) else { return Ok(None) };
+        let Some(info) = content.tensor_infos.get(&name) else { return Ok(None) };
+        if !matches!(info.ggml_dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+            return Ok(None);
+        }
+        let q = content.tensor(reader, &name, &Device::Cpu)?;
+        let (n, k) = q.shape().dims2()?;
+        let weight = QuantizedWeight { weight: decode_blocks(q.dtype(), &q.data()?, n, k)?, n, k };
+        Ok(Some(if hf_name.ends_with("q_proj.weight") {
+            weight.permute_rows(&unpermuted_row_order(n, self.config.num_heads))
+        } else if hf_name.ends_with("k_proj.weight") {
+            weight.permute_rows(&unpermuted_row_order(n, self.config.num_kv_heads))
+        } else {
+            weight
+        }))
+    }
+
+    /// The dtype a weight is stored in, where the file says so without converting (safetensors).
+    pub fn stored_dtype(&self, hf_name: &str) -> Option<DType> {
+        match &self.inner {
+            Inner::Safetensors { tensors } => tensors.get(hf_name).map(Tensor::dtype),
+            Inner::Gguf { .. } => None,
+        }
+    }
+
     /// The weight named `hf_name` (Hugging Face naming), dense, as `dtype` on `device`.
     pub fn get(&mut self, hf_name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let missing = || EngineError::Load(format!("weight `{hf_name}` is missing"));
@@ -130,10 +161,126 @@ impl WeightSource {
                     dense
                 }
             }
-            Inner::Safetensors { tensors } => tensors.remove(hf_name).ok_or_else(missing)?,
+            // Cloning shares the storage; a tied embedding is read twice (as itself and the head).
+            Inner::Safetensors { tensors } => tensors.get(hf_name).cloned().ok_or_else(missing)?,
         };
         Ok(tensor.to_dtype(dtype)?.to_device(device)?)
     }
+}
+
+/// A projection weight `[n, k]` (out, in) kept in its file's quantisation (see
+/// [`WeightSource::get_quantized`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedWeight {
+    /// Codes and scales, row-major.
+    pub weight: Quantized,
+    /// Output features (rows).
+    pub n: usize,
+    /// Input features.
+    pub k: usize,
+}
+
+impl QuantizedWeight {
+    /// The rows of `parts` one after another (e.g. Q, K and V into one projection), if they all
+    /// share the input width and the quantisation; `None` otherwise.
+    pub fn stack(parts: Vec<Self>) -> Option<Self> {
+        let k = parts.first()?.k;
+        let mut n = 0;
+        let mut stacked: Option<Quantized> = None;
+        for part in parts {
+            if part.k != k {
+                return None;
+            }
+            n += part.n;
+            stacked = Some(match (stacked, part.weight) {
+                (None, w) => w,
+                (Some(Quantized::Int8 { mut codes, mut scales }), Quantized::Int8 { codes: c, scales: s }) => {
+                    codes.extend(c);
+                    scales.extend(s);
+                    Quantized::Int8 { codes, scales }
+                }
+                (Some(Quantized::Int4 { mut codes, mut d, mut m }), Quantized::Int4 { codes: c, d: dd, m: mm }) => {
+                    codes.extend(c);
+                    d.extend(dd);
+                    m.extend(mm);
+                    Quantized::Int4 { codes, d, m }
+                }
+                _ => return None,
+            });
+        }
+        Some(Self { weight: stacked?, n, k })
+    }
+
+    /// Reorders rows: row `r` of the result is row `from[r]` of `self`.
+    fn permute_rows(self, from: &[usize]) -> Self {
+        let (k, groups) = (self.k, self.k.div_ceil(32));
+        fn gather<T: Copy>(v: &[T], width: usize, from: &[usize]) -> Vec<T> {
+            from.iter().flat_map(|&r| &v[r * width..][..width]).copied().collect()
+        }
+        let weight = match &self.weight {
+            Quantized::Int8 { codes, scales } => {
+                Quantized::Int8 { codes: gather(codes, k, from), scales: gather(scales, groups, from) }
+            }
+            Quantized::Int4 { codes, d, m } => Quantized::Int4 {
+                codes: gather(codes, k, from),
+                d: gather(d, groups, from),
+                m: gather(m, groups, from),
+            },
+        };
+        Self { weight, ..self }
+    }
+}
+
+/// Decodes GGUF blocks of a `[n, k]` Q4_1 or Q8_0 tensor (32 weights a block, along `k`) into
+/// codes and per-block scales, as candle's dequantisation reads them.
+fn decode_blocks(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Quantized> {
+    let blocks = n * k / 32;
+    let bad = |what: &str| EngineError::Load(format!("{what} tensor of shape [{n}, {k}] has {} bytes", bytes.len()));
+    if !k.is_multiple_of(32) {
+        return Err(bad("a quantised"));
+    }
+    let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
+    match dtype {
+        GgmlDType::Q4_1 => {
+            if bytes.len() != blocks * 20 {
+                return Err(bad("a Q4_1"));
+            }
+            let (mut codes, mut d, mut m) = (Vec::with_capacity(n * k), Vec::with_capacity(blocks), Vec::new());
+            for block in bytes.chunks_exact(20) {
+                d.push(half(&block[0..2]));
+                m.push(half(&block[2..4]));
+                let qs = &block[4..20];
+                codes.extend(qs.iter().map(|q| q & 0x0F));
+                codes.extend(qs.iter().map(|q| q >> 4));
+            }
+            Ok(Quantized::Int4 { codes, d, m })
+        }
+        GgmlDType::Q8_0 => {
+            if bytes.len() != blocks * 34 {
+                return Err(bad("a Q8_0"));
+            }
+            let (mut codes, mut scales) = (Vec::with_capacity(n * k), Vec::with_capacity(blocks));
+            for block in bytes.chunks_exact(34) {
+                scales.push(half(&block[0..2]).to_f32());
+                codes.extend(block[2..].iter().map(|&q| q as i8));
+            }
+            Ok(Quantized::Int8 { codes, scales })
+        }
+        other => Err(EngineError::Load(format!("no packed CPU format keeps {other:?} exactly"))),
+    }
+}
+
+/// The row order [`unpermute_rope_rows`] makes: HF row `r` is GGUF row `from[r]`.
+fn unpermuted_row_order(rows: usize, heads: usize) -> Vec<usize> {
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    (0..rows)
+        .map(|r| {
+            let (h, within) = (r / head_dim, r % head_dim);
+            let (pair, i) = (within / half, within % half);
+            h * head_dim + i * 2 + pair
+        })
+        .collect()
 }
 
 /// GGUF stores Q and K rows permuted so that RoPE can rotate adjacent pairs; this undoes it:
@@ -191,6 +338,29 @@ mod tests {
         let gguf = hf.reshape((2, 2, 2, 3))?.transpose(1, 2)?.contiguous()?.reshape((8, 3))?;
         let back = unpermute_rope_rows(&gguf, 2)?;
         assert_eq!(back.to_vec2::<f32>()?, hf.to_vec2::<f32>()?);
+        // The row order used on quantised weights is the same permutation.
+        let order = unpermuted_row_order(8, 2);
+        let rows = gguf.to_vec2::<f32>()?;
+        let gathered: Vec<Vec<f32>> = order.iter().map(|&r| rows[r].clone()).collect();
+        assert_eq!(gathered, hf.to_vec2::<f32>()?);
         Ok(())
+    }
+
+    #[test]
+    fn stacking_needs_one_format_and_width() {
+        let int8 = |n: usize, k: usize| QuantizedWeight {
+            weight: Quantized::Int8 { codes: vec![1; n * k], scales: vec![0.5; n * k / 32] },
+            n,
+            k,
+        };
+        let int4 = QuantizedWeight {
+            weight: Quantized::Int4 { codes: vec![1; 64], d: vec![f16::ONE; 2], m: vec![f16::ZERO; 2] },
+            n: 2,
+            k: 32,
+        };
+        let both = QuantizedWeight::stack(vec![int8(2, 32), int8(3, 32)]).unwrap();
+        assert_eq!((both.n, both.k), (5, 32));
+        assert!(QuantizedWeight::stack(vec![int8(2, 32), int8(2, 64)]).is_none(), "widths differ");
+        assert!(QuantizedWeight::stack(vec![int8(2, 32), int4]).is_none(), "formats differ");
     }
 }

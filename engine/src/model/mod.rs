@@ -2,12 +2,14 @@
 //! it a scheduler batch.
 
 mod config;
+mod cpu_weights;
 mod llama;
 mod loader;
 mod runner;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
+pub use cpu_weights::CpuWeights;
 pub use llama::{LayerCache, Linear, Llama, LoadOptions, StepInput};
-pub use loader::{read_gguf, ModelFormat, WeightSource};
+pub use loader::{read_gguf, ModelFormat, QuantizedWeight, WeightSource};
 pub use runner::{ModelRunner, StepLogits};
-pub use sluice_kernels::matmul::WeightFormat;
+pub use sluice_kernels::matmul::{PackedLinear, Quantized, WeightFormat};

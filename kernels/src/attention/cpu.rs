@@ -10,11 +10,20 @@
 //!
 //! Keys and values are read one `head_dim` row at a time and widened to f32 once per item (one
 //! row serves every head of the item), so the inner loops run on contiguous f32 slices.
+//!
+//! The f32 arithmetic ([`Math`]) has two bodies, picked once per call from the CPU's features: a
+//! portable one and an AVX-512 one. Both do the same operations in the same order (sixteen
+//! interleaved partial sums per reduction folded in a fixed tree, separate multiplies and adds,
+//! never a fused multiply-add, and our own [`exp`] polynomial rather than the C library's), so
+//! they give the same bits.
 
 use rayon::prelude::*;
 
 use super::{Batch, Geometry};
 use crate::elem::Elem;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
 
 /// Attention output `(num_tokens, num_heads, head_dim)` for packed `q` of the same shape.
 ///
@@ -32,7 +41,11 @@ pub(super) fn forward<T: Elem>(q: &[T], k_cache: &[T], v_cache: &[T], geo: &Geom
         // (heads, head_dim)
         let q = &q[(token * geo.num_heads + head0) * geo.head_dim..][..out.len()];
         let kv_head = head0 / (geo.num_heads / geo.num_kv_heads);
-        attend(q, &row, kv_head, &cache, scratch, out);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = avx512::Avx512::detect() {
+            return simd.attend(q, &row, kv_head, &cache, scratch, out);
+        }
+        attend(Portable, q, &row, kv_head, &cache, scratch, out);
     });
     out
 }
@@ -50,7 +63,7 @@ fn heads_per_item(num_tokens: usize, geo: &Geometry) -> usize {
 }
 
 /// Where one query row reads its context.
-struct QueryRow<'a> {
+pub(super) struct QueryRow<'a> {
     /// The sequence's blocks covering positions `0..len`, in order.
     blocks: &'a [u32],
     /// Number of positions attended: `pos + 1`.
@@ -71,41 +84,35 @@ fn query_row<'a>(batch: &Batch<'a>, token: usize, block_size: usize) -> QueryRow
 }
 
 /// One layer's key and value pools, `(num_blocks, block_size, num_kv_heads, head_dim)` each.
-struct Cache<'a, T> {
+pub(super) struct Cache<'a, T> {
     k: &'a [T],
     v: &'a [T],
     geo: &'a Geometry,
 }
 
 impl<T: Elem> Cache<'_, T> {
-    /// Calls `f(p, row)` for positions `p` in `0..row.len` in order, with `row` the `head_dim`
-    /// slice of `pool` (the key or value pool) for `kv_head` at position `p`.
+    /// The `head_dim` slice of `pool` (the key or value pool) for `kv_head` at position `p` of
+    /// `row`'s context.
     #[inline(always)]
-    fn for_each_pos(&self, pool: &[T], row: &QueryRow<'_>, kv_head: usize, mut f: impl FnMut(usize, &[T])) {
+    fn at<'p>(&self, pool: &'p [T], row: &QueryRow<'_>, kv_head: usize, p: usize) -> &'p [T] {
         let Geometry { num_kv_heads, head_dim, block_size, .. } = *self.geo;
-        let slot_stride = num_kv_heads * head_dim;
-        for (b, &block) in row.blocks.iter().enumerate() {
-            let first = b * block_size;
-            let n = block_size.min(row.len - first);
-            // (n, num_kv_heads, head_dim) for this block's filled slots
-            let base = block as usize * block_size * slot_stride;
-            let block_rows = &pool[base..base + n * slot_stride];
-            for (off, slot) in block_rows.chunks_exact(slot_stride).enumerate() {
-                f(first + off, &slot[kv_head * head_dim..][..head_dim]);
-            }
-        }
+        let block = row.blocks[p / block_size] as usize;
+        let slot = block * block_size + p % block_size;
+        &pool[(slot * num_kv_heads + kv_head) * head_dim..][..head_dim]
     }
 }
 
 /// Per-thread buffers, reused across items so the hot loop never allocates.
 #[derive(Default)]
-struct Scratch {
+pub(super) struct Scratch {
     /// `(heads, head_dim)`: the item's query rows in f32.
     q: Vec<f32>,
     /// `(head_dim,)`: the current key or value row in f32.
     kv: Vec<f32>,
     /// `(heads, len)`: scores, then softmax weights.
     scores: Vec<f32>,
+    /// `(len, head_dim)`: the context's value rows in f32.
+    vals: Vec<f32>,
     /// `(heads, head_dim)`: weighted sum of values.
     acc: Vec<f32>,
     /// `(heads,)`: softmax denominators.
@@ -113,7 +120,9 @@ struct Scratch {
 }
 
 /// Attention for `q` (`(heads, head_dim)`, heads sharing `kv_head`) over `row`'s context.
-fn attend<T: Elem>(
+#[inline(always)]
+fn attend<T: Elem, M: Math>(
+    math: M,
     q: &[T],
     row: &QueryRow<'_>,
     kv_head: usize,
@@ -123,7 +132,7 @@ fn attend<T: Elem>(
 ) {
     let (head_dim, len) = (cache.geo.head_dim, row.len);
     let heads = q.len() / head_dim;
-    let Scratch { q: qf, kv, scores, acc, sums } = scratch;
+    let Scratch { q: qf, kv, scores, vals, acc, sums } = scratch;
     qf.resize(q.len(), 0.0);
     kv.resize(head_dim, 0.0);
     scores.resize(heads * len, 0.0);
@@ -131,58 +140,185 @@ fn attend<T: Elem>(
 
     // 1. Scores, in position order.
     let scale = cache.geo.scale;
-    cache.for_each_pos(cache.k, row, kv_head, |p, k| {
-        let k = T::widen(k, kv);
-        for (h, q) in qf.chunks_exact(head_dim).enumerate() {
-            scores[h * len + p] = scale * dot(q, k);
+    // Plain loops, no closures: a closure would be compiled apart from the AVX-512 build.
+    for p in 0..len {
+        let k = T::widen(cache.at(cache.k, row, kv_head, p), kv);
+        for h in 0..heads {
+            scores[h * len + p] = scale * math.dot(&qf[h * head_dim..][..head_dim], k);
         }
-    });
+    }
 
     // 2. Max-subtracted softmax numerators and their sums, in position order.
     sums.clear();
     for w in scores.chunks_exact_mut(len) {
-        let m = w.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sum = 0.0f32;
-        for s in w.iter_mut() {
-            *s = (*s - m).exp();
-            sum += *s;
-        }
-        sums.push(sum);
+        sums.push(math.softmax_numerators(w));
     }
 
-    // 3. Weighted values, in position order.
+    // 3. Weighted values, in position order, from the values gathered into one f32 run.
+    vals.clear();
+    for p in 0..len {
+        vals.extend_from_slice(T::widen(cache.at(cache.v, row, kv_head, p), kv));
+    }
     acc.clear();
     acc.resize(q.len(), 0.0);
-    cache.for_each_pos(cache.v, row, kv_head, |p, v| {
-        let v = T::widen(v, kv);
-        for (h, acc) in acc.chunks_exact_mut(head_dim).enumerate() {
-            axpy(acc, scores[h * len + p], v);
-        }
-    });
-    for (acc, &sum) in acc.chunks_exact_mut(head_dim).zip(sums.iter()) {
-        acc.iter_mut().for_each(|a| *a /= sum);
+    math.weighted_sum(acc, scores, vals, head_dim);
+    for h in 0..heads {
+        math.div(&mut acc[h * head_dim..][..head_dim], sums[h]);
     }
     T::narrow(acc, out);
 }
 
-/// `Σ a[i] * b[i]` with eight interleaved partial sums (one per `i % 8`, each in index order),
-/// combined in a fixed tree. Written as array operations so the compiler vectorises it.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a8.zip(b8) {
-        lanes = std::array::from_fn(|i| lanes[i] + x[i] * y[i]);
-    }
-    let half: [f32; 4] = std::array::from_fn(|i| lanes[i] + lanes[i + 4]);
-    ((half[0] + half[2]) + (half[1] + half[3])) + tail
+/// The f32 operations of [`attend`]. Every implementation gives the same bits as [`Portable`].
+trait Math: Copy {
+    /// `Σ a[i] * b[i]`: sixteen partial sums (lane `i % 16` of each full chunk of 16, in index
+    /// order, each product rounded then added), folded `l[i] += l[i + 8]`, then `l[i] += l[i + 4]`,
+    /// then `(l0 + l2) + (l1 + l3)`; plus the products past the last full chunk, summed in order.
+    fn dot(self, a: &[f32], b: &[f32]) -> f32;
+    /// `acc[h][d] += w[h][p] * vals[p][d]` for each position `p` in order, for every head `h`
+    /// (`acc`: `(heads, head_dim)`; `w`: `(heads, len)`; `vals`: `(len, head_dim)`).
+    fn weighted_sum(self, acc: &mut [f32], w: &[f32], vals: &[f32], head_dim: usize);
+    /// `w[p] = exp(w[p] - max(w))` in place; returns `Σ w[p]`, summed as `dot` sums.
+    fn softmax_numerators(self, w: &mut [f32]) -> f32;
+    /// `acc[i] /= d`.
+    fn div(self, acc: &mut [f32], d: f32);
 }
 
-/// `acc += w * v`.
+/// The definition, in plain Rust.
+#[derive(Clone, Copy)]
+struct Portable;
+
+impl Portable {
+    /// Folds sixteen partial sums as [`Math::dot`] describes.
+    #[inline(always)]
+    fn fold(mut lanes: [f32; 16]) -> f32 {
+        for i in 0..8 {
+            lanes[i] += lanes[i + 8];
+        }
+        for i in 0..4 {
+            lanes[i] += lanes[i + 4];
+        }
+        (lanes[0] + lanes[2]) + (lanes[1] + lanes[3])
+    }
+}
+
+impl Math for Portable {
+    #[inline(always)]
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        let mut lanes = [0.0f32; 16];
+        let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
+        let mut tail = 0.0f32;
+        for (x, y) in a16.remainder().iter().zip(b16.remainder()) {
+            tail += x * y;
+        }
+        for (x, y) in a16.zip(b16) {
+            for i in 0..16 {
+                lanes[i] += x[i] * y[i];
+            }
+        }
+        Self::fold(lanes) + tail
+    }
+
+    #[inline(always)]
+    fn weighted_sum(self, acc: &mut [f32], w: &[f32], vals: &[f32], head_dim: usize) {
+        let len = vals.len() / head_dim;
+        for (acc, w) in acc.chunks_exact_mut(head_dim).zip(w.chunks_exact(len)) {
+            for (&w, v) in w.iter().zip(vals.chunks_exact(head_dim)) {
+                for (a, x) in acc.iter_mut().zip(v) {
+                    *a += w * x;
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn softmax_numerators(self, w: &mut [f32]) -> f32 {
+        let m = w.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut lanes = [0.0f32; 16];
+        let mut chunks = w.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for i in 0..16 {
+                c[i] = exp(c[i] - m);
+                lanes[i] += c[i];
+            }
+        }
+        let mut tail = 0.0f32;
+        for s in chunks.into_remainder() {
+            *s = exp(*s - m);
+            tail += *s;
+        }
+        Self::fold(lanes) + tail
+    }
+
+    #[inline(always)]
+    fn div(self, acc: &mut [f32], d: f32) {
+        acc.iter_mut().for_each(|a| *a /= d);
+    }
+}
+
+/// `e^x` for `x <= 0` (softmax numerators), within a few ulp; inputs below -87.3 (where the
+/// result would leave the normal range) give `e^-87.3`, about 1e-38, negligible in a sum.
+///
+/// Cody-Waite range reduction `x = n ln2 + r`, `|r| <= ln2 / 2`, and a degree-6 polynomial
+/// for `e^r` (the Cephes `expf` coefficients), scaled by `2^n` through the exponent bits. Plain
+/// f32 operations with no branches, so loops over it vectorise and give the same bits on every
+/// instruction set.
 #[inline(always)]
-fn axpy(acc: &mut [f32], w: f32, v: &[f32]) {
-    for (a, x) in acc.iter_mut().zip(v) {
-        *a += w * x;
+pub(crate) fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 0.0);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = (p * r) * r + r + 1.0;
+    // 2^n for n in -126..=0 (the clamp keeps it a normal number).
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_on_softmax_inputs() {
+        let mut worst = 0.0f64;
+        let mut x = 0.0f32;
+        while x > -87.0 {
+            let want = f64::from(x).exp();
+            worst = worst.max((f64::from(exp(x)) - want).abs() / want);
+            x -= 0.001_3;
+        }
+        assert!(worst < 4.0 * f64::from(f32::EPSILON), "relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_build_gives_the_baseline_bits() {
+        let Some(simd) = avx512::Avx512::detect() else { return };
+        let mut rng = StdRng::seed_from_u64(9);
+        let geo = Geometry { num_heads: 6, num_kv_heads: 2, head_dim: 64, num_blocks: 8, block_size: 16, scale: 0.125 };
+        let pool = |rng: &mut StdRng| (0..8 * 16 * 2 * 64).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
+        let (k, v) = (pool(&mut rng), pool(&mut rng));
+        let cache = Cache { k: &k, v: &v, geo: &geo };
+        let q: Vec<f32> = (0..3 * 64).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let blocks = [5u32, 2, 7, 0, 3];
+        for len in [1usize, 15, 16, 17, 33, 77] {
+            let row = QueryRow { blocks: &blocks[..len.div_ceil(16)], len };
+            let (mut a, mut b) = (vec![0.0f32; q.len()], vec![0.0f32; q.len()]);
+            attend(Portable, &q, &row, 1, &cache, &mut Scratch::default(), &mut a);
+            simd.attend(&q, &row, 1, &cache, &mut Scratch::default(), &mut b);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "len {len}");
+        }
     }
 }

@@ -44,6 +44,9 @@ unsafe fn panel(x: &[f32], k: usize, w: PanelRef<'_>, out: &mut [f32], scratch: 
         PanelRef::Int8 { q, scales } => {
             widen_or_fuse(x, k, Int8s { q: q.as_ptr(), scales: scales.as_ptr() }, out, scratch)
         }
+        PanelRef::Int4 { q, d, m } => {
+            widen_or_fuse(x, k, Int4s { q: q.as_ptr(), d: d.as_ptr(), m: m.as_ptr() }, out, scratch)
+        }
     }
 }
 
@@ -189,5 +192,47 @@ impl Weights for Int8s {
     unsafe fn load(self, i: usize, col: usize, (scales, half): Self::Scales) -> __m256 {
         let q = _mm_loadl_epi64(self.q.add(i * PANEL + col).cast());
         _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scales[(col - half) / 8])
+    }
+}
+
+/// `q`: `[k.div_ceil(2)][PANEL]`, steps `2t` and `2t + 1` in the low and high nibbles of row `t`;
+/// `d`, `m`: `[groups][PANEL]` f16 bits. A weight is
+/// `f32(q) * d + m`, a multiply and an add, each rounded (no FMA).
+#[derive(Clone, Copy)]
+struct Int4s {
+    q: *const u8,
+    d: *const u16,
+    m: *const u16,
+}
+
+impl Weights for Int4s {
+    /// The tile's `HALF` scales and minimums, widened once per group, and which half it is.
+    type Scales = ([__m256; VECS], [__m256; VECS], usize);
+
+    #[inline(always)]
+    unsafe fn scales(self, group: usize, half: usize) -> Self::Scales {
+        let widen = |p: *const u16| {
+            let mut f = [0.0f32; 8];
+            for (t, f) in f.iter_mut().enumerate() {
+                *f = half::f16::from_bits(*p.add(t)).to_f32();
+            }
+            _mm256_loadu_ps(f.as_ptr())
+        };
+        let (mut d, mut m) = ([_mm256_setzero_ps(); VECS], [_mm256_setzero_ps(); VECS]);
+        for j in 0..VECS {
+            let at = group * PANEL + half + 8 * j;
+            d[j] = widen(self.d.add(at));
+            m[j] = widen(self.m.add(at));
+        }
+        (d, m, half)
+    }
+
+    #[inline(always)]
+    unsafe fn load(self, i: usize, col: usize, (d, m, half): Self::Scales) -> __m256 {
+        let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(self.q.add(i / 2 * PANEL + col).cast()));
+        let bytes = if i.is_multiple_of(2) { bytes } else { _mm256_srli_epi32::<4>(bytes) };
+        let codes = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0F)));
+        let j = (col - half) / 8;
+        _mm256_add_ps(_mm256_mul_ps(codes, d[j]), m[j])
     }
 }

@@ -47,6 +47,9 @@ unsafe fn panel(job: &PanelJob<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
         PanelRef::Int8 { q, scales } => {
             widen_or_fuse(job, Int8s { q: q.as_ptr(), scales: scales.as_ptr() }, out, scratch)
         }
+        PanelRef::Int4 { q, d, m } => {
+            widen_or_fuse(job, Int4s { q: q.as_ptr(), d: d.as_ptr(), m: m.as_ptr() }, out, scratch)
+        }
     }
 }
 
@@ -65,8 +68,8 @@ unsafe fn widen_or_fuse<W: Weights>(job: &PanelJob<'_>, w: W, out: &mut [f32], s
         let end = (start + INT8_GROUP).min(job.k);
         let scales = w.scales(start / INT8_GROUP);
         for i in start..end {
-            for j in 0..VECS {
-                _mm512_storeu_ps(dst.add(i * PANEL + 16 * j), w.load(i, j, scales));
+            for (j, v) in w.load_all(i, scales).into_iter().enumerate() {
+                _mm512_storeu_ps(dst.add(i * PANEL + 16 * j), v);
             }
         }
         start = end;
@@ -104,18 +107,21 @@ unsafe fn tile<const R: usize, W: Weights>(x: *const f32, k: usize, w: W, out: *
     while start < k {
         let end = (start + INT8_GROUP).min(k);
         let scales = w.scales(start / INT8_GROUP);
-        for i in start..end {
+        // Steps in pairs (groups start at even steps), each output's chain still in order.
+        let mut i = start;
+        while i < end {
             w.prefetch(i);
-            let mut wv = [_mm512_setzero_ps(); VECS];
-            for (j, v) in wv.iter_mut().enumerate() {
-                *v = w.load(i, j, scales);
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let xi = _mm512_set1_ps(*x.add(r * k + i));
-                for (a, &wj) in acc.iter_mut().zip(&wv) {
-                    *a = _mm512_fmadd_ps(xi, wj, *a);
+            let steps = if i + 1 < end { 2 } else { 1 };
+            let wv = if steps == 2 { w.load_pair(i, scales) } else { [w.load_all(i, scales); 2] };
+            for (s, wv) in wv.iter().enumerate().take(steps) {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xi = _mm512_set1_ps(*x.add(r * k + i + s));
+                    for (a, &wj) in acc.iter_mut().zip(wv) {
+                        *a = _mm512_fmadd_ps(xi, wj, *a);
+                    }
                 }
             }
+            i += steps;
         }
         start = end;
     }
@@ -145,6 +151,20 @@ trait Weights: Copy {
     unsafe fn prefetch(self, i: usize);
     /// Outputs `16 * j..16 * j + 16` of the panel at step `i` of `k`, as f32.
     unsafe fn load(self, i: usize, j: usize, scales: Self::Scales) -> __m512;
+    /// The whole panel's outputs at step `i`, as `VECS` vectors.
+    #[inline(always)]
+    unsafe fn load_all(self, i: usize, scales: Self::Scales) -> [__m512; VECS] {
+        let mut wv = [_mm512_setzero_ps(); VECS];
+        for (j, v) in wv.iter_mut().enumerate() {
+            *v = self.load(i, j, scales);
+        }
+        wv
+    }
+    /// Steps `i` and `i + 1` (`i` even, `i + 1 < k`): what int4 loads at once.
+    #[inline(always)]
+    unsafe fn load_pair(self, i: usize, scales: Self::Scales) -> [[__m512; VECS]; 2] {
+        [self.load_all(i, scales), self.load_all(i + 1, scales)]
+    }
 }
 
 /// `[k][PANEL]` f32.
@@ -218,5 +238,72 @@ impl Weights for Int8s {
     unsafe fn load(self, i: usize, j: usize, scales: [__m512; VECS]) -> __m512 {
         let q = _mm_loadu_si128(self.q.add(i * PANEL + 16 * j).cast());
         _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), scales[j])
+    }
+}
+
+/// `q`: `[k.div_ceil(2)][PANEL]`, steps `2t` and `2t + 1` in the low and high nibbles of row `t`;
+/// `d`, `m`: `[groups][PANEL]` f16 bits. A weight is `f32(q) * d + m`, a multiply and an add,
+/// each rounded (no FMA: that is the dequantised value).
+#[derive(Clone, Copy)]
+struct Int4s {
+    q: *const u8,
+    d: *const u16,
+    m: *const u16,
+}
+
+impl Int4s {
+    /// The 16 bytes of outputs `16 * j..16 * j + 16` for steps `i & !1` and `i | 1`, widened.
+    #[inline(always)]
+    unsafe fn bytes(self, i: usize, j: usize) -> __m512i {
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(self.q.add(i / 2 * PANEL + 16 * j).cast()))
+    }
+
+    /// `f32(code) * d + m`.
+    #[inline(always)]
+    unsafe fn value(codes: __m512i, d: __m512, m: __m512) -> __m512 {
+        _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes), d), m)
+    }
+}
+
+impl Weights for Int4s {
+    /// Scales and minimums of the panel's outputs.
+    type Scales = ([__m512; VECS], [__m512; VECS]);
+
+    #[inline(always)]
+    unsafe fn scales(self, group: usize) -> Self::Scales {
+        let (mut d, mut m) = ([_mm512_setzero_ps(); VECS], [_mm512_setzero_ps(); VECS]);
+        for j in 0..VECS {
+            let at = group * PANEL + 16 * j;
+            d[j] = _mm512_cvtph_ps(_mm256_loadu_si256(self.d.add(at).cast()));
+            m[j] = _mm512_cvtph_ps(_mm256_loadu_si256(self.m.add(at).cast()));
+        }
+        (d, m)
+    }
+
+    #[inline(always)]
+    unsafe fn prefetch(self, i: usize) {
+        // One row of bytes serves two steps.
+        if i.is_multiple_of(2) {
+            prefetch(self.q.wrapping_add(i / 2 * PANEL), PANEL);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load(self, i: usize, j: usize, (d, m): Self::Scales) -> __m512 {
+        let bytes = self.bytes(i, j);
+        let codes = if i.is_multiple_of(2) { bytes } else { _mm512_srli_epi32::<4>(bytes) };
+        Self::value(_mm512_and_si512(codes, _mm512_set1_epi32(0x0F)), d[j], m[j])
+    }
+
+    #[inline(always)]
+    unsafe fn load_pair(self, i: usize, (d, m): Self::Scales) -> [[__m512; VECS]; 2] {
+        let low = _mm512_set1_epi32(0x0F);
+        let mut pair = [[_mm512_setzero_ps(); VECS]; 2];
+        for j in 0..VECS {
+            let bytes = self.bytes(i, j);
+            pair[0][j] = Self::value(_mm512_and_si512(bytes, low), d[j], m[j]);
+            pair[1][j] = Self::value(_mm512_srli_epi32::<4>(bytes), d[j], m[j]);
+        }
+        pair
     }
 }

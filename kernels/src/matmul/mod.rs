@@ -9,7 +9,9 @@
 //! ```
 //!
 //! where `w[c, i]` is the weight as stored, widened to f32 exactly (bf16 is a shift; int8 is
-//! `f32(q) * scale`, one rounded multiply). Outputs sit in SIMD lanes, so there is no horizontal
+//! `f32(q) * scale`, one rounded multiply; int4 is `f32(q) * d + m`, a rounded multiply then a
+//! rounded add, which is also how GGUF's Q4_1 and Q8_0 blocks dequantise, so a weight packed from
+//! those blocks computes with exactly the dequantised values). Outputs sit in SIMD lanes, so there is no horizontal
 //! reduction, and the register tile (how many rows and outputs share a weight load) changes which
 //! outputs are computed together, never the chain of one output. Work is split over output
 //! columns only, never over `k`. So a row's result does not depend on `m`, on the other rows, on
@@ -44,12 +46,13 @@ use rayon::prelude::*;
 use crate::storage::contiguous_slice;
 use out::Columns;
 use pack::Packed;
+pub use pack::Quantized;
 
 /// Outputs per packed panel: three 16-lane AVX-512 vectors (six AVX2 ones). Divides every
 /// projection width of the default model (576, 960, 3072, 49152).
 const PANEL: usize = 48;
 
-/// Weights of one int8 output row sharing one scale, along `k`.
+/// Weights of one int8 or int4 output row sharing one scale, along `k`.
 pub const INT8_GROUP: usize = 32;
 
 /// From this many rows on, compact panels are widened once into f32 scratch (see module docs).
@@ -71,6 +74,9 @@ pub enum WeightFormat {
     /// 1.125 bytes a weight: symmetric int8 with one f32 scale per output row and group of
     /// [`INT8_GROUP`] weights along `k` (`scale = max|w| / 127`). Activations are not quantised.
     Int8,
+    /// 0.625 bytes a weight: unsigned 4-bit codes with an f16 scale `d` and f16 minimum `m` per
+    /// output row and group of [`INT8_GROUP`] along `k` (GGUF's Q4_1): `w = f32(q) * d + m`.
+    Int4,
 }
 
 /// A linear layer's weight `[n, k]` (out, in), packed for `y[m, n] = x[m, k] · Wᵀ` on the CPU.
@@ -104,6 +110,25 @@ impl PackedLinear {
         }
         let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         Ok(Self { n, k, format, weights: Packed::new(&data, n, k, format), isa: Isa::detect() })
+    }
+
+    /// Packs a weight `[n, k]` (out, in) that is already quantised, keeping its values exactly:
+    /// the kernels then compute with `f32(code) * scale` (int8) or `f32(code) * d + m` (int4), the
+    /// same numbers GGUF's Q8_0 and Q4_1 dequantise to.
+    ///
+    /// Errors if a dimension is zero, the lengths disagree with `[n, k]`, or an int4 code is over 15.
+    pub fn from_quantized(w: &Quantized, n: usize, k: usize) -> candle_core::Result<Self> {
+        if n == 0 || k == 0 {
+            bail!("`w` must have non-zero dims, got [{n}, {k}]")
+        }
+        if let Err(e) = w.check(n, k) {
+            bail!("quantised weight: {e}")
+        }
+        let format = match w {
+            Quantized::Int8 { .. } => WeightFormat::Int8,
+            Quantized::Int4 { .. } => WeightFormat::Int4,
+        };
+        Ok(Self { n, k, format, weights: Packed::quantized(w, n, k), isa: Isa::detect() })
     }
 
     /// `y = x · Wᵀ`: `x` is `[m, k]` f32 on the CPU (any `m`, including 0); returns `[m, n]` f32.
@@ -205,6 +230,10 @@ enum PanelRef<'a> {
     Bf16(&'a [u16]),
     /// `q`: `[k][PANEL]`; `scales`: `[k.div_ceil(INT8_GROUP)][PANEL]`.
     Int8 { q: &'a [i8], scales: &'a [f32] },
+    /// `q`: `[k.div_ceil(2)][PANEL]`: byte `(i / 2, j)` holds output `j`'s code at step `i` of `k`
+    /// in its low nibble for even `i`, in its high one for odd `i`; `d`, `m`:
+    /// `[k.div_ceil(INT8_GROUP)][PANEL]` f16 bit patterns.
+    Int4 { q: &'a [u8], d: &'a [u16], m: &'a [u16] },
 }
 
 impl PanelRef<'_> {
@@ -214,11 +243,16 @@ impl PanelRef<'_> {
             Self::F32(w) => w.len() == k * PANEL,
             Self::Bf16(w) => w.len() == k * PANEL,
             Self::Int8 { q, scales } => q.len() == k * PANEL && scales.len() == k.div_ceil(INT8_GROUP) * PANEL,
+            Self::Int4 { q, d, m } => {
+                let s_len = k.div_ceil(INT8_GROUP) * PANEL;
+                q.len() == k.div_ceil(2) * PANEL && d.len() == s_len && m.len() == s_len
+            }
         }
     }
 
     /// Widens the panel into `out` (`[k][PANEL]` f32) with the arithmetic the SIMD paths use in
-    /// registers (a shift for bf16, one f32 multiply for int8), so to the same values.
+    /// registers (a shift for bf16, one f32 multiply for int8, a multiply then an add for int4),
+    /// so to the same values.
     fn widen_into(&self, out: &mut [f32]) {
         match *self {
             Self::F32(w) => out.copy_from_slice(w),
@@ -232,6 +266,15 @@ impl PanelRef<'_> {
                     }
                 }
             }
+            Self::Int4 { q, d, m } => {
+                for (i, o) in out.chunks_mut(PANEL).enumerate() {
+                    let (bytes, g) = (&q[i / 2 * PANEL..][..PANEL], i / INT8_GROUP * PANEL);
+                    for (j, o) in o.iter_mut().enumerate() {
+                        let code = if i % 2 == 0 { bytes[j] & 0xF } else { bytes[j] >> 4 };
+                        *o = f32::from(code) * f16_to_f32(d[g + j]) + f16_to_f32(m[g + j]);
+                    }
+                }
+            }
         }
     }
 }
@@ -240,6 +283,12 @@ impl PanelRef<'_> {
 #[inline(always)]
 fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits(u32::from(b) << 16)
+}
+
+/// An f16 bit pattern widened to f32 (exact).
+#[inline(always)]
+fn f16_to_f32(b: u16) -> f32 {
+    half::f16::from_bits(b).to_f32()
 }
 
 /// The instruction set the kernels run on, detected at runtime.

@@ -1,6 +1,6 @@
 //! Packing a `[n, k]` weight into k-major panels of `PANEL` outputs, in each format.
 
-use half::bf16;
+use half::{bf16, f16};
 
 use super::{PanelRef, WeightFormat, INT8_GROUP, PANEL};
 
@@ -12,6 +12,65 @@ pub(super) enum Packed {
     Bf16(Vec<u16>),
     /// `q`: `[panels][k][PANEL]`; `scales`: `[panels][groups][PANEL]`, `groups = k.div_ceil(INT8_GROUP)`.
     Int8 { q: Vec<i8>, scales: Vec<f32> },
+    /// `q`: `[panels][k.div_ceil(2)][PANEL]`, two steps of `k` a byte (see [`PanelRef::Int4`]);
+    /// `d`, `m`: `[panels][groups][PANEL]` f16 bit patterns.
+    Int4 { q: Vec<u8>, d: Vec<u16>, m: Vec<u16> },
+}
+
+/// A weight already quantised, `[n, k]` row-major codes with one scale (and minimum) per output
+/// row and group of [`INT8_GROUP`] along `k`, `[n][k.div_ceil(INT8_GROUP)]`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Quantized {
+    /// `w = f32(code) * scale`.
+    Int8 { codes: Vec<i8>, scales: Vec<f32> },
+    /// `w = f32(code) * f32(d) + f32(m)` (two rounded operations, in that order), codes in
+    /// `0..=15`: GGUF's Q4_1.
+    Int4 { codes: Vec<u8>, d: Vec<f16>, m: Vec<f16> },
+}
+
+impl Quantized {
+    /// Checks the lengths for an `[n, k]` weight and the code range; the message names the fault.
+    pub(super) fn check(&self, n: usize, k: usize) -> Result<(), String> {
+        let groups = n * k.div_ceil(INT8_GROUP);
+        let (codes, scales) = match self {
+            Self::Int8 { codes, scales } => (codes.len(), scales.len()),
+            Self::Int4 { codes, d, m } => {
+                if d.len() != m.len() {
+                    return Err(format!("{} int4 scales but {} minimums", d.len(), m.len()));
+                }
+                if let Some(c) = codes.iter().find(|&&c| c > 15) {
+                    return Err(format!("int4 code {c} is over 15"));
+                }
+                (codes.len(), d.len())
+            }
+        };
+        if codes != n * k {
+            return Err(format!("{codes} codes for a [{n}, {k}] weight"));
+        }
+        if scales != groups {
+            return Err(format!("{scales} scales for a [{n}, {k}] weight (want {groups})"));
+        }
+        Ok(())
+    }
+
+    /// Quantises `w` (`[n, k]` row-major) the way GGUF's Q4_1 does: per group, `d = (max - min)
+    /// / 15` and `m = min` (both rounded to f16), codes rounded to nearest.
+    pub(super) fn int4(w: &[f32], n: usize, k: usize) -> Self {
+        let (mut codes, mut ds, mut ms) = (Vec::with_capacity(n * k), Vec::new(), Vec::new());
+        for row in w.chunks(k).take(n) {
+            for group in row.chunks(INT8_GROUP) {
+                let (lo, hi) = group.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+                let (d, m) = (f16::from_f32((hi - lo) / 15.0), f16::from_f32(lo));
+                let (df, mf) = (d.to_f32(), m.to_f32());
+                let inv = if df == 0.0 { 0.0 } else { 1.0 / df };
+                // The cast saturates (and maps NaN to 0), so no value can wrap.
+                codes.extend(group.iter().map(|&v| ((v - mf) * inv).round().clamp(0.0, 15.0) as u8));
+                ds.push(d);
+                ms.push(m);
+            }
+        }
+        Self::Int4 { codes, d: ds, m: ms }
+    }
 }
 
 impl Packed {
@@ -29,6 +88,26 @@ impl Packed {
                 let scales = panels(n, groups, |c, g| row_scales[c * groups + g]);
                 Self::Int8 { q, scales }
             }
+            WeightFormat::Int4 => Self::quantized(&Quantized::int4(w, n, k), n, k),
+        }
+    }
+
+    /// Packs an already quantised weight (checked by [`Quantized::check`]).
+    pub(super) fn quantized(w: &Quantized, n: usize, k: usize) -> Self {
+        let groups = k.div_ceil(INT8_GROUP);
+        match w {
+            Quantized::Int8 { codes, scales } => Self::Int8 {
+                q: panels(n, k, |c, i| codes[c * k + i]),
+                scales: panels(n, groups, |c, g| scales[c * groups + g]),
+            },
+            Quantized::Int4 { codes, d, m } => {
+                let code = |c: usize, i: usize| if i < k { codes[c * k + i] } else { 0 };
+                Self::Int4 {
+                    q: panels(n, k.div_ceil(2), |c, i| code(c, 2 * i) | (code(c, 2 * i + 1) << 4)),
+                    d: panels(n, groups, |c, g| d[c * groups + g].to_bits()),
+                    m: panels(n, groups, |c, g| m[c * groups + g].to_bits()),
+                }
+            }
         }
     }
 
@@ -42,6 +121,10 @@ impl Packed {
                 let s_len = k.div_ceil(INT8_GROUP) * PANEL;
                 PanelRef::Int8 { q: &q[p * len..][..len], scales: &scales[p * s_len..][..s_len] }
             }
+            Self::Int4 { q, d, m } => {
+                let (q_len, s_len) = (k.div_ceil(2) * PANEL, k.div_ceil(INT8_GROUP) * PANEL);
+                PanelRef::Int4 { q: &q[p * q_len..][..q_len], d: &d[p * s_len..][..s_len], m: &m[p * s_len..][..s_len] }
+            }
         }
     }
 
@@ -51,6 +134,7 @@ impl Packed {
             Self::F32(w) => w.len() * 4,
             Self::Bf16(w) => w.len() * 2,
             Self::Int8 { q, scales } => q.len() + scales.len() * 4,
+            Self::Int4 { q, d, m } => q.len() + (d.len() + m.len()) * 2,
         }
     }
 

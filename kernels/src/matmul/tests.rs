@@ -4,10 +4,12 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Isa, PackedLinear, WeightFormat};
+use half::f16;
+
+use super::{Isa, PackedLinear, Quantized, WeightFormat};
 use crate::test_util::{bits, uniform};
 
-const FORMATS: [WeightFormat; 3] = [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Int8];
+const FORMATS: [WeightFormat; 4] = [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Int8, WeightFormat::Int4];
 
 /// `[rows, cols]` row-major f32 data of a 2-D tensor.
 fn data(t: &Tensor) -> Result<Vec<f32>> {
@@ -54,6 +56,32 @@ fn check_int8_rounding(x: &Tensor, w: &Tensor, y: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Int4 against the original weight `w`: each weight moves by at most half its group's step
+/// (`(max - min) / 15` over its 32), plus the f16 rounding of the step and the minimum.
+fn check_int4_rounding(x: &Tensor, w: &Tensor, y: &Tensor) -> Result<()> {
+    let ((m, k), n) = (x.dims2()?, w.dims2()?.0);
+    let (xs, ws, ys) = (data(x)?, data(w)?, data(y)?);
+    for c in 0..n {
+        let row = &ws[c * k..][..k];
+        let errs: Vec<f64> = row
+            .chunks(32)
+            .map(|g| {
+                let (lo, hi) = g.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+                let step = f64::from(hi - lo) / 15.0;
+                0.5 * step + 16.0 * step * 2f64.powi(-11) + f64::from(lo.abs()) * 2f64.powi(-11)
+            })
+            .collect();
+        for r in 0..m {
+            let xr = &xs[r * k..][..k];
+            let exact: f64 = xr.iter().zip(row).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            let bound: f64 = xr.iter().enumerate().map(|(i, &a)| f64::from(a).abs() * errs[i / 32]).sum();
+            let err = (f64::from(ys[r * n + c]) - exact).abs();
+            assert!(err <= bound * 1.001 + 1e-5, "int4 row {r} out {c}: {err} > {bound}");
+        }
+    }
+    Ok(())
+}
+
 /// A random `[n, k]` weight and the layer packed from it.
 fn layer(rng: &mut StdRng, n: usize, k: usize, format: WeightFormat) -> Result<(Tensor, PackedLinear)> {
     let w = uniform(rng, &[n, k], DType::F32, &Device::Cpu)?;
@@ -89,6 +117,7 @@ fn matches_reference() -> Result<()> {
             // Against the original f32 weight: bounded by the format's weight rounding.
             match format {
                 WeightFormat::Int8 => check_int8_rounding(&x, &w, &y)?,
+                WeightFormat::Int4 => check_int4_rounding(&x, &w, &y)?,
                 _ => {
                     let bound = if format == WeightFormat::F32 { 1e-5 } else { 2f64.powi(-8) };
                     let err = rel_error(&x, &w, &y)?;
@@ -132,6 +161,73 @@ fn dequantized_weights() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Random codes, scales (and minimums) for an `[n, k]` weight.
+fn random_quantized(rng: &mut StdRng, n: usize, k: usize, int4: bool) -> Quantized {
+    let groups = n * k.div_ceil(32);
+    let mut scale = || f16::from_f32(rng.random_range(-0.05f32..0.05));
+    let (d, m): (Vec<f16>, Vec<f16>) = (0..groups).map(|_| (scale(), scale())).unzip();
+    if int4 {
+        Quantized::Int4 { codes: (0..n * k).map(|_| rng.random_range(0..16u8)).collect(), d, m }
+    } else {
+        let codes = (0..n * k).map(|_| rng.random_range(-127..=127i8)).collect();
+        Quantized::Int8 { codes, scales: d.iter().map(|d| d.to_f32()).collect() }
+    }
+}
+
+#[test]
+fn quantized_weights_keep_their_values() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(8);
+    for (n, k) in [(7, 33), (96, 64), (50, 70)] {
+        for int4 in [false, true] {
+            let q = random_quantized(&mut rng, n, k, int4);
+            let groups = k.div_ceil(32);
+            // What GGUF's dequantisation computes: `q * d + m` (Q4_1) or `q * d` (Q8_0), unfused.
+            let want: Vec<f32> = (0..n * k)
+                .map(|at| {
+                    let g = at / k * groups + at % k / 32;
+                    match &q {
+                        Quantized::Int4 { codes, d, m } => f32::from(codes[at]) * d[g].to_f32() + m[g].to_f32(),
+                        Quantized::Int8 { codes, scales } => f32::from(codes[at]) * scales[g],
+                    }
+                })
+                .collect();
+            let layer = PackedLinear::from_quantized(&q, n, k)?;
+            let got = data(&layer.dequantized()?)?;
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            // And the product is the f32 layer's on those values, bit for bit, on every ISA.
+            let dense = PackedLinear::from_tensor(&Tensor::from_vec(want, (n, k), &Device::Cpu)?, WeightFormat::F32)?;
+            let mut layer = layer;
+            for m in [1, 3, 20] {
+                let x = uniform(&mut rng, &[m, k], DType::F32, &Device::Cpu)?;
+                for isa in Isa::available() {
+                    layer.isa = isa;
+                    assert_eq!(bits(&layer.forward(&x)?)?, bits(&dense.forward(&x)?)?, "{isa:?} int4={int4} m={m}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn malformed_quantized_weights_are_errors() {
+    let q = |codes: Vec<u8>, groups: usize| Quantized::Int4 {
+        codes,
+        d: vec![f16::ONE; groups],
+        m: vec![f16::ZERO; groups],
+    };
+    assert!(PackedLinear::from_quantized(&q(vec![1; 64], 2), 2, 32).is_ok());
+    assert!(PackedLinear::from_quantized(&q(vec![1; 63], 2), 2, 32).is_err(), "short codes");
+    assert!(PackedLinear::from_quantized(&q(vec![1; 64], 1), 2, 32).is_err(), "short scales");
+    assert!(PackedLinear::from_quantized(&q(vec![16; 64], 2), 2, 32).is_err(), "code over 15");
+    assert!(PackedLinear::from_quantized(&q(vec![], 0), 0, 32).is_err(), "empty");
+    let int8 = Quantized::Int8 { codes: vec![1; 64], scales: vec![1.0; 3] };
+    assert!(PackedLinear::from_quantized(&int8, 2, 32).is_err(), "int8 scales");
 }
 
 /// Row `r` of `x` placed among `m - 1` random rows, at a random position; returns the row of `y`.

@@ -11,11 +11,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_engine::{DType, DeviceSpec, EngineConfig, SchedulerConfig};
+use sluice_engine::{BreakerConfig, DType, DeviceSpec, EngineConfig, SchedulerConfig};
 
 pub use units::{ByteSize, HumanDuration};
 
+use crate::auth::ApiKey;
+use crate::filter::input::InjectionMode;
+use crate::filter::output::Redaction;
 use crate::logging::LogFormat;
+use crate::rate_limit::RateLimitConfig;
 
 /// A setting that is missing, unreadable or out of range; the message names it.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +79,12 @@ pub struct Settings {
     /// Seed for requests that carry none [default: 0].
     #[arg(long, env = "SLUICE_SEED")]
     pub seed: Option<u64>,
+    /// Consecutive failed model steps that open the circuit breaker (503 until it recovers) [default: 3].
+    #[arg(long, env = "SLUICE_BREAKER_THRESHOLD", value_name = "N")]
+    pub breaker_threshold: Option<u32>,
+    /// How long the open breaker refuses requests before a probe step may run [default: 10s].
+    #[arg(long, env = "SLUICE_BREAKER_COOLDOWN", value_name = "DURATION")]
+    pub breaker_cooldown: Option<HumanDuration>,
     /// Longest prompt accepted, in tokens (never past the context) [default: 8000].
     #[arg(long, env = "SLUICE_MAX_PROMPT_TOKENS", value_name = "N")]
     pub max_prompt_tokens: Option<usize>,
@@ -93,9 +103,36 @@ pub struct Settings {
     /// Comma-separated API keys; with none (and no key file) the API is open.
     #[arg(long, env = "SLUICE_API_KEYS", value_name = "KEYS", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Option<Vec<String>>,
-    /// File of API keys, one per line (`#` starts a comment); added to --api-keys.
+    /// File of API keys, one per line: `KEY [NAME] [priority=N] [rpm=N] [tpm=N]` (`#` starts a comment); added to --api-keys.
     #[arg(long, env = "SLUICE_API_KEY_FILE", value_name = "FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Bearer key that `/metrics` requires (separate from the API keys) [default: none, `/metrics` is open].
+    #[arg(long, env = "SLUICE_METRICS_KEY", value_name = "KEY", hide_env_values = true)]
+    pub metrics_key: Option<String>,
+    /// Requests per minute per API key (unless its line sets `rpm=`) or, without a key, per client address; 0: unlimited [default: 0].
+    #[arg(long, env = "SLUICE_RATE_LIMIT_RPM", value_name = "N")]
+    pub rate_limit_rpm: Option<u32>,
+    /// Tokens per minute (prompt + `max_tokens`, unused part refunded), per key or client address; 0: unlimited [default: 0].
+    #[arg(long, env = "SLUICE_RATE_LIMIT_TPM", value_name = "N")]
+    pub rate_limit_tpm: Option<u64>,
+    /// Behind a trusted proxy: take the client address for rate limits from `X-Forwarded-For` [default: false].
+    #[arg(long, env = "SLUICE_TRUSTED_PROXY", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub trusted_proxy: Option<bool>,
+    /// How long a deterministic answer stays in the response cache [default: 1h].
+    #[arg(long, env = "SLUICE_RESPONSE_CACHE_TTL", value_name = "DURATION")]
+    pub response_cache_ttl: Option<HumanDuration>,
+    /// Bytes of answers the response cache holds (LRU); 0 turns it off [default: 256MiB].
+    #[arg(long, env = "SLUICE_RESPONSE_CACHE_SIZE", value_name = "SIZE")]
+    pub response_cache_size: Option<ByteSize>,
+    /// How long an `Idempotency-Key` is remembered; 0 ignores the header [default: 1h].
+    #[arg(long, env = "SLUICE_IDEMPOTENCY_TTL", value_name = "DURATION")]
+    pub idempotency_ttl: Option<HumanDuration>,
+    /// Instruction-override patterns in user messages: off, flag (count and log) or block (400) [default: flag].
+    #[arg(long, env = "SLUICE_INJECTION_MODE", value_enum)]
+    pub injection_mode: Option<InjectionMode>,
+    /// Redact generated text: off, on, or a list of api_key, card, email [default: off].
+    #[arg(long, env = "SLUICE_REDACT", value_name = "KINDS")]
+    pub redact: Option<Redaction>,
     /// Log format: text (for a terminal) or json (one object per line) [default: text].
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -109,10 +146,24 @@ pub struct Settings {
 pub struct ApiConfig {
     /// The model's name in requests and in `/v1/models`.
     pub served_model_name: String,
-    /// Accepted bearer keys; empty means the API is open.
-    pub api_keys: Vec<String>,
+    /// Accepted bearer keys and their settings; empty means the API is open.
+    pub api_keys: Vec<ApiKey>,
+    /// The key `/metrics` requires; `None`: open.
+    pub metrics_key: Option<ApiKey>,
+    /// Default requests and tokens per minute, and whether to believe `X-Forwarded-For`.
+    pub rate_limit: RateLimitConfig,
     /// Longest prompt in tokens (also capped by the model's context).
     pub max_prompt_tokens: usize,
+    /// Bytes of answers the response cache holds; 0: off.
+    pub response_cache_size: usize,
+    /// How long a cached answer lives.
+    pub response_cache_ttl: Duration,
+    /// How long an idempotency key is remembered; zero: keys are ignored.
+    pub idempotency_ttl: Duration,
+    /// What instruction-override patterns in user messages do.
+    pub injection_mode: InjectionMode,
+    /// What generated text is redacted of.
+    pub redact: Redaction,
     /// Largest request body in bytes.
     pub body_limit: usize,
     /// Longest a request may run, streaming included.
@@ -126,7 +177,14 @@ impl Default for ApiConfig {
         Self {
             served_model_name: "model".into(),
             api_keys: Vec::new(),
+            metrics_key: None,
+            rate_limit: RateLimitConfig::default(),
             max_prompt_tokens: 8000,
+            response_cache_size: 256 << 20,
+            response_cache_ttl: Duration::from_secs(3600),
+            idempotency_ttl: Duration::from_secs(3600),
+            injection_mode: InjectionMode::Flag,
+            redact: Redaction::default(),
             body_limit: 4 << 20,
             request_timeout: Duration::from_secs(300),
             sse_keep_alive: Duration::from_secs(10),
@@ -173,6 +231,8 @@ impl Settings {
             block_size: self.block_size.or(file.block_size),
             max_model_len: self.max_model_len.or(file.max_model_len),
             seed: self.seed.or(file.seed),
+            breaker_threshold: self.breaker_threshold.or(file.breaker_threshold),
+            breaker_cooldown: self.breaker_cooldown.or(file.breaker_cooldown),
             max_prompt_tokens: self.max_prompt_tokens.or(file.max_prompt_tokens),
             body_limit: self.body_limit.or(file.body_limit),
             request_timeout: self.request_timeout.or(file.request_timeout),
@@ -180,6 +240,15 @@ impl Settings {
             sse_keep_alive: self.sse_keep_alive.or(file.sse_keep_alive),
             api_keys: self.api_keys.or(file.api_keys),
             api_key_file: self.api_key_file.or(file.api_key_file),
+            metrics_key: self.metrics_key.or(file.metrics_key),
+            rate_limit_rpm: self.rate_limit_rpm.or(file.rate_limit_rpm),
+            rate_limit_tpm: self.rate_limit_tpm.or(file.rate_limit_tpm),
+            trusted_proxy: self.trusted_proxy.or(file.trusted_proxy),
+            response_cache_ttl: self.response_cache_ttl.or(file.response_cache_ttl),
+            response_cache_size: self.response_cache_size.or(file.response_cache_size),
+            idempotency_ttl: self.idempotency_ttl.or(file.idempotency_ttl),
+            injection_mode: self.injection_mode.or(file.injection_mode),
+            redact: self.redact.or(file.redact),
             log_format: self.log_format.or(file.log_format),
             log_level: self.log_level.or(file.log_level),
         }
@@ -262,6 +331,10 @@ fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
     }
     config.max_model_len = s.max_model_len;
     config.seed = s.seed.unwrap_or(0);
+    config.breaker = BreakerConfig {
+        threshold: s.breaker_threshold.unwrap_or(config.breaker.threshold),
+        cooldown: s.breaker_cooldown.map_or(config.breaker.cooldown, |d| d.0),
+    };
     config.validate().map_err(|e| ConfigError(e.to_string()))?;
     Ok(config)
 }
@@ -273,13 +346,27 @@ fn api_config(s: &Settings, model: &Path) -> Result<ApiConfig, ConfigError> {
     if served_model_name.trim().is_empty() {
         return Err(ConfigError("`served_model_name` must not be empty".into()));
     }
-    let mut api_keys: Vec<String> = s.api_keys.clone().unwrap_or_default();
+    let mut api_keys: Vec<ApiKey> =
+        s.api_keys.iter().flatten().map(|k| k.trim()).filter(|k| !k.is_empty()).map(ApiKey::new).collect();
     if let Some(path) = &s.api_key_file {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("`api_key_file`: cannot read {}: {e}", path.display())))?;
-        api_keys.extend(text.lines().map(|l| l.split('#').next().unwrap_or("").to_string()));
+        for (i, line) in text.lines().enumerate() {
+            let key = ApiKey::parse_line(line)
+                .map_err(|e| ConfigError(format!("`api_key_file`: {} line {}: {e}", path.display(), i + 1)))?;
+            api_keys.extend(key);
+        }
     }
-    api_keys = api_keys.into_iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
+    let metrics_key = s.metrics_key.as_deref().map(str::trim).filter(|k| !k.is_empty()).map(|k| {
+        let mut key = ApiKey::new(k);
+        key.name = "metrics".into();
+        key
+    });
+    let rate_limit = RateLimitConfig {
+        rpm: s.rate_limit_rpm.unwrap_or(0),
+        tpm: s.rate_limit_tpm.unwrap_or(0),
+        trusted_proxy: s.trusted_proxy.unwrap_or(false),
+    };
     let nonzero = |name: &str, d: Option<HumanDuration>, default: Duration| match d.map_or(default, |d| d.0) {
         d if d.is_zero() => Err(ConfigError(format!("`{name}` must be longer than 0"))),
         d => Ok(d),
@@ -287,7 +374,14 @@ fn api_config(s: &Settings, model: &Path) -> Result<ApiConfig, ConfigError> {
     Ok(ApiConfig {
         served_model_name,
         api_keys,
+        metrics_key,
+        rate_limit,
         max_prompt_tokens: positive("max_prompt_tokens", s.max_prompt_tokens, defaults.max_prompt_tokens)?,
+        response_cache_size: s.response_cache_size.map_or(defaults.response_cache_size, |b| b.0),
+        response_cache_ttl: nonzero("response_cache_ttl", s.response_cache_ttl, defaults.response_cache_ttl)?,
+        idempotency_ttl: s.idempotency_ttl.map_or(defaults.idempotency_ttl, |d| d.0),
+        injection_mode: s.injection_mode.unwrap_or(defaults.injection_mode),
+        redact: s.redact.clone().unwrap_or(defaults.redact),
         body_limit: positive("body_limit", s.body_limit.map(|b| b.0), defaults.body_limit)?,
         request_timeout: nonzero("request_timeout", s.request_timeout, defaults.request_timeout)?,
         sse_keep_alive: nonzero("sse_keep_alive", s.sse_keep_alive, defaults.sse_keep_alive)?,

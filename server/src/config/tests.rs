@@ -50,7 +50,8 @@ fn flags_override_the_file_and_defaults_fill_the_rest() {
     assert_eq!((c.host.as_str(), c.port), ("0.0.0.0", 9100));
     assert_eq!(c.api.request_timeout, Duration::from_secs(120));
     assert_eq!(c.api.body_limit, 1024);
-    assert_eq!(c.api.api_keys, ["a", "b", "sk-file-1", "sk-file-2"]);
+    let keys: Vec<ApiKey> = ["a", "b", "sk-file-1", "sk-file-2"].map(ApiKey::new).into();
+    assert_eq!(c.api.api_keys, keys);
     assert_eq!(c.api.max_prompt_tokens, 8000);
     assert_eq!(c.shutdown_grace, Duration::from_secs(30));
     assert_eq!(c.api.served_model_name, format!("sluice-config-test-{}-model", std::process::id()));
@@ -116,4 +117,66 @@ fn malformed_values_are_refused_by_the_parser() {
     for args in [["--port", "70000"], ["--body-limit", "lots"], ["--shutdown-grace", "soon"]] {
         assert!(Cli::try_parse_from(std::iter::once("sluice").chain(args)).is_err(), "{args:?}");
     }
+}
+
+#[test]
+fn breaker_settings_come_from_flags_or_the_file_and_are_checked() {
+    let model = TempFile::new("breaker-model.gguf", "");
+    let file = TempFile::new("breaker.toml", "breaker_threshold = 5\nbreaker_cooldown = \"250ms\"\n");
+    let (model, file) = (model.0.display().to_string(), file.0.display().to_string());
+    let c = load(&["--model", &model, "--config", &file]).unwrap();
+    assert_eq!(c.engine.breaker, BreakerConfig { threshold: 5, cooldown: Duration::from_millis(250) });
+    let c = load(&["--model", &model, "--breaker-threshold", "2"]).unwrap();
+    assert_eq!(c.engine.breaker, BreakerConfig { threshold: 2, cooldown: Duration::from_secs(10) });
+    let e = load(&["--model", &model, "--breaker-threshold", "0"]).unwrap_err();
+    assert!(e.0.contains("`breaker_threshold`"), "{e}");
+    let e = load(&["--model", &model, "--breaker-cooldown", "0s"]).unwrap_err();
+    assert!(e.0.contains("`breaker_cooldown`"), "{e}");
+}
+
+#[test]
+fn key_and_rate_limit_settings_come_from_flags_or_the_file() {
+    let model = TempFile::new("limits-model.gguf", "");
+    let keys = TempFile::new("limits-keys", "sk-a alpha priority=2 rpm=10\n");
+    let file = TempFile::new(
+        "limits.toml",
+        &format!(
+            "rate_limit_rpm = 60\nrate_limit_tpm = 5000\ntrusted_proxy = true\nmetrics_key = \"sk-m\"\napi_key_file = {:?}\n",
+            keys.0.display().to_string()
+        ),
+    );
+    let (model, file) = (model.0.display().to_string(), file.0.display().to_string());
+    let c = load(&["--model", &model, "--config", &file]).unwrap();
+    assert_eq!(c.api.rate_limit, RateLimitConfig { rpm: 60, tpm: 5000, trusted_proxy: true });
+    assert_eq!(c.api.metrics_key.as_ref().map(|k| k.name.as_str()), Some("metrics"));
+    let alpha = &c.api.api_keys[0];
+    assert_eq!((alpha.name.as_str(), alpha.priority, alpha.rpm, alpha.tpm), ("alpha", Some(2), Some(10), None));
+    let c = load(&["--model", &model, "--config", &file, "--rate-limit-rpm", "0", "--trusted-proxy", "false"]).unwrap();
+    assert_eq!(c.api.rate_limit, RateLimitConfig { rpm: 0, tpm: 5000, trusted_proxy: false });
+    let c = load(&["--model", &model, "--trusted-proxy"]).unwrap();
+    assert_eq!(c.api.rate_limit, RateLimitConfig { rpm: 0, tpm: 0, trusted_proxy: true });
+    // A bad line is named by file and line, and the key on it is not repeated.
+    let bad = TempFile::new("limits-bad-keys", "sk-fine\nsk-secret-value rpm=fast\n");
+    let e = load(&["--model", &model, "--api-key-file", &bad.0.display().to_string()]).unwrap_err();
+    assert!(e.0.contains("`api_key_file`") && e.0.contains("line 2") && !e.0.contains("sk-secret"), "{e}");
+}
+
+#[test]
+fn cache_idempotency_and_filter_settings_parse_and_default() {
+    let model = TempFile::new("filters-model.gguf", "");
+    let path = model.0.to_str().unwrap();
+    let c = load(&["--model", path]).unwrap();
+    assert_eq!((c.api.response_cache_size, c.api.response_cache_ttl), (256 << 20, Duration::from_secs(3600)));
+    assert_eq!((c.api.idempotency_ttl, c.api.injection_mode), (Duration::from_secs(3600), InjectionMode::Flag));
+    assert!(c.api.redact.is_off());
+    let toml = "response_cache_ttl = \"10m\"\nredact = \"email,card\"\ninjection_mode = \"off\"\n";
+    let file = TempFile::new("filters.toml", toml);
+    let flags = ["--response-cache-size", "0", "--injection-mode", "block"];
+    let args: Vec<&str> = ["--model", path, "--config", file.0.to_str().unwrap()].into_iter().chain(flags).collect();
+    let c = load(&args).unwrap();
+    assert_eq!((c.api.response_cache_size, c.api.response_cache_ttl), (0, Duration::from_secs(600)));
+    assert_eq!((c.api.injection_mode, c.api.redact.to_string().as_str()), (InjectionMode::Block, "card,email"));
+    let cli = Cli::try_parse_from(["sluice", "--model", path, "--redact", "phone"]);
+    assert!(cli.is_err(), "an unknown redaction kind is refused");
+    assert!(load(&["--model", path, "--response-cache-ttl", "0s"]).unwrap_err().0.contains("response_cache_ttl"));
 }

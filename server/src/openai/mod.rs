@@ -136,7 +136,7 @@ pub struct DetokenizeResponse {
 /// `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HealthResponse {
-    /// `ok`, `loading`, `draining` or `engine_stopped`.
+    /// `ok`, `loading`, `draining`, `engine_stopped` or `breaker_open`.
     pub status: String,
     /// The served model, once loaded.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -150,6 +150,9 @@ pub struct HealthResponse {
     /// Fraction of KV cache blocks in use, once loaded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kv_cache_usage: Option<f64>,
+    /// The circuit breaker around model execution, once loaded: `closed`, `open` or `half_open`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<String>,
 }
 
 /// One token's logprob in a chat response (also the shape of each `top_logprobs` entry, without

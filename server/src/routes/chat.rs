@@ -3,20 +3,24 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use sluice_engine::{Completion, Engine, Finish, TokenEvent, TokenLogprob};
 
 use super::token_text;
+use crate::cache::CacheControl;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
+use crate::filter;
 use crate::generate::{self, Cutoff};
 use crate::logging::RequestLog;
 use crate::openai::{
     unix_now, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta,
     ChatLogprobs, ChatMessageOut, ErrorResponse, TokenLogprobEntry, TopLogprob, Usage,
 };
+use crate::rate_limit::Caller;
 use crate::sse::{self, json_event, ChunkWriter, StreamOptions};
 use crate::state::AppState;
 use crate::validate::GenerateRequest;
@@ -33,6 +37,7 @@ use crate::validate::GenerateRequest;
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "Unknown model", body = ErrorResponse),
         (status = 413, description = "Body over the limit", body = ErrorResponse),
+        (status = 429, description = "Over the caller's requests or tokens per minute; see `Retry-After` and `x-ratelimit-*`", body = ErrorResponse),
         (status = 503, description = "Loading, draining or overloaded; see `Retry-After`", body = ErrorResponse),
     ),
     security(("api_key" = []))
@@ -40,11 +45,15 @@ use crate::validate::GenerateRequest;
 pub async fn create(
     State(state): State<AppState>,
     Extension(log): Extension<RequestLog>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let req = GenerateRequest::try_from(body)?;
+    let req = filter::screen(state.config(), GenerateRequest::try_from(body)?)?;
     let mut cutoff = Cutoff::new(&state);
-    let generation = generate::start(&state, &req, &log)?;
+    let caller = caller.map_or_else(Caller::unlimited, |Extension(c)| c);
+    let generation = generate::start(&state, &req, &caller, &log, CacheControl::from_headers(&headers)).await?;
+    let cache = generation.cache;
     let chunks = ChatChunks {
         id: format!("chatcmpl-{}", log.id()),
         created: unix_now(),
@@ -53,10 +62,10 @@ pub async fn create(
     };
     if req.stream {
         let options = StreamOptions { include_usage: req.include_usage, keep_alive: state.config().sse_keep_alive };
-        return Ok(sse::respond(generation, chunks, options, cutoff, log));
+        return Ok(cache.tag(sse::respond(generation, chunks, options, cutoff, log)));
     }
     let prompt_tokens = generation.prompt_tokens;
-    let completions = generate::gather(generation.streams, &mut cutoff).await?;
+    let completions = generate::gather(generation, &mut cutoff).await?;
     completions.iter().for_each(|c| log.finished(&c.finish));
     let completion_tokens = completions.iter().map(|c| c.finish.usage.completion_tokens).sum();
     let logprobs = req.params.logprobs.is_some();
@@ -69,7 +78,7 @@ pub async fn create(
         choices,
         usage: Usage::new(prompt_tokens, completion_tokens),
     };
-    Ok(Json(body).into_response())
+    Ok(cache.tag(Json(body).into_response()))
 }
 
 /// Writes chat responses and chunks for one request.

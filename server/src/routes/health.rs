@@ -8,14 +8,14 @@ use crate::openai::HealthResponse;
 use crate::state::AppState;
 
 /// Readiness: 200 `{"status":"ok",...}` once the model is loaded and warmed up and the engine
-/// runs; 503 with `loading`, `draining` or `engine_stopped` otherwise.
+/// runs; 503 with `loading`, `draining`, `engine_stopped` or `breaker_open` otherwise.
 #[utoipa::path(
     get,
     path = "/health",
     tag = "operations",
     responses(
         (status = 200, description = "Ready", body = HealthResponse),
-        (status = 503, description = "Loading, draining, or the engine has stopped", body = HealthResponse),
+        (status = 503, description = "Loading, draining, the engine has stopped, or the circuit breaker is open", body = HealthResponse),
     )
 )]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthResponse>) {

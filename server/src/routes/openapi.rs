@@ -20,6 +20,7 @@ use crate::openai;
         tokenize::detokenize,
         health::health,
         health::live,
+        crate::metrics::render,
     ),
     components(schemas(openai::ChatCompletionChunk, openai::ErrorResponse, openai::ErrorBody)),
     modifiers(&BearerKey)
