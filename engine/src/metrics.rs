@@ -73,20 +73,23 @@ pub fn describe() {
     describe_counter!(ERRORS, Unit::Count, "Errors by type.");
 }
 
-/// One engine step: its size in sequences and tokens, and what it produced.
+/// One engine step that ran: its size in sequences and tokens, and the tokens it generated.
 pub(crate) struct StepRecord {
     pub seqs: usize,
     pub tokens: usize,
     pub generated: usize,
-    pub preempted: usize,
 }
 
 pub(crate) fn record_step(step: &StepRecord) {
     histogram!(BATCH_SIZE).record(step.seqs as f64);
     histogram!(ITERATION_TOKENS).record(step.tokens as f64);
     counter!(GENERATION_TOKENS).increment(step.generated as u64);
-    if step.preempted > 0 {
-        counter!(NUM_PREEMPTIONS).increment(step.preempted as u64);
+}
+
+/// Sequences preempted while a step was scheduled.
+pub(crate) fn record_preemptions(n: usize) {
+    if n > 0 {
+        counter!(NUM_PREEMPTIONS).increment(n as u64);
     }
 }
 

@@ -130,6 +130,7 @@ impl Worker {
                 continue;
             }
             let batch = self.scheduler.schedule(Instant::now());
+            metrics::record_preemptions(batch.preempted.len());
             self.note_admissions(&batch);
             for id in batch.rejected.clone() {
                 self.fail(id, EngineError::InvalidRequest("the request can never fit in the KV cache".into()));
@@ -282,12 +283,7 @@ impl Worker {
         }
         let pairs: Vec<(RequestId, u32)> = sampled.iter().map(|(id, c)| (*id, c.token)).collect();
         self.scheduler.update(batch, &pairs);
-        metrics::record_step(&StepRecord {
-            seqs: batch.seqs.len(),
-            tokens: batch.num_tokens,
-            generated: pairs.len(),
-            preempted: batch.preempted.len(),
-        });
+        metrics::record_step(&StepRecord { seqs: batch.seqs.len(), tokens: batch.num_tokens, generated: pairs.len() });
         if let Ok(mut s) = self.shared.stats.lock() {
             s.steps += 1;
             s.generated_tokens += pairs.len() as u64;
@@ -358,6 +354,7 @@ impl Worker {
             self.scheduler.remove(id);
         } else if !alive {
             // The caller dropped its stream between steps and the abort is still in the channel.
+            metrics::record_abort();
             self.abort(id);
         }
     }
