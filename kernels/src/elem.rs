@@ -13,9 +13,19 @@ pub(crate) trait Elem: WithDType {
 
     /// Rounds `src` (f32) to nearest-even into `dst`. `src` and `dst` have the same length.
     fn narrow(src: &[f32], dst: &mut [Self]);
+
+    /// `src` itself when it is already f32 (no copy needed to compute on it).
+    fn as_f32(_src: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl Elem for f32 {
+    #[inline]
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        Some(src)
+    }
+
     #[inline]
     fn widen<'a>(src: &'a [Self], _buf: &'a mut [f32]) -> &'a [f32] {
         src

@@ -91,14 +91,19 @@ pub(super) struct Cache<'a, T> {
 }
 
 impl<T: Elem> Cache<'_, T> {
+    /// Where the `head_dim` row for `kv_head` at position `p` of `row`'s context starts in a pool.
+    #[inline(always)]
+    fn offset(&self, row: &QueryRow<'_>, kv_head: usize, p: usize) -> usize {
+        let Geometry { num_kv_heads, head_dim, block_size, .. } = *self.geo;
+        let slot = row.blocks[p / block_size] as usize * block_size + p % block_size;
+        (slot * num_kv_heads + kv_head) * head_dim
+    }
+
     /// The `head_dim` slice of `pool` (the key or value pool) for `kv_head` at position `p` of
     /// `row`'s context.
     #[inline(always)]
     fn at<'p>(&self, pool: &'p [T], row: &QueryRow<'_>, kv_head: usize, p: usize) -> &'p [T] {
-        let Geometry { num_kv_heads, head_dim, block_size, .. } = *self.geo;
-        let block = row.blocks[p / block_size] as usize;
-        let slot = block * block_size + p % block_size;
-        &pool[(slot * num_kv_heads + kv_head) * head_dim..][..head_dim]
+        &pool[self.offset(row, kv_head, p)..][..self.geo.head_dim]
     }
 }
 
@@ -111,8 +116,10 @@ pub(super) struct Scratch {
     kv: Vec<f32>,
     /// `(heads, len)`: scores, then softmax weights.
     scores: Vec<f32>,
-    /// `(len, head_dim)`: the context's value rows in f32.
+    /// `(len, head_dim)`: the context's value rows widened to f32 (other element types).
     vals: Vec<f32>,
+    /// `(len,)`: where each position's value row starts in the pool (or in `vals`).
+    rows: Vec<usize>,
     /// `(heads, head_dim)`: weighted sum of values.
     acc: Vec<f32>,
     /// `(heads,)`: softmax denominators.
@@ -132,19 +139,25 @@ fn attend<T: Elem, M: Math>(
 ) {
     let (head_dim, len) = (cache.geo.head_dim, row.len);
     let heads = q.len() / head_dim;
-    let Scratch { q: qf, kv, scores, vals, acc, sums } = scratch;
+    let Scratch { q: qf, kv, scores, vals, rows, acc, sums } = scratch;
     qf.resize(q.len(), 0.0);
     kv.resize(head_dim, 0.0);
     scores.resize(heads * len, 0.0);
     let qf: &[f32] = T::widen(q, qf);
 
-    // 1. Scores, in position order.
+    // 1. Scores: read in place from an f32 pool, else one key row widened at a time. (Plain
+    // loops, no closures: a closure would be compiled apart from the AVX-512 build.)
     let scale = cache.geo.scale;
-    // Plain loops, no closures: a closure would be compiled apart from the AVX-512 build.
-    for p in 0..len {
-        let k = T::widen(cache.at(cache.k, row, kv_head, p), kv);
-        for h in 0..heads {
-            scores[h * len + p] = scale * math.dot(&qf[h * head_dim..][..head_dim], k);
+    if let Some(pool) = T::as_f32(cache.k) {
+        rows.clear();
+        rows.extend((0..len).map(|p| cache.offset(row, kv_head, p)));
+        math.scores(scores, qf, pool, rows, head_dim, scale);
+    } else {
+        for p in 0..len {
+            let k = T::widen(cache.at(cache.k, row, kv_head, p), kv);
+            for h in 0..heads {
+                scores[h * len + p] = scale * math.dot(&qf[h * head_dim..][..head_dim], k);
+            }
         }
     }
 
@@ -154,14 +167,26 @@ fn attend<T: Elem, M: Math>(
         sums.push(math.softmax_numerators(w));
     }
 
-    // 3. Weighted values, in position order, from the values gathered into one f32 run.
-    vals.clear();
-    for p in 0..len {
-        vals.extend_from_slice(T::widen(cache.at(cache.v, row, kv_head, p), kv));
-    }
+    // 3. Weighted values, in position order: read in place from an f32 pool, else widened into
+    // one run first. `rows[p]` is where position `p`'s value row starts.
+    rows.clear();
+    let pool: &[f32] = match T::as_f32(cache.v) {
+        Some(pool) => {
+            rows.extend((0..len).map(|p| cache.offset(row, kv_head, p)));
+            pool
+        }
+        None => {
+            vals.clear();
+            for p in 0..len {
+                vals.extend_from_slice(T::widen(cache.at(cache.v, row, kv_head, p), kv));
+            }
+            rows.extend((0..len).map(|p| p * head_dim));
+            vals
+        }
+    };
     acc.clear();
     acc.resize(q.len(), 0.0);
-    math.weighted_sum(acc, scores, vals, head_dim);
+    math.weighted_sum(acc, scores, pool, rows, head_dim);
     for h in 0..heads {
         math.div(&mut acc[h * head_dim..][..head_dim], sums[h]);
     }
@@ -174,9 +199,13 @@ trait Math: Copy {
     /// order, each product rounded then added), folded `l[i] += l[i + 8]`, then `l[i] += l[i + 4]`,
     /// then `(l0 + l2) + (l1 + l3)`; plus the products past the last full chunk, summed in order.
     fn dot(self, a: &[f32], b: &[f32]) -> f32;
-    /// `acc[h][d] += w[h][p] * vals[p][d]` for each position `p` in order, for every head `h`
-    /// (`acc`: `(heads, head_dim)`; `w`: `(heads, len)`; `vals`: `(len, head_dim)`).
-    fn weighted_sum(self, acc: &mut [f32], w: &[f32], vals: &[f32], head_dim: usize);
+    /// `out[h][p] = scale * dot(q[h], pool[rows[p]..][..head_dim])` for every head `h` and
+    /// position `p < rows.len()` (`out`: `(heads, len)`; `q`: `(heads, head_dim)`).
+    fn scores(self, out: &mut [f32], q: &[f32], pool: &[f32], rows: &[usize], head_dim: usize, scale: f32);
+    /// `acc[h][d] += w[h][p] * pool[rows[p] + d]` for each position `p < len` in order, for every
+    /// head `h` (`acc`: `(heads, head_dim)`; `w`: `(heads, len)`; `rows`: `(len,)`, each row
+    /// `head_dim` long inside `pool`).
+    fn weighted_sum(self, acc: &mut [f32], w: &[f32], pool: &[f32], rows: &[usize], head_dim: usize);
     /// `w[p] = exp(w[p] - max(w))` in place; returns `Σ w[p]`, summed as `dot` sums.
     fn softmax_numerators(self, w: &mut [f32]) -> f32;
     /// `acc[i] /= d`.
@@ -219,11 +248,19 @@ impl Math for Portable {
     }
 
     #[inline(always)]
-    fn weighted_sum(self, acc: &mut [f32], w: &[f32], vals: &[f32], head_dim: usize) {
-        let len = vals.len() / head_dim;
-        for (acc, w) in acc.chunks_exact_mut(head_dim).zip(w.chunks_exact(len)) {
-            for (&w, v) in w.iter().zip(vals.chunks_exact(head_dim)) {
-                for (a, x) in acc.iter_mut().zip(v) {
+    fn scores(self, out: &mut [f32], q: &[f32], pool: &[f32], rows: &[usize], head_dim: usize, scale: f32) {
+        for (out, q) in out.chunks_exact_mut(rows.len()).zip(q.chunks_exact(head_dim)) {
+            for (o, &at) in out.iter_mut().zip(rows) {
+                *o = scale * self.dot(q, &pool[at..at + head_dim]);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn weighted_sum(self, acc: &mut [f32], w: &[f32], pool: &[f32], rows: &[usize], head_dim: usize) {
+        for (acc, w) in acc.chunks_exact_mut(head_dim).zip(w.chunks_exact(rows.len())) {
+            for (&w, &at) in w.iter().zip(rows) {
+                for (a, x) in acc.iter_mut().zip(&pool[at..at + head_dim]) {
                     *a += w * x;
                 }
             }

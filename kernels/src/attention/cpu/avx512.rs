@@ -76,7 +76,120 @@ pub(crate) unsafe fn exp(x: __m512) -> __m512 {
     _mm512_mul_ps(e, _mm512_castsi512_ps(two_n))
 }
 
+/// The dot products of 16 positions, `acc[p]` holding position `p`'s sixteen partial sums, folded
+/// exactly as [`fold`] folds one (the same additions of the same pairs), all at once: lane `p` of
+/// the result is position `p`'s sum.
+#[inline(always)]
+unsafe fn fold16(acc: &[__m512; 16]) -> __m512 {
+    // (Loops, not closures: a closure would be compiled without AVX-512.)
+    // l[i] += l[i + 8]: quarters 0, 1 plus quarters 2, 3; two positions a vector.
+    let mut b = [_mm512_setzero_ps(); 8];
+    for j in 0..8 {
+        let (x, y) = (acc[2 * j], acc[2 * j + 1]);
+        b[j] = _mm512_add_ps(_mm512_shuffle_f32x4::<0b01_00_01_00>(x, y), _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y));
+    }
+    // l[i] += l[i + 4]: quarter 0 plus quarter 1 of each position; four positions a vector.
+    let mut c = [_mm512_setzero_ps(); 4];
+    for k in 0..4 {
+        let (x, y) = (b[2 * k], b[2 * k + 1]);
+        c[k] = _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y));
+    }
+    // (l0 + l2), (l1 + l3), within each quarter, two vectors' positions interleaved.
+    let mut d = [_mm512_setzero_ps(); 2];
+    for k in 0..2 {
+        let (x, y) = (c[2 * k], c[2 * k + 1]);
+        d[k] = _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(x, y), _mm512_shuffle_ps::<0b11_10_11_10>(x, y));
+    }
+    // (l0 + l2) + (l1 + l3): lane 4q + t now holds position 4t + q.
+    let r =
+        _mm512_add_ps(_mm512_shuffle_ps::<0b10_00_10_00>(d[0], d[1]), _mm512_shuffle_ps::<0b11_01_11_01>(d[0], d[1]));
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(order, r)
+}
+
+/// Prefetches into L1 the `bytes` of `pool` from `at` on (a hint: never faults).
+#[inline(always)]
+unsafe fn prefetch(pool: &[f32], at: usize, bytes: usize) {
+    for line in (0..bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(pool.as_ptr().wrapping_add(at).cast::<i8>().wrapping_add(line));
+    }
+}
+
+/// How far ahead (in positions) value and key rows are prefetched: their rows sit in scattered
+/// blocks, which the hardware prefetchers do not follow.
+const AHEAD: usize = 8;
+
+/// One weighted sum over `H` heads: `acc` `(H, head_dim)`, `w` `(H, len)` at least.
+struct Weighted<'a> {
+    acc: &'a mut [f32],
+    w: &'a [f32],
+    pool: &'a [f32],
+    rows: &'a [usize],
+    head_dim: usize,
+}
+
+/// [`Math::weighted_sum`] for `H` heads, 16 outputs at a time. Safety: AVX-512F; `job.acc` holds
+/// `H` heads, `job.w` `H` rows of `rows.len()`, and every row lies inside `job.pool`.
+#[inline(always)]
+unsafe fn weighted<const H: usize>(job: Weighted<'_>) {
+    let Weighted { acc, w, pool, rows, head_dim } = job;
+    let len = rows.len();
+    for d in (0..head_dim / 16 * 16).step_by(16) {
+        let mut a = [_mm512_setzero_ps(); H];
+        for (h, a) in a.iter_mut().enumerate() {
+            *a = _mm512_loadu_ps(acc.as_ptr().add(h * head_dim + d));
+        }
+        for p in 0..len {
+            if d == 0 && p + AHEAD < len {
+                // The first pass brings whole rows in; later passes find them in L1.
+                prefetch(pool, *rows.get_unchecked(p + AHEAD), 4 * head_dim);
+            }
+            let v = _mm512_loadu_ps(pool.as_ptr().add(*rows.get_unchecked(p) + d));
+            for (h, a) in a.iter_mut().enumerate() {
+                let wp = _mm512_set1_ps(*w.get_unchecked(h * len + p));
+                *a = _mm512_add_ps(*a, _mm512_mul_ps(wp, v));
+            }
+        }
+        for (h, a) in a.iter().enumerate() {
+            _mm512_storeu_ps(acc.as_mut_ptr().add(h * head_dim + d), *a);
+        }
+    }
+}
+
 impl Math for Avx512 {
+    #[inline(always)]
+    fn scores(self, out: &mut [f32], q: &[f32], pool: &[f32], rows: &[usize], head_dim: usize, scale: f32) {
+        let len = rows.len();
+        // The loads below trust `rows`; check them once.
+        assert!(rows.iter().all(|&at| at + head_dim <= pool.len()), "key rows inside the pool");
+        let blocked = if head_dim.is_multiple_of(16) { len / 16 * 16 } else { 0 };
+        for (out, q) in out.chunks_exact_mut(len).zip(q.chunks_exact(head_dim)) {
+            for p0 in (0..blocked).step_by(16) {
+                // SAFETY: AVX-512F is available; rows `p0..p0 + 16` exist (`p0 + 16 <= len`),
+                // lie in `pool` (asserted), and `d + 16 <= head_dim = q.len()`.
+                unsafe {
+                    for p in p0 + 16..(p0 + 32).min(len) {
+                        prefetch(pool, *rows.get_unchecked(p), 4 * head_dim);
+                    }
+                    let mut acc = [_mm512_setzero_ps(); 16];
+                    for d in (0..head_dim).step_by(16) {
+                        let qd = _mm512_loadu_ps(q.as_ptr().add(d));
+                        for (p, acc) in acc.iter_mut().enumerate() {
+                            let k = _mm512_loadu_ps(pool.as_ptr().add(*rows.get_unchecked(p0 + p) + d));
+                            *acc = _mm512_add_ps(*acc, _mm512_mul_ps(qd, k));
+                        }
+                    }
+                    // `+ 0.0`: the definition adds the (empty) tail.
+                    let dots = _mm512_add_ps(fold16(&acc), _mm512_setzero_ps());
+                    _mm512_storeu_ps(out.as_mut_ptr().add(p0), _mm512_mul_ps(_mm512_set1_ps(scale), dots));
+                }
+            }
+            for p in blocked..len {
+                out[p] = scale * self.dot(q, &pool[rows[p]..rows[p] + head_dim]);
+            }
+        }
+    }
+
     #[inline(always)]
     fn dot(self, a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
@@ -97,40 +210,39 @@ impl Math for Avx512 {
     }
 
     #[inline(always)]
-    fn weighted_sum(self, acc: &mut [f32], w: &[f32], vals: &[f32], head_dim: usize) {
-        let (heads, len) = (acc.len() / head_dim, vals.len() / head_dim);
+    fn weighted_sum(self, acc: &mut [f32], w: &[f32], pool: &[f32], rows: &[usize], head_dim: usize) {
+        let (heads, len) = (acc.len() / head_dim, rows.len());
+        // The loads below trust `rows`; check them once.
+        assert!(rows.iter().all(|&at| at + head_dim <= pool.len()), "value rows inside the pool");
         let full = head_dim / 16 * 16;
-        // Up to `HEADS` heads' 16 outputs in registers over all positions: one value load serves
+        // Up to four heads' 16 outputs in registers over all positions: one value load serves
         // them all, and no accumulator goes through memory.
-        const HEADS: usize = 4;
-        for h0 in (0..heads).step_by(HEADS) {
-            let hs = HEADS.min(heads - h0);
-            for d in (0..full).step_by(16) {
-                // SAFETY: AVX-512F is available; `h0 + hs <= heads`, `d + 16 <= head_dim`,
-                // `p < len`, so every access is inside `acc`, `w` and `vals`.
-                unsafe {
-                    let mut a = [_mm512_setzero_ps(); HEADS];
-                    for (h, a) in a.iter_mut().enumerate().take(hs) {
-                        *a = _mm512_loadu_ps(acc.as_ptr().add((h0 + h) * head_dim + d));
-                    }
-                    for p in 0..len {
-                        let v = _mm512_loadu_ps(vals.as_ptr().add(p * head_dim + d));
-                        for (h, a) in a.iter_mut().enumerate().take(hs) {
-                            let wp = _mm512_set1_ps(*w.get_unchecked((h0 + h) * len + p));
-                            *a = _mm512_add_ps(*a, _mm512_mul_ps(wp, v));
-                        }
-                    }
-                    for (h, a) in a.iter().enumerate().take(hs) {
-                        _mm512_storeu_ps(acc.as_mut_ptr().add((h0 + h) * head_dim + d), *a);
-                    }
+        let mut h0 = 0;
+        while h0 < heads {
+            let hs = (heads - h0).min(4);
+            let job = Weighted {
+                acc: &mut acc[h0 * head_dim..(h0 + hs) * head_dim],
+                w: &w[h0 * len..],
+                pool,
+                rows,
+                head_dim,
+            };
+            // SAFETY: AVX-512F is available; `job` holds `hs` heads; rows fit in `pool` (asserted).
+            unsafe {
+                match hs {
+                    1 => weighted::<1>(job),
+                    2 => weighted::<2>(job),
+                    3 => weighted::<3>(job),
+                    _ => weighted::<4>(job),
                 }
             }
+            h0 += hs;
         }
         if full < head_dim {
             // The last `head_dim % 16` outputs of each head, as the definition says.
             for (acc, w) in acc.chunks_exact_mut(head_dim).zip(w.chunks_exact(len)) {
-                for (&w, v) in w.iter().zip(vals.chunks_exact(head_dim)) {
-                    for (a, x) in acc[full..].iter_mut().zip(&v[full..]) {
+                for (&w, &at) in w.iter().zip(rows) {
+                    for (a, x) in acc[full..].iter_mut().zip(&pool[at + full..at + head_dim]) {
                         *a += w * x;
                     }
                 }
