@@ -6,8 +6,10 @@
 //!   slots in place.
 //! - [`attention`]: `paged_attention`, unified prefill + decode attention that reads keys and
 //!   values through each sequence's block table.
-//! - `attention::cpu`: the CPU body of `paged_attention`, with its fixed-order numerics.
-//! - [`matmul`]: `PackedLinear`, `y = x · Wᵀ` against a weight packed once as f32, bf16 or int8,
+//! - `attention::cpu`: the CPU body of `paged_attention`, with its fixed-order numerics (a portable
+//!   and an AVX-512 body that give the same bits).
+//! - [`matmul`]: `PackedLinear`, `y = x · Wᵀ` against a weight packed once as f32, bf16, int8 or
+//!   int4 (the last two also straight from GGUF's Q8_0/Q4_1 blocks, keeping their values exactly),
 //!   with SIMD kernels (AVX-512, AVX2+FMA, portable) whose rows are bit-identical at any batch size.
 //! - [`activation`]: `silu_mul`, the SwiGLU activation in one pass on the CPU.
 //! - `elem`: the element types the ops accept (f32, f16, bf16) and their widening to f32.

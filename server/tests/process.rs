@@ -24,6 +24,7 @@ fn help_documents_every_flag_and_its_environment_twin() {
         "port",
         "device",
         "dtype",
+        "cpu-weights",
         "max-batch-size",
         "batch-timeout",
         "max-batch-tokens",

@@ -52,6 +52,9 @@ pub struct Settings {
     /// Weight and activation dtype: f32, f16 or bf16 [default: f32].
     #[arg(long, env = "SLUICE_DTYPE")]
     pub dtype: Option<String>,
+    /// CPU weight storage: native (a GGUF's Q4_1/Q8_0 kept exactly), f32, bf16, int8 or int4 [default: native].
+    #[arg(long, env = "SLUICE_CPU_WEIGHTS")]
+    pub cpu_weights: Option<String>,
     /// Start a batch when this many requests wait [default: 32].
     #[arg(long, env = "SLUICE_MAX_BATCH_SIZE", value_name = "N")]
     pub max_batch_size: Option<usize>,
@@ -222,6 +225,7 @@ impl Settings {
             port: self.port.or(file.port),
             device: self.device.or(file.device),
             dtype: self.dtype.or(file.dtype),
+            cpu_weights: self.cpu_weights.or(file.cpu_weights),
             max_batch_size: self.max_batch_size.or(file.max_batch_size),
             batch_timeout: self.batch_timeout.or(file.batch_timeout),
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
@@ -316,6 +320,9 @@ fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
         "bf16" => DType::BF16,
         other => return Err(ConfigError(format!("`dtype` must be f32, f16 or bf16, got `{other}`"))),
     };
+    if let Some(w) = &s.cpu_weights {
+        config.cpu_weights = w.parse().map_err(|e| ConfigError(format!("`cpu_weights`: {e}")))?;
+    }
     let defaults = SchedulerConfig::default();
     config.scheduler = SchedulerConfig {
         max_batch_size: positive("max_batch_size", s.max_batch_size, defaults.max_batch_size)?,
