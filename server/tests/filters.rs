@@ -118,6 +118,8 @@ fn secret_prompt() -> Value {
 
 #[tokio::test]
 async fn secrets_in_generated_text_are_redacted_in_streams_and_whole_answers() {
+    let recorder = DebuggingRecorder::new();
+    let _local = metrics::set_default_local_recorder(&recorder);
     let plain = ready_state(api_config());
     let (status, raw) = post(&plain, "/v1/completions", &secret_prompt()).await;
     assert_eq!(status, 200, "{raw}");
@@ -131,7 +133,14 @@ async fn secrets_in_generated_text_are_redacted_in_streams_and_whole_answers() {
     let whole = serde_json::from_str::<Value>(&raw).unwrap()["choices"][0]["text"].as_str().unwrap().to_string();
     assert!(!whole.contains("alice@") && !whole.contains("4111"), "{whole:?}");
     assert!(whole.contains("[REDACTED:email]") && whole.contains("[REDACTED:card]"), "{whole:?}");
+    // Each redaction is counted once, by kind.
+    let redacted = counts(&recorder);
+    for kind in ["email", "card"] {
+        let shown = whole.matches(&format!("[REDACTED:{kind}]")).count() as u64;
+        assert_eq!(count(&redacted, "sluice_redactions_total", kind), shown, "{kind} in {whole:?}");
+    }
     assert_eq!(whole, sluice_server::filter::output::redact(&"on".parse().unwrap(), &unredacted));
+    counts(&recorder);
 
     let mut streaming = secret_prompt();
     streaming["stream"] = json!(true);
@@ -139,6 +148,11 @@ async fn secrets_in_generated_text_are_redacted_in_streams_and_whole_answers() {
     assert_eq!(status, 200, "{raw}");
     assert!(raw.ends_with("data: [DONE]\n\n"), "{raw}");
     assert_eq!(streamed_text(&raw, "/text"), whole);
+    let redacted = counts(&recorder);
+    for kind in ["email", "card"] {
+        let shown = whole.matches(&format!("[REDACTED:{kind}]")).count() as u64;
+        assert_eq!(count(&redacted, "sluice_redactions_total", kind), shown, "streamed {kind}");
+    }
 
     // Chat too, and logprobs are refused while redaction is on.
     let chat = chat_body("Repeat exactly: my e-mail is bob@example.org", json!({"temperature": 0, "max_tokens": 24}));
