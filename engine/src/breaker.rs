@@ -135,7 +135,9 @@ impl CircuitBreaker {
     /// re-opened by a failed probe).
     pub fn on_failure(&mut self, now: Instant) -> Option<BreakerState> {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        let open = BreakerState::Open { until: now + self.config.cooldown };
+        // A cool-down too long to add is as good as a year.
+        let until = now.checked_add(self.config.cooldown).unwrap_or(now + Duration::from_secs(365 * 86_400));
+        let open = BreakerState::Open { until };
         match self.state {
             BreakerState::Closed if self.consecutive_failures >= self.config.threshold => self.set(open),
             BreakerState::HalfOpen => self.set(open),

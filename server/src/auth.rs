@@ -40,10 +40,11 @@ impl ApiKey {
         Self { name: format!("key-{}", fingerprint(&secret)), secret, priority: None, rpm: None, tpm: None }
     }
 
-    /// One line of a keys file: `KEY [NAME] [priority=N] [rpm=N] [tpm=N]`, `#` starting a comment.
+    /// One line of a keys file: `KEY [NAME] [priority=N] [rpm=N] [tpm=N]`; a `#` at the start of
+    /// the line or of a word starts a comment (so a key may contain `#`, never start with it).
     /// `Ok(None)` for a blank or comment-only line; the error says what is wrong (never the key).
     pub fn parse_line(line: &str) -> Result<Option<Self>, String> {
-        let mut words = line.split('#').next().unwrap_or("").split_whitespace();
+        let mut words = line.split_whitespace().take_while(|w| !w.starts_with('#'));
         let Some(secret) = words.next() else { return Ok(None) };
         let mut key = Self::new(secret);
         let mut named = false;
@@ -177,6 +178,10 @@ mod tests {
         assert_eq!((bare.priority, bare.rpm, bare.tpm), (None, None, None));
         assert_eq!(bare.name, format!("key-{}", fingerprint("sk-abc")));
         assert_eq!(ApiKey::parse_line("   # only a comment"), Ok(None));
+        // A `#` inside a key is part of it.
+        let hashed = ApiKey::parse_line("sk#abc ops #comment").unwrap().unwrap();
+        assert_eq!(check(std::slice::from_ref(&hashed), &headers(Some("Bearer sk#abc"))).unwrap(), Some(0));
+        assert!(check(std::slice::from_ref(&hashed), &headers(Some("Bearer sk"))).is_err());
         assert_eq!(ApiKey::parse_line(""), Ok(None));
         for bad in ["sk-x rpm=many", "sk-x name other", "sk-x burst=3", "sk-x priority=1.5"] {
             let e = ApiKey::parse_line(bad).unwrap_err();

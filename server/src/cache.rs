@@ -220,12 +220,14 @@ impl ResponseCache {
     }
 
     /// Looks `key` up (`None`: not deterministic). When an identical request is generating,
-    /// waits for it; when it fails or goes away, tries again, leading the generation itself if
-    /// no one else does.
-    pub async fn lookup(&self, key: Option<CacheKey>, control: CacheControl) -> Lookup {
+    /// waits for it, at most `patience` in all; when it fails or goes away, tries again, leading
+    /// the generation itself if no one else does. Past `patience` (a leader whose client stopped
+    /// reading holds its answer back), it generates on its own, uncached.
+    pub async fn lookup(&self, key: Option<CacheKey>, control: CacheControl, patience: Duration) -> Lookup {
         let (Some(shared), Some(key), false) = (&self.0, key, control.skip) else { return Lookup::Bypass };
         shared.queries.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("sluice_response_cache_queries_total").increment(1);
+        let give_up = tokio::time::Instant::now() + patience;
         let hit = |recording: Arc<Recording>| {
             shared.hits.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("sluice_response_cache_hits_total").increment(1);
@@ -248,7 +250,9 @@ impl ResponseCache {
                     return Lookup::Miss(Flight { shared: shared.clone(), key, id, tx });
                 }
             };
-            let done = running.wait_for(|s| matches!(s, FlightState::Done(_))).await.ok().and_then(|s| match &*s {
+            let waited = tokio::time::timeout_at(give_up, running.wait_for(|s| matches!(s, FlightState::Done(_))));
+            let Ok(done) = waited.await else { return Lookup::Bypass };
+            let done = done.ok().and_then(|s| match &*s {
                 FlightState::Done(recording) => Some(recording.clone()),
                 FlightState::Running => None,
             });

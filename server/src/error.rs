@@ -81,6 +81,9 @@ pub enum ApiError {
     /// An `Idempotency-Key` reused with another request body.
     #[error("This `Idempotency-Key` was already used with a different request; use a new key for a new request.")]
     IdempotencyConflict,
+    /// An `Idempotency-Key` whose first request is still running past this one's patience.
+    #[error("A request with this `Idempotency-Key` is still in progress; retry later.")]
+    IdempotencyInProgress,
     /// A user message matched an instruction-override rule and the server blocks them.
     #[error("The request was blocked by this server's input policy (rule `{rule}`).")]
     PromptInjection {
@@ -115,7 +118,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::IdempotencyConflict => StatusCode::CONFLICT,
+            Self::IdempotencyConflict | Self::IdempotencyInProgress => StatusCode::CONFLICT,
             Self::PromptInjection { .. } => StatusCode::BAD_REQUEST,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -147,6 +150,7 @@ impl ApiError {
             Self::BreakerOpen(_) => "breaker_open",
             Self::Timeout(_) => "timeout",
             Self::IdempotencyConflict => "idempotency_key_reused",
+            Self::IdempotencyInProgress => "idempotency_key_in_use",
             Self::PromptInjection { .. } => "prompt_injection",
             Self::Internal(_) => "internal_error",
         })

@@ -84,7 +84,9 @@ pub async fn start(
     log.started(prompt_tokens, req.user.clone());
     let choices = prompts.len() * req.n;
     let key = cache::key(&state.config().served_model_name, &prompts, req);
-    let (events, cache) = match state.response_cache().lookup(key, control).await {
+    // Waiting on an identical request's answer takes at most half of this one's deadline.
+    let patience = state.config().request_timeout / 2;
+    let (events, cache) = match state.response_cache().lookup(key, control, patience).await {
         Lookup::Hit(recording) => (recording.replay(), CacheStatus::Hit),
         Lookup::Miss(flight) => (flight.record(submit(&engine, req, caller, prompts)?, choices), CacheStatus::Miss),
         Lookup::Bypass => (submit(&engine, req, caller, prompts)?, CacheStatus::Bypass),

@@ -180,9 +180,27 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     let scope = digest(&[req.headers().get(header::AUTHORIZATION).map_or(&b""[..], |v| v.as_bytes()), key]);
     let (parts, body) = req.into_parts();
     let limit = state.config().body_limit;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::BodyTooLarge(limit))?;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let over_limit = std::iter::from_fn(|| {
+            let c = cause?;
+            cause = c.source();
+            Some(c)
+        })
+        .any(|c| c.is::<http_body_util::LengthLimitError>());
+        if over_limit {
+            ApiError::BodyTooLarge(limit)
+        } else {
+            ApiError::InvalidRequest { message: format!("The request body could not be read: {e}"), param: None }
+        }
+    })?;
     let fingerprint = digest(&[parts.method.as_str().as_bytes(), parts.uri.path().as_bytes(), &bytes]);
-    let flight = match IdempotencyStore::begin(shared, scope, fingerprint).await {
+    // A first request whose client stopped reading must not hold its retries forever.
+    let patience = state.config().request_timeout;
+    let Ok(begun) = tokio::time::timeout(patience, IdempotencyStore::begin(shared, scope, fingerprint)).await else {
+        return Err(ApiError::IdempotencyInProgress);
+    };
+    let flight = match begun {
         Begin::Replay(stored) => return Ok(stored.response()),
         Begin::Conflict => return Err(ApiError::IdempotencyConflict),
         Begin::Lead(flight) => flight,

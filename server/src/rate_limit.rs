@@ -110,6 +110,12 @@ impl RateLimiter {
     }
 
     fn client_buckets(&self, client: Option<IpAddr>) -> Arc<Buckets> {
+        // An IPv6 client is its /64 (one host usually holds a whole /64), so that one host cannot
+        // fill the table with addresses of its own.
+        let client = client.map(|ip| match ip {
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !(u64::MAX as u128)).into()),
+            v4 => v4,
+        });
         let now = self.epoch.elapsed().as_nanos() as u64;
         if let Some(buckets) = self.clients.get(&client) {
             buckets.last_seen.store(now, Ordering::Relaxed);

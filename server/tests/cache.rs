@@ -231,6 +231,11 @@ async fn a_retry_with_the_same_idempotency_key_gets_the_first_response() {
     // A malformed key is a 400.
     let (status, _, _) = send_keyed("/v1/chat/completions", &body, "", None).await;
     assert_eq!(status, 400);
+    // A body over the limit is still a 413 when it carries a key.
+    let huge = chat_body(&"word ".repeat(1 << 20), json!({"max_tokens": 1}));
+    let (status, _, error) = send_keyed("/v1/chat/completions", &huge, &format!("{key}-huge"), None).await;
+    assert_eq!(status, 413, "{error}");
+    assert_eq!(json_of(&error)["error"]["code"], "request_too_large");
 }
 
 #[tokio::test]

@@ -112,6 +112,12 @@ fn each_client_address_has_its_own_bucket() {
     assert!(limiter.caller(None, Some(b)).take_request().1.is_ok());
     assert!(limiter.caller(None, None).take_request().1.is_ok());
     assert_eq!(limiter.clients.len(), 3);
+    // IPv6 clients are their /64: another address of the same /64 shares the bucket.
+    let (c, d, e): (IpAddr, IpAddr, IpAddr) =
+        ("2001:db8::1".parse().unwrap(), "2001:db8::ffff:2".parse().unwrap(), "2001:db8:0:1::1".parse().unwrap());
+    assert!(limiter.caller(None, Some(c)).take_request().1.is_ok());
+    assert!(limiter.caller(None, Some(d)).take_request().1.is_err());
+    assert!(limiter.caller(None, Some(e)).take_request().1.is_ok());
 }
 
 #[test]
