@@ -93,16 +93,33 @@ impl RedactKind {
         }
     }
 
+    /// The spans of `run` to redact: each accepted match; for cards, a match that fails as a whole
+    /// (e.g. a card number followed by an expiry or a code after a space) is searched for the first,
+    /// longest run of its digit groups that passes.
+    fn spans(self, run: &str) -> Vec<(usize, usize)> {
+        let mut spans = Vec::new();
+        for found in self.pattern().find_iter(run) {
+            if self.accepts(found.as_str()) {
+                spans.push((found.start(), found.end()));
+            } else if self == Self::Card {
+                spans.extend(
+                    card_groups(found.as_str()).into_iter().map(|(a, b)| (found.start() + a, found.start() + b)),
+                );
+            }
+        }
+        spans
+    }
+
     /// Appends `run` (text of this kind's class) to `out` with its matches replaced.
     fn redact_run(self, run: &str, out: &mut String) {
         let mut last = 0;
         let mut count = 0;
-        for found in self.pattern().find_iter(run).filter(|m| self.accepts(m.as_str())) {
-            out.push_str(&run[last..found.start()]);
+        for (start, end) in self.spans(run) {
+            out.push_str(&run[last..start]);
             out.push_str("[REDACTED:");
             out.push_str(self.name());
             out.push(']');
-            last = found.end();
+            last = end;
             count += 1;
         }
         out.push_str(&run[last..]);
@@ -131,6 +148,43 @@ impl RedactKind {
             at = end;
         }
     }
+}
+
+/// Within `digits` (digit groups separated by single spaces or dashes), the spans of consecutive
+/// whole groups holding 13 to 19 digits that pass the Luhn check: from each group on, the longest
+/// such span, then on after it.
+fn card_groups(digits: &str) -> Vec<(usize, usize)> {
+    let mut groups = Vec::new();
+    let mut start = None;
+    for (i, b) in digits.bytes().enumerate() {
+        match (b.is_ascii_digit(), start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                groups.push((s, i));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        groups.push((s, digits.len()));
+    }
+    let mut spans = Vec::new();
+    let mut i = 0;
+    while i < groups.len() {
+        let found = (i..groups.len()).rev().find(|&j| {
+            let d: Vec<u32> = digits[groups[i].0..groups[j].1].chars().filter_map(|c| c.to_digit(10)).collect();
+            (13..=19).contains(&d.len()) && luhn(&d)
+        });
+        match found {
+            Some(j) => {
+                spans.push((groups[i].0, groups[j].1));
+                i = j + 1;
+            }
+            None => i += 1,
+        }
+    }
+    spans
 }
 
 /// The Luhn checksum of `digits` (most significant first) is valid.
@@ -344,6 +398,10 @@ mod tests {
             ("card 4111 1111 1111 1111, exp 12/29", "card [REDACTED:card], exp 12/29"),
             ("card 5500-0000-0000-0004.", "card [REDACTED:card]."),
             ("(4012888888881881)", "([REDACTED:card])"),
+            // A card followed, in the same run, by an expiry or a code: the card is still found.
+            ("4111 1111 1111 1111 12/29", "[REDACTED:card] 12/29"),
+            ("4111111111111111 123", "[REDACTED:card] 123"),
+            ("pin 99 4111-1111-1111-1111", "pin 99 [REDACTED:card]"),
             // Not Luhn-valid, too short or too long: numbers stay.
             ("order 4111 1111 1111 1112", "order 4111 1111 1111 1112"),
             ("call 555-123-4567", "call 555-123-4567"),
