@@ -5,6 +5,7 @@
 //! of megabytes of memory traffic per call.
 
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 
 use super::PANEL;
 
@@ -13,7 +14,7 @@ pub(super) struct Columns<'a> {
     ptr: *mut f32,
     m: usize,
     n: usize,
-    _y: PhantomData<&'a mut [f32]>,
+    _y: PhantomData<&'a mut [MaybeUninit<f32>]>,
 }
 
 // SAFETY: a `Columns` is a `&mut [f32]` (it borrows `y` exclusively for `'a`), and its only write,
@@ -24,10 +25,11 @@ unsafe impl Send for Columns<'_> {}
 unsafe impl Sync for Columns<'_> {}
 
 impl<'a> Columns<'a> {
-    /// Borrows `y`, which must be `m * n` long.
-    pub(super) fn new(y: &'a mut [f32], m: usize, n: usize) -> Self {
+    /// Borrows `y`, which must be `m * n` long; it may be uninitialised (writing every panel
+    /// initialises all of it).
+    pub(super) fn new(y: &'a mut [MaybeUninit<f32>], m: usize, n: usize) -> Self {
         assert_eq!(y.len(), m * n, "`y` must be [m, n]");
-        Self { ptr: y.as_mut_ptr(), m, n, _y: PhantomData }
+        Self { ptr: y.as_mut_ptr().cast::<f32>(), m, n, _y: PhantomData }
     }
 
     /// Copies `panel` (`[m][PANEL]`, output columns `p * PANEL..` plus zero padding) into `y`,
