@@ -8,42 +8,17 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use sluice_server::server::run;
-use sluice_server::AppState;
 use tokio::sync::RwLock;
 
-use common::{api_config, chat_body, ready_state};
+use common::{api_config, chat_body, client, ready_state, TestServer};
 
-struct TestServer {
-    addr: std::net::SocketAddr,
-    state: AppState,
-}
-
-static SERVER: LazyLock<TestServer> = LazyLock::new(|| {
-    let state = ready_state(api_config());
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.set_nonblocking(true).expect("non-blocking listener");
-    let addr = listener.local_addr().expect("bound address");
-    let served = state.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-            run(listener, served, Duration::from_secs(1), std::future::pending()).await.expect("server runs");
-        });
-    });
-    TestServer { addr, state }
-});
+static SERVER: LazyLock<TestServer> = LazyLock::new(|| TestServer::start(ready_state(api_config())));
 
 /// Shared by tests that only talk to the server; exclusive for those that count generated tokens.
 static ENGINE_IDLE: RwLock<()> = RwLock::const_new(());
 
 fn url(path: &str) -> String {
-    format!("http://{}{path}", SERVER.addr)
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("client")
+    SERVER.url(path)
 }
 
 /// Status, `x-cache`, and the body (JSON, or the raw text of a stream).

@@ -50,4 +50,40 @@ pub fn chat_body(content: &str, extra: serde_json::Value) -> serde_json::Value {
     body
 }
 
+/// A server on a real socket (`127.0.0.1:0`) over `state`, run on its own thread and runtime.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub state: AppState,
+}
+
+impl TestServer {
+    /// Binds, then serves `state` until the process ends.
+    pub fn start(state: AppState) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let addr = listener.local_addr().expect("bound address");
+        let served = state.clone();
+        std::thread::spawn(move || {
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                let grace = std::time::Duration::from_secs(1);
+                sluice_server::server::run(listener, served, grace, std::future::pending()).await.expect("server runs");
+            });
+        });
+        Self { addr, state }
+    }
+
+    /// The URL of `path` on this server.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// A reqwest client for the socket tests (a generous timeout: the model runs on the CPU).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(std::time::Duration::from_secs(120)).build().expect("client")
+}
+
 pub mod child;
