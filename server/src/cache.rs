@@ -22,14 +22,12 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use sluice_engine::{Finish, StreamEvent, Timings, TokenEvent};
-use tokio::sync::watch;
 
 use crate::generate::Events;
+use crate::single_flight::{Join, Leader, SingleFlight};
 use crate::validate::GenerateRequest;
 
 /// The response header that says how the cache answered.
@@ -151,18 +149,10 @@ impl Recording {
     }
 }
 
-#[derive(Debug, Clone)]
-enum FlightState {
-    Running,
-    Done(Arc<Recording>),
-}
-
 struct Shared {
     entries: moka::sync::Cache<CacheKey, Arc<Recording>>,
-    // Keys being generated now: a flight id (so that a leader removes only its own entry) and
-    // the channel its result comes on.
-    flights: DashMap<CacheKey, (u64, watch::Receiver<FlightState>)>,
-    next_flight: AtomicU64,
+    // Keys being generated now.
+    flights: SingleFlight<CacheKey, Arc<Recording>>,
     queries: AtomicU64,
     hits: AtomicU64,
 }
@@ -207,8 +197,7 @@ impl ResponseCache {
             .build();
         Self(Some(Arc::new(Shared {
             entries,
-            flights: DashMap::new(),
-            next_flight: AtomicU64::new(0),
+            flights: SingleFlight::new(),
             queries: AtomicU64::new(0),
             hits: AtomicU64::new(0),
         })))
@@ -227,39 +216,15 @@ impl ResponseCache {
         let (Some(shared), Some(key), false) = (&self.0, key, control.skip) else { return Lookup::Bypass };
         shared.queries.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("sluice_response_cache_queries_total").increment(1);
-        let give_up = tokio::time::Instant::now() + patience;
-        let hit = |recording: Arc<Recording>| {
-            shared.hits.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("sluice_response_cache_hits_total").increment(1);
-            Lookup::Hit(recording)
-        };
-        loop {
-            if let Some(recording) = shared.entries.get(&key) {
-                return hit(recording);
+        match shared.flights.join(key, (), patience, || shared.entries.get(&key)).await {
+            Join::Done(recording) => {
+                shared.hits.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("sluice_response_cache_hits_total").increment(1);
+                Lookup::Hit(recording)
             }
-            let mut running = match shared.flights.entry(key) {
-                Entry::Occupied(flight) => flight.get().1.clone(),
-                Entry::Vacant(slot) => {
-                    // The leader may have finished between the lookup above and this lock.
-                    if let Some(recording) = shared.entries.get(&key) {
-                        return hit(recording);
-                    }
-                    let id = shared.next_flight.fetch_add(1, Ordering::Relaxed);
-                    let (tx, rx) = watch::channel(FlightState::Running);
-                    slot.insert((id, rx));
-                    return Lookup::Miss(Flight { shared: shared.clone(), key, id, tx });
-                }
-            };
-            let waited = tokio::time::timeout_at(give_up, running.wait_for(|s| matches!(s, FlightState::Done(_))));
-            let Ok(done) = waited.await else { return Lookup::Bypass };
-            let done = done.ok().and_then(|s| match &*s {
-                FlightState::Done(recording) => Some(recording.clone()),
-                FlightState::Running => None,
-            });
-            if let Some(recording) = done {
-                return hit(recording);
-            }
-            // The leader failed or its client went away: look again.
+            Join::Lead(leader) => Lookup::Miss(Flight { shared: shared.clone(), key, leader }),
+            // Flights of the cache all have the same tag: a conflict does not happen.
+            Join::TimedOut | Join::Conflict => Lookup::Bypass,
         }
     }
 }
@@ -269,13 +234,12 @@ impl ResponseCache {
 pub struct Flight {
     shared: Arc<Shared>,
     key: CacheKey,
-    id: u64,
-    tx: watch::Sender<FlightState>,
+    leader: Leader<CacheKey, Arc<Recording>, ()>,
 }
 
 impl fmt::Debug for Flight {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Flight").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Flight").field("id", &self.leader.id()).finish_non_exhaustive()
     }
 }
 
@@ -283,8 +247,8 @@ impl Flight {
     fn complete(self, recording: Recording) {
         let recording = Arc::new(recording);
         self.shared.entries.insert(self.key, recording.clone());
-        self.tx.send_replace(FlightState::Done(recording));
-        // `Drop` removes the flight: new requests find the entry from now on.
+        // The flight ends: new requests find the entry from now on.
+        self.leader.complete(recording);
     }
 
     /// Passes `events` (of `choices` choices) through, recording them; when every choice has
@@ -322,12 +286,5 @@ impl Flight {
                 yield (index, event);
             }
         })
-    }
-}
-
-impl Drop for Flight {
-    fn drop(&mut self) {
-        self.shared.flights.remove_if(&self.key, |_, (id, _)| *id == self.id);
-        // Dropping `tx` wakes the waiters; unless `complete` ran, they look again.
     }
 }

@@ -15,7 +15,6 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,14 +24,12 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
 use http_body::{Frame, SizeHint};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
 
 use crate::cache::X_CACHE;
 use crate::error::ApiError;
+use crate::single_flight::{Join, Leader, SingleFlight};
 use crate::state::AppState;
 
 /// The request header.
@@ -64,17 +61,10 @@ impl Stored {
     }
 }
 
-#[derive(Debug, Clone)]
-enum FlightState {
-    Running,
-    Done(Arc<Stored>),
-}
-
 struct Shared {
     done: moka::sync::Cache<Digest32, Arc<Stored>>,
-    // Keys whose first request is running: flight id, fingerprint, and where its result comes.
-    running: DashMap<Digest32, (u64, Digest32, watch::Receiver<FlightState>)>,
-    next_flight: AtomicU64,
+    // Keys whose first request is running, tagged with its fingerprint.
+    running: SingleFlight<Digest32, Arc<Stored>, Digest32>,
 }
 
 /// The idempotency keys seen within the TTL; disabled with a TTL of 0. Cheap to share.
@@ -91,6 +81,7 @@ enum Begin {
     Replay(Arc<Stored>),
     Conflict,
     Lead(Flight),
+    InProgress,
 }
 
 impl IdempotencyStore {
@@ -105,39 +96,19 @@ impl IdempotencyStore {
             .time_to_live(ttl)
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
-        Self(Some(Arc::new(Shared { done, running: DashMap::new(), next_flight: AtomicU64::new(0) })))
+        Self(Some(Arc::new(Shared { done, running: SingleFlight::new() })))
     }
 
-    async fn begin(shared: &Arc<Shared>, scope: Digest32, fingerprint: Digest32) -> Begin {
-        let finished = |stored: Arc<Stored>| match stored.fingerprint == fingerprint {
-            true => Begin::Replay(stored),
-            false => Begin::Conflict,
-        };
-        loop {
-            if let Some(stored) = shared.done.get(&scope) {
-                return finished(stored);
-            }
-            let mut running = match shared.running.entry(scope) {
-                Entry::Occupied(e) if e.get().1 != fingerprint => return Begin::Conflict,
-                Entry::Occupied(e) => e.get().2.clone(),
-                Entry::Vacant(slot) => {
-                    if let Some(stored) = shared.done.get(&scope) {
-                        return finished(stored);
-                    }
-                    let id = shared.next_flight.fetch_add(1, Ordering::Relaxed);
-                    let (tx, rx) = watch::channel(FlightState::Running);
-                    slot.insert((id, fingerprint, rx));
-                    return Begin::Lead(Flight { shared: shared.clone(), scope, id, fingerprint, tx });
-                }
-            };
-            let done = running.wait_for(|s| matches!(s, FlightState::Done(_))).await.ok().and_then(|s| match &*s {
-                FlightState::Done(stored) => Some(stored.clone()),
-                FlightState::Running => None,
-            });
-            if let Some(stored) = done {
-                return Begin::Replay(stored);
-            }
-            // The first request failed or went away: run this one.
+    /// Waits for a running first request with this key at most `patience`; when it fails or goes
+    /// away, this one runs.
+    async fn begin(shared: &Arc<Shared>, scope: Digest32, fingerprint: Digest32, patience: Duration) -> Begin {
+        match shared.running.join(scope, fingerprint, patience, || shared.done.get(&scope)).await {
+            // A stored response of the same key with another fingerprint; one waited for has this one's.
+            Join::Done(stored) if stored.fingerprint != fingerprint => Begin::Conflict,
+            Join::Done(stored) => Begin::Replay(stored),
+            Join::Conflict => Begin::Conflict,
+            Join::Lead(leader) => Begin::Lead(Flight { shared: shared.clone(), scope, fingerprint, leader }),
+            Join::TimedOut => Begin::InProgress,
         }
     }
 }
@@ -146,22 +117,15 @@ impl IdempotencyStore {
 struct Flight {
     shared: Arc<Shared>,
     scope: Digest32,
-    id: u64,
     fingerprint: Digest32,
-    tx: watch::Sender<FlightState>,
+    leader: Leader<Digest32, Arc<Stored>, Digest32>,
 }
 
 impl Flight {
     fn complete(self, status: StatusCode, headers: HeaderMap, body: Bytes) {
         let stored = Arc::new(Stored { fingerprint: self.fingerprint, status, headers, body });
         self.shared.done.insert(self.scope, stored.clone());
-        self.tx.send_replace(FlightState::Done(stored));
-    }
-}
-
-impl Drop for Flight {
-    fn drop(&mut self) {
-        self.shared.running.remove_if(&self.scope, |_, (id, ..)| *id == self.id);
+        self.leader.complete(stored);
     }
 }
 
@@ -197,12 +161,10 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     let fingerprint = digest(&[parts.method.as_str().as_bytes(), parts.uri.path().as_bytes(), &bytes]);
     // A first request whose client stopped reading must not hold its retries forever.
     let patience = state.config().request_timeout;
-    let Ok(begun) = tokio::time::timeout(patience, IdempotencyStore::begin(shared, scope, fingerprint)).await else {
-        return Err(ApiError::IdempotencyInProgress);
-    };
-    let flight = match begun {
+    let flight = match IdempotencyStore::begin(shared, scope, fingerprint, patience).await {
         Begin::Replay(stored) => return Ok(stored.response()),
         Begin::Conflict => return Err(ApiError::IdempotencyConflict),
+        Begin::InProgress => return Err(ApiError::IdempotencyInProgress),
         Begin::Lead(flight) => flight,
     };
     let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;

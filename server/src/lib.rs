@@ -18,6 +18,7 @@
 //! - `rate_limit`: requests and tokens per minute per key or client address, `x-ratelimit-*`.
 //! - `cache`: the response cache of deterministic answers, with single flight (`x-cache`).
 //! - `idempotency`: `Idempotency-Key`, a retried request gets the first one's response.
+//! - `single_flight`: identical requests wait for the one computing their answer (cache, idempotency).
 //! - `filter`: input checks (control characters, instruction overrides) and output redaction.
 //! - `config`: flags, `SLUICE_*` environment and TOML file merged into one validated [`ServerConfig`].
 //! - `logging`: the `tracing` subscriber and the per-request middleware (id, span, one log line).
@@ -41,6 +42,7 @@ pub mod rate_limit;
 pub mod routes;
 pub mod server;
 pub mod shutdown;
+pub mod single_flight;
 pub mod sse;
 pub mod state;
 pub mod validate;
