@@ -102,6 +102,9 @@ struct EngineArgs {
     /// bf16, int8 or int4.
     #[arg(long, default_value = "native")]
     cpu_weights: String,
+    /// How activations meet int8/int4 weights: auto (int8 with AVX-512 VNNI), f32 or int8.
+    #[arg(long, default_value = "auto")]
+    cpu_activations: String,
     /// Tokens per engine step (decodes plus prompt chunks).
     #[arg(long)]
     max_batch_tokens: Option<usize>,
@@ -215,6 +218,7 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     config.dtype = parse_dtype(&args.dtype)?;
     config.kv_cache_memory = args.kv_cache_mib << 20;
     config.cpu_weights = args.cpu_weights.parse().map_err(anyhow::Error::msg)?;
+    config.cpu_activations = args.cpu_activations.parse().map_err(anyhow::Error::msg)?;
     if let Some(t) = args.max_batch_tokens {
         config.scheduler.max_batch_tokens = t;
     }

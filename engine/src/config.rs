@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 
 use crate::breaker::BreakerConfig;
 use crate::error::{EngineError, Result};
-use crate::model::CpuWeights;
+use crate::model::{CpuActivations, CpuWeights};
 use crate::scheduler::SchedulerConfig;
 
 /// Which device the model runs on.
@@ -57,6 +57,9 @@ pub struct EngineConfig {
     /// On the CPU with f32 activations: how projection weights are stored for the packed matmul
     /// kernels (`Native` keeps GGUF's Q4_1/Q8_0 exactly, compact and with f32's results).
     pub cpu_weights: CpuWeights,
+    /// On the CPU: how activations meet int8/int4 weights (`Auto`: int8 with AVX-512 VNNI, a
+    /// faster path whose outputs are within int8 rounding of `F32`'s exact ones).
+    pub cpu_activations: CpuActivations,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Bytes of memory for the KV cache pools (all layers, K and V).
@@ -79,6 +82,7 @@ impl EngineConfig {
             device: DeviceSpec::Cpu,
             dtype: DType::F32,
             cpu_weights: CpuWeights::Native,
+            cpu_activations: CpuActivations::Auto,
             block_size: 16,
             kv_cache_memory: 1 << 30,
             max_model_len: None,

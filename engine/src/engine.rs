@@ -98,7 +98,12 @@ impl Engine {
         let (mut source, tokenizer, template, name) = open_model(&config)?;
         let model_config = source.config().clone();
         tracing::info!(model = %config.model.display(), layers = model_config.num_layers, "loading weights");
-        let options = LoadOptions { dtype: config.dtype, device, cpu_weights: config.cpu_weights };
+        let options = LoadOptions {
+            dtype: config.dtype,
+            device,
+            cpu_weights: config.cpu_weights,
+            cpu_activations: config.cpu_activations,
+        };
         let model = Llama::load(&mut source, &options, &|done, total| {
             tracing::info!("loading weights: layer {done}/{total}");
         })?;

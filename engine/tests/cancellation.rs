@@ -4,19 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use sluice_engine::{Engine, Request, StreamEvent};
-
-fn wait_for_empty_pool(engine: &Engine) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = engine.stats();
-        if s.kv_blocks_used == 0 && s.running == 0 && s.waiting == 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "blocks never came back: {s:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use sluice_engine::{Request, StreamEvent};
 
 #[test]
 fn dropping_streams_while_waiting_prefilling_and_decoding_frees_every_block() {
@@ -38,14 +26,14 @@ fn dropping_streams_while_waiting_prefilling_and_decoding_frees_every_block() {
     }
     drop(prefilling);
     drop(decoding);
-    wait_for_empty_pool(&engine);
+    common::wait_for_empty_pool(&engine);
 
     // Waiting: dropped right after submission, before the admission window lets it run.
     for _ in 0..8 {
         let s = engine.submit(Request::user(long_prompt.as_str()).max_tokens(50)).unwrap();
         drop(s);
     }
-    wait_for_empty_pool(&engine);
+    common::wait_for_empty_pool(&engine);
     // The engine still works afterwards.
     let out = engine.generate(Request::user("What is the capital of France?").max_tokens(12)).unwrap();
     assert!(!out.token_ids.is_empty());
@@ -79,5 +67,5 @@ fn full_waiting_queue_refuses_new_submissions() {
         std::thread::sleep(Duration::from_millis(5));
     }
     drop((b, c));
-    wait_for_empty_pool(&engine);
+    common::wait_for_empty_pool(&engine);
 }

@@ -1,5 +1,7 @@
 //! Golden tests: our paged, packed forward against a reference forward computed another way on the
 //! same weights (candle-transformers' contiguous-KV Llama, fed the same dequantized f32 weights).
+//! The comparison runs our exact path (f32 activations); the default int8-activation path is
+//! checked against it in `weights.rs`.
 
 mod common;
 
@@ -9,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama as reference;
 use sluice_engine::model::{read_gguf, WeightSource};
-use sluice_engine::{ChatMessage, FinishReason, Request};
+use sluice_engine::{ChatMessage, CpuActivations, FinishReason, Request};
 
 const MAX_TOKENS: usize = 24;
 
@@ -64,7 +66,7 @@ fn reference_greedy(source: &mut WeightSource, prompts: &[Vec<u32>], eos: u32) -
 
 #[test]
 fn paged_forward_matches_reference_forward_token_for_token() {
-    let engine = common::shared_engine();
+    let engine = &common::engine_with(|c| c.cpu_activations = CpuActivations::F32);
     let questions = ["What is the capital of France?", "Write a haiku about the sea.", "What is 12 times 7?"];
     let prompts: Vec<Vec<u32>> = questions
         .iter()

@@ -18,9 +18,12 @@ use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sluice_kernels::matmul::QuantizedLinear;
 use sluice_kernels::{PackedLinear, WeightFormat};
 
 const FORMATS: [WeightFormat; 4] = [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Int8, WeightFormat::Int4];
+/// Formats `QuantizedLinear` runs (`Int8xQ8`, `Int4xQ8`: activations quantised to int8 too).
+const QUANTIZED: [WeightFormat; 2] = [WeightFormat::Int8, WeightFormat::Int4];
 
 /// `(k, n)` of the model's projections: fused QKV, MLP gate+up, MLP down, LM head.
 const SHAPES: [(usize, usize); 4] = [(576, 960), (576, 3072), (1536, 576), (576, 49152)];
@@ -42,6 +45,8 @@ struct Weights {
     ws: Vec<Tensor>,
     /// Per format, `ws` packed.
     packed: Vec<(WeightFormat, Vec<PackedLinear>)>,
+    /// Int8 and int4 with activations quantised to int8 (`QuantizedLinear`).
+    quantized: Vec<(WeightFormat, Vec<QuantizedLinear>)>,
 }
 
 impl Weights {
@@ -52,7 +57,11 @@ impl Weights {
             .iter()
             .map(|&f| (f, ws.iter().map(|w| PackedLinear::from_tensor(w, f).unwrap()).collect()))
             .collect();
-        Self { ws, packed }
+        let quantized = QUANTIZED
+            .iter()
+            .map(|&f| (f, ws.iter().map(|w| QuantizedLinear::from_tensor(w, f).unwrap()).collect()))
+            .collect();
+        Self { ws, packed, quantized }
     }
 }
 
@@ -75,6 +84,12 @@ fn bench_step(
     for (i, format) in FORMATS.iter().enumerate() {
         c.bench_function(BenchmarkId::new(format!("{format:?}"), m), |b| {
             let layers = &weights.get_or_init(&build).packed[i].1;
+            b.iter(|| layers.iter().for_each(|l| drop(black_box(l.forward(x(l.in_features())).unwrap()))))
+        });
+    }
+    for (i, format) in QUANTIZED.iter().enumerate() {
+        c.bench_function(BenchmarkId::new(format!("{format:?}xQ8"), m), |b| {
+            let layers = &weights.get_or_init(&build).quantized[i].1;
             b.iter(|| layers.iter().for_each(|l| drop(black_box(l.forward(x(l.in_features())).unwrap()))))
         });
     }

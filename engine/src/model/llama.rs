@@ -11,10 +11,10 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use sluice_kernels::matmul::{PackedLinear, WeightFormat};
+use sluice_kernels::matmul::{PackedLinear, QuantizedLinear, WeightFormat};
 
 use super::config::LlamaConfig;
-use super::cpu_weights::CpuWeights;
+use super::cpu_weights::{CpuActivations, CpuWeights};
 use super::loader::{QuantizedWeight, WeightSource};
 use crate::error::Result;
 
@@ -53,9 +53,14 @@ pub struct LayerCache {
 /// weight stored as f32, bf16 or int8. Elsewhere it is candle's matmul, which on the CPU takes
 /// another path for a single row (a difference of about 6e-5 on this model's shapes); a lone row
 /// is then run as two identical rows so that it gets exactly the numbers it would get in a batch.
+///
+/// With int8 activations (`CpuActivations`) an int8 or int4 weight runs on `QuantizedLinear`
+/// instead: integer dot products, rows still identical at every batch size.
 pub enum Linear {
     /// Packed CPU weight.
     Packed(PackedLinear),
+    /// Quantised CPU weight with activations quantised to int8 per step.
+    Quantized(QuantizedLinear),
     /// `[in, out]`, contiguous: x `[n, in]` · w_t → `[n, out]`.
     Dense(Tensor),
 }
@@ -64,6 +69,9 @@ impl std::fmt::Debug for Linear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Packed(p) => write!(f, "Linear::Packed({:?}, {}x{})", p.format(), p.out_features(), p.in_features()),
+            Self::Quantized(q) => {
+                write!(f, "Linear::Quantized({:?}, {}x{})", q.format(), q.out_features(), q.in_features())
+            }
             Self::Dense(w) => write!(f, "Linear::Dense({:?})", w.shape()),
         }
     }
@@ -88,6 +96,7 @@ impl Linear {
     /// has the same quantisation, and bf16 safetensors as bf16; otherwise the weight is read dense.
     fn load(source: &mut WeightSource, names: &[String], options: &LoadOptions) -> Result<Self> {
         let packed = options.device.is_cpu() && options.dtype == DType::F32;
+        let int8 = options.cpu_activations.int8();
         let format = match (packed, options.cpu_weights) {
             (false, _) => None,
             (true, CpuWeights::Repack(format)) => Some(format),
@@ -95,7 +104,11 @@ impl Linear {
                 let parts: Option<Vec<QuantizedWeight>> =
                     names.iter().map(|name| source.get_quantized(name)).collect::<Result<_>>()?;
                 if let Some(w) = parts.and_then(QuantizedWeight::stack) {
-                    return Ok(Self::Packed(PackedLinear::from_quantized(&w.weight, w.n, w.k)?));
+                    return Ok(if int8 {
+                        Self::Quantized(QuantizedLinear::from_quantized(&w.weight, w.n, w.k)?)
+                    } else {
+                        Self::Packed(PackedLinear::from_quantized(&w.weight, w.n, w.k)?)
+                    });
                 }
                 let all_bf16 = names.iter().all(|name| source.stored_dtype(name) == Some(DType::BF16));
                 Some(if all_bf16 { WeightFormat::Bf16 } else { WeightFormat::F32 })
@@ -103,6 +116,13 @@ impl Linear {
         };
         let ws =
             names.iter().map(|name| source.get(name, options.dtype, &options.device)).collect::<Result<Vec<_>>>()?;
+        if let (true, Some(format @ (WeightFormat::Int8 | WeightFormat::Int4))) = (int8, format) {
+            let w = match ws.as_slice() {
+                [w] => w.clone(),
+                _ => Tensor::cat(&ws, 0)?,
+            };
+            return Ok(Self::Quantized(QuantizedLinear::from_tensor(&w, format)?));
+        }
         match ws.as_slice() {
             [w] => Self::new(w, format),
             _ => Self::fused(&ws, format),
@@ -113,6 +133,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Packed(p) => Ok(p.forward(x)?),
+            Self::Quantized(q) => Ok(q.forward(x)?),
             Self::Dense(w_t) => {
                 if x.dim(0)? == 1 {
                     let two = Tensor::cat(&[x, x], 0)?;
@@ -127,6 +148,7 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match self {
             Self::Packed(p) => p.weight_bytes(),
+            Self::Quantized(q) => q.weight_bytes(),
             Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
         }
     }
@@ -166,6 +188,8 @@ pub struct LoadOptions {
     /// On the CPU with f32 activations: how the projection weights are stored for the packed
     /// kernels.
     pub cpu_weights: CpuWeights,
+    /// On the CPU: whether int8 and int4 weights meet f32 or int8 activations.
+    pub cpu_activations: CpuActivations,
 }
 
 /// A loaded Llama-family model.

@@ -8,7 +8,7 @@ mod loader;
 mod runner;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
-pub use cpu_weights::CpuWeights;
+pub use cpu_weights::{CpuActivations, CpuWeights};
 pub use llama::{LayerCache, Linear, Llama, LoadOptions, StepInput};
 pub use loader::{read_gguf, ModelFormat, QuantizedWeight, WeightSource};
 pub use runner::{ModelRunner, StepLogits};

@@ -27,6 +27,20 @@ pub fn engine_with(tweak: impl FnOnce(&mut EngineConfig)) -> Engine {
     Engine::new(config).expect("engine loads the default model")
 }
 
+/// Waits (up to 30 s) until no request is waiting or running and every KV block is back: stats are
+/// published after each step, so a stream's last token can arrive just before them.
+pub fn wait_for_empty_pool(engine: &Engine) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = engine.stats();
+        if s.kv_blocks_used == 0 && s.running == 0 && s.waiting == 0 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "blocks never came back: {s:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Greedy parameters for `max_tokens` tokens.
 pub fn greedy(max_tokens: usize) -> SamplingParams {
     SamplingParams { max_tokens, ..SamplingParams::default() }

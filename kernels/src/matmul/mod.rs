@@ -36,6 +36,7 @@ mod avx2;
 mod avx512;
 mod out;
 mod pack;
+mod quantized;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -47,6 +48,7 @@ use crate::storage::contiguous_slice;
 use out::Columns;
 use pack::Packed;
 pub use pack::Quantized;
+pub use quantized::QuantizedLinear;
 
 /// Outputs per packed panel: three 16-lane AVX-512 vectors (six AVX2 ones). Divides every
 /// projection width of the default model (576, 960, 3072, 49152).

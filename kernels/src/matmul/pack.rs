@@ -53,6 +53,21 @@ impl Quantized {
         Ok(())
     }
 
+    /// Quantises `w` (`[n, k]` row-major) symmetrically per group: `scale = max|w| / 127`, codes
+    /// rounded to nearest (GGUF's Q8_0 in f32 scales).
+    pub(super) fn int8(w: &[f32], n: usize, k: usize) -> Self {
+        let mut codes = Vec::with_capacity(n * k);
+        let mut scales = Vec::with_capacity(n * k.div_ceil(INT8_GROUP));
+        for row in w.chunks(k).take(n) {
+            for group in row.chunks(INT8_GROUP) {
+                let scale = int8_scale(group);
+                codes.extend(group.iter().map(|&v| quantise(v, scale)));
+                scales.push(scale);
+            }
+        }
+        Self::Int8 { codes, scales }
+    }
+
     /// Quantises `w` (`[n, k]` row-major) the way GGUF's Q4_1 does: per group, `d = (max - min)
     /// / 15` and `m = min` (both rounded to f16), codes rounded to nearest.
     pub(super) fn int4(w: &[f32], n: usize, k: usize) -> Self {
@@ -80,14 +95,7 @@ impl Packed {
         match format {
             WeightFormat::F32 => Self::F32(panels(n, k, |c, i| w[c * k + i])),
             WeightFormat::Bf16 => Self::Bf16(panels(n, k, |c, i| bf16::from_f32(w[c * k + i]).to_bits())),
-            WeightFormat::Int8 => {
-                let groups = k.div_ceil(INT8_GROUP);
-                // [n][groups]
-                let row_scales: Vec<f32> = w.chunks(k).flat_map(|row| row.chunks(INT8_GROUP).map(int8_scale)).collect();
-                let q = panels(n, k, |c, i| quantise(w[c * k + i], row_scales[c * groups + i / INT8_GROUP]));
-                let scales = panels(n, groups, |c, g| row_scales[c * groups + g]);
-                Self::Int8 { q, scales }
-            }
+            WeightFormat::Int8 => Self::quantized(&Quantized::int8(w, n, k), n, k),
             WeightFormat::Int4 => Self::quantized(&Quantized::int4(w, n, k), n, k),
         }
     }

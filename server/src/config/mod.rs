@@ -55,6 +55,10 @@ pub struct Settings {
     /// CPU weight storage: native (a GGUF's Q4_1/Q8_0 kept exactly), f32, bf16, int8 or int4 [default: native].
     #[arg(long, env = "SLUICE_CPU_WEIGHTS")]
     pub cpu_weights: Option<String>,
+    /// How CPU activations meet int8/int4 weights: auto (int8 with AVX-512 VNNI), f32 (exact) or
+    /// int8 (integer dot products, within int8 rounding of exact) [default: auto].
+    #[arg(long, env = "SLUICE_CPU_ACTIVATIONS")]
+    pub cpu_activations: Option<String>,
     /// Start a batch when this many requests wait [default: 32].
     #[arg(long, env = "SLUICE_MAX_BATCH_SIZE", value_name = "N")]
     pub max_batch_size: Option<usize>,
@@ -226,6 +230,7 @@ impl Settings {
             device: self.device.or(file.device),
             dtype: self.dtype.or(file.dtype),
             cpu_weights: self.cpu_weights.or(file.cpu_weights),
+            cpu_activations: self.cpu_activations.or(file.cpu_activations),
             max_batch_size: self.max_batch_size.or(file.max_batch_size),
             batch_timeout: self.batch_timeout.or(file.batch_timeout),
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
@@ -322,6 +327,9 @@ fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
     };
     if let Some(w) = &s.cpu_weights {
         config.cpu_weights = w.parse().map_err(|e| ConfigError(format!("`cpu_weights`: {e}")))?;
+    }
+    if let Some(a) = &s.cpu_activations {
+        config.cpu_activations = a.parse().map_err(|e| ConfigError(format!("`cpu_activations`: {e}")))?;
     }
     let defaults = SchedulerConfig::default();
     config.scheduler = SchedulerConfig {
