@@ -105,6 +105,9 @@ struct EngineArgs {
     /// How activations meet int8/int4 weights: auto (int8 with AVX-512 VNNI), f32 or int8.
     #[arg(long, default_value = "auto")]
     cpu_activations: String,
+    /// KV cache element type: auto (the dtype), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
     /// Tokens per engine step (decodes plus prompt chunks).
     #[arg(long)]
     max_batch_tokens: Option<usize>,
@@ -186,7 +189,7 @@ fn parse_dtype(s: &str) -> anyhow::Result<DType> {
         "f32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),
         "bf16" => Ok(DType::BF16),
-        _ => anyhow::bail!("--dtype must be f32, f16 or bf16, got {s}"),
+        _ => anyhow::bail!("a dtype must be f32, f16 or bf16, got {s}"),
     }
 }
 
@@ -219,6 +222,10 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     config.kv_cache_memory = args.kv_cache_mib << 20;
     config.cpu_weights = args.cpu_weights.parse().map_err(anyhow::Error::msg)?;
     config.cpu_activations = args.cpu_activations.parse().map_err(anyhow::Error::msg)?;
+    config.kv_cache_dtype = match args.kv_cache_dtype.as_str() {
+        "auto" => None,
+        other => Some(parse_dtype(other)?),
+    };
     if let Some(t) = args.max_batch_tokens {
         config.scheduler.max_batch_tokens = t;
     }

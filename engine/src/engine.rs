@@ -115,7 +115,8 @@ impl Engine {
                 model_config.max_position_embeddings
             )));
         }
-        let per_block = model_config.kv_bytes_per_token(config.dtype.size_in_bytes()) * config.block_size;
+        let kv_dtype = config.kv_dtype();
+        let per_block = model_config.kv_bytes_per_token(kv_dtype.size_in_bytes()) * config.block_size;
         let num_blocks = config.kv_cache_memory / per_block;
         if num_blocks == 0 {
             return Err(EngineError::InvalidRequest(format!(
@@ -124,7 +125,7 @@ impl Engine {
             )));
         }
         let vocab_size = model.vocab_size();
-        let runner = ModelRunner::new(model, num_blocks, config.block_size)?;
+        let runner = ModelRunner::new(model, num_blocks, config.block_size, kv_dtype)?;
         tracing::info!(
             blocks = num_blocks,
             block_size = config.block_size,

@@ -23,7 +23,9 @@ use crate::storage::{contiguous_slice, cpu};
 /// Attention of every packed query row over its own sequence's paged context.
 ///
 /// - `q`: `(num_tokens, num_heads, head_dim)`, the cache's dtype (f32, f16 or bf16), packed over
-///   the batch's sequences with no padding.
+///   the batch's sequences with no padding. On the CPU an f32 `q` may also read an f16 or bf16
+///   cache (each cached element widened to f32 exactly, so the result is the f32 computation on
+///   the cached values).
 /// - `key_cache`, `value_cache`: `(num_blocks, block_size, num_kv_heads, head_dim)`, contiguous;
 ///   this step's keys and values are already written (see [`crate::reshape_and_cache`]).
 /// - `block_tables`: `(num_seqs, max_blocks_per_seq)` U32; row `s` lists sequence `s`'s blocks in
@@ -77,7 +79,8 @@ pub fn paged_attention(
     if num_kv_heads == 0 || num_heads == 0 || num_heads % num_kv_heads != 0 {
         bail!("`num_heads` ({num_heads}) must be a positive multiple of `num_kv_heads` ({num_kv_heads})")
     }
-    if q.dtype() != key_cache.dtype() {
+    let f32_over_half = q.dtype() == DType::F32 && key_cache.dtype() != DType::F32 && q.device().is_cpu();
+    if q.dtype() != key_cache.dtype() && !f32_over_half {
         bail!("`q` has dtype {:?} but the cache holds {:?}", q.dtype(), key_cache.dtype())
     }
     let num_seqs = seq_lens.elem_count();
@@ -221,11 +224,15 @@ impl CustomOp1 for PagedAttention {
         let geo = Geometry { num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale: self.scale };
         let batch = Batch::new(bt, cu, sl, num_tokens, &geo)?;
         let operands = Operands { q: (q, q_l), k: (kc, kc_l), v: (vc, vc_l) };
-        let out = match q {
-            CpuStorage::F32(_) => run::<f32>(operands, &geo, &batch)?,
-            CpuStorage::F16(_) => run::<half::f16>(operands, &geo, &batch)?,
-            CpuStorage::BF16(_) => run::<half::bf16>(operands, &geo, &batch)?,
-            other => bail!("`q` must be f32, f16 or bf16, got {:?}", other.dtype()),
+        let out = match (q.dtype(), kc.dtype()) {
+            (DType::F32, DType::F32) => run::<f32, f32>(operands, &geo, &batch)?,
+            (DType::F32, DType::F16) => run::<f32, half::f16>(operands, &geo, &batch)?,
+            (DType::F32, DType::BF16) => run::<f32, half::bf16>(operands, &geo, &batch)?,
+            (DType::F16, DType::F16) => run::<half::f16, half::f16>(operands, &geo, &batch)?,
+            (DType::BF16, DType::BF16) => run::<half::bf16, half::bf16>(operands, &geo, &batch)?,
+            (q, c) => bail!(
+                "`q` must be f32, f16 or bf16 over a cache of its dtype (or f32 over f16/bf16), got {q:?} over {c:?}"
+            ),
         };
         Ok((out, q_l.shape().clone()))
     }
@@ -247,10 +254,10 @@ struct Operands<'a> {
     v: (&'a CpuStorage, &'a Layout),
 }
 
-/// Borrows the operands as `T` slices and runs the CPU body.
-fn run<T: Elem>(ops: Operands<'_>, geo: &Geometry, batch: &Batch<'_>) -> candle_core::Result<CpuStorage> {
+/// Borrows the operands as `T` (queries) and `C` (cache) slices and runs the CPU body.
+fn run<T: Elem, C: Elem>(ops: Operands<'_>, geo: &Geometry, batch: &Batch<'_>) -> candle_core::Result<CpuStorage> {
     let q = contiguous_slice::<T>(ops.q.0, ops.q.1, "q")?;
-    let k = contiguous_slice::<T>(ops.k.0, ops.k.1, "key_cache")?;
-    let v = contiguous_slice::<T>(ops.v.0, ops.v.1, "value_cache")?;
+    let k = contiguous_slice::<C>(ops.k.0, ops.k.1, "key_cache")?;
+    let v = contiguous_slice::<C>(ops.v.0, ops.v.1, "value_cache")?;
     Ok(T::to_cpu_storage_owned(cpu::forward(q, k, v, geo, batch)))
 }

@@ -14,16 +14,29 @@ pub(crate) trait Elem: WithDType {
     /// Rounds `src` (f32) to nearest-even into `dst`. `src` and `dst` have the same length.
     fn narrow(src: &[f32], dst: &mut [Self]);
 
-    /// `src` itself when it is already f32 (no copy needed to compute on it).
-    fn as_f32(_src: &[Self]) -> Option<&[f32]> {
-        None
-    }
+    /// One element widened to f32 (exact).
+    fn widen1(self) -> f32;
+
+    /// Sixteen consecutive elements from `ptr` widened to f32 (exact, the same values as
+    /// [`Elem::widen1`]).
+    ///
+    /// # Safety
+    ///
+    /// AVX-512F is available and 16 elements from `ptr` are readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(ptr: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Elem for f32 {
-    #[inline]
-    fn as_f32(src: &[Self]) -> Option<&[f32]> {
-        Some(src)
+    #[inline(always)]
+    fn widen1(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(ptr: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(ptr)
     }
 
     #[inline]
@@ -39,6 +52,18 @@ impl Elem for f32 {
 }
 
 impl Elem for f16 {
+    #[inline(always)]
+    fn widen1(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(ptr: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(ptr.cast()))
+    }
+
     #[inline]
     fn widen<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
         debug_assert_eq!(src.len(), buf.len());
@@ -56,6 +81,18 @@ impl Elem for f16 {
 }
 
 impl Elem for bf16 {
+    #[inline(always)]
+    fn widen1(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(ptr: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(ptr.cast()))))
+    }
+
     /// A bf16 is the top half of an f32; a plain shift (which the compiler vectorises) is several
     /// times faster than `half`'s per-element NaN check, and differs only in NaN payloads.
     #[inline]

@@ -259,14 +259,16 @@ impl Llama {
         &self.device
     }
 
-    /// Allocates a zeroed KV cache of `num_blocks` blocks of `block_size` tokens for every layer.
-    pub fn allocate_cache(&self, num_blocks: usize, block_size: usize) -> Result<Vec<LayerCache>> {
+    /// Allocates a zeroed KV cache of `num_blocks` blocks of `block_size` tokens of `dtype` for every
+    /// layer. A cache dtype other than the model's works on the CPU with f32 activations (keys and
+    /// values are rounded to it as they are written; attention widens them back exactly).
+    pub fn allocate_cache(&self, num_blocks: usize, block_size: usize, dtype: DType) -> Result<Vec<LayerCache>> {
         let shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim);
         (0..self.config.num_layers)
             .map(|_| {
                 Ok(LayerCache {
-                    k: Tensor::zeros(shape, self.dtype, &self.device)?,
-                    v: Tensor::zeros(shape, self.dtype, &self.device)?,
+                    k: Tensor::zeros(shape, dtype, &self.device)?,
+                    v: Tensor::zeros(shape, dtype, &self.device)?,
                 })
             })
             .collect()
@@ -291,6 +293,7 @@ impl Llama {
             let v = qkv.narrow(1, (h + kv) * d, kv * d)?.reshape((n, kv, d))?.contiguous()?;
             let q = candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)?.reshape((n, h, d))?;
             let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.reshape((n, kv, d))?;
+            let (k, v) = (k.to_dtype(lc.k.dtype())?, v.to_dtype(lc.v.dtype())?);
             sluice_kernels::reshape_and_cache(&k, &v, &lc.k, &lc.v, &input.slot_mapping)?;
             let attn = sluice_kernels::paged_attention(
                 &q,

@@ -1,7 +1,7 @@
 //! `ModelRunner`: turns a scheduler `Batch` into the model's packed inputs, runs the step, and
 //! returns the logits of the rows to sample.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::llama::{LayerCache, Llama, StepInput};
 use crate::error::{EngineError, Result};
@@ -23,9 +23,10 @@ pub struct StepLogits {
 }
 
 impl ModelRunner {
-    /// Wraps a loaded model and allocates `num_blocks` KV blocks of `block_size` tokens per layer.
-    pub fn new(model: Llama, num_blocks: usize, block_size: usize) -> Result<Self> {
-        let cache = model.allocate_cache(num_blocks, block_size)?;
+    /// Wraps a loaded model and allocates `num_blocks` KV blocks of `block_size` tokens of `kv_dtype`
+    /// per layer.
+    pub fn new(model: Llama, num_blocks: usize, block_size: usize, kv_dtype: DType) -> Result<Self> {
+        let cache = model.allocate_cache(num_blocks, block_size, kv_dtype)?;
         Ok(Self { model, cache, block_size })
     }
 

@@ -8,8 +8,9 @@
 //! 2. `m = max(score)`, `w[p] = exp(score[p] - m)`, `sum = Σ w[p]` in position order;
 //! 3. `acc = Σ w[p] * v[p]` in position order, then `out = acc / sum`.
 //!
-//! Keys and values are read one `head_dim` row at a time and widened to f32 once per item (one
-//! row serves every head of the item), so the inner loops run on contiguous f32 slices.
+//! Keys and values are read in place from the pools, one `head_dim` row at a time, and widened to
+//! f32 in registers (exactly: an f16 or bf16 cache gives the f32 computation on its values); one
+//! row serves every head of the item.
 //!
 //! The f32 arithmetic ([`Math`]) has two bodies, picked once per call from the CPU's features: a
 //! portable one and an AVX-512 one. Both do the same operations in the same order (sixteen
@@ -29,7 +30,13 @@ pub(crate) mod avx512;
 ///
 /// `k_cache`, `v_cache`: `(num_blocks, block_size, num_kv_heads, head_dim)`. `batch` has been
 /// validated against `geo` and `q`, which is what makes the indexing below in bounds.
-pub(super) fn forward<T: Elem>(q: &[T], k_cache: &[T], v_cache: &[T], geo: &Geometry, batch: &Batch<'_>) -> Vec<T> {
+pub(super) fn forward<T: Elem, C: Elem>(
+    q: &[T],
+    k_cache: &[C],
+    v_cache: &[C],
+    geo: &Geometry,
+    batch: &Batch<'_>,
+) -> Vec<T> {
     let mut out = vec![T::from_f64(0.0); q.len()];
     let heads = heads_per_item(q.len() / (geo.num_heads * geo.head_dim), geo);
     let items_per_token = geo.num_heads / heads;
@@ -84,26 +91,19 @@ fn query_row<'a>(batch: &Batch<'a>, token: usize, block_size: usize) -> QueryRow
 }
 
 /// One layer's key and value pools, `(num_blocks, block_size, num_kv_heads, head_dim)` each.
-pub(super) struct Cache<'a, T> {
-    k: &'a [T],
-    v: &'a [T],
+pub(super) struct Cache<'a, C> {
+    k: &'a [C],
+    v: &'a [C],
     geo: &'a Geometry,
 }
 
-impl<T: Elem> Cache<'_, T> {
+impl<C: Elem> Cache<'_, C> {
     /// Where the `head_dim` row for `kv_head` at position `p` of `row`'s context starts in a pool.
     #[inline(always)]
     fn offset(&self, row: &QueryRow<'_>, kv_head: usize, p: usize) -> usize {
         let Geometry { num_kv_heads, head_dim, block_size, .. } = *self.geo;
         let slot = row.blocks[p / block_size] as usize * block_size + p % block_size;
         (slot * num_kv_heads + kv_head) * head_dim
-    }
-
-    /// The `head_dim` slice of `pool` (the key or value pool) for `kv_head` at position `p` of
-    /// `row`'s context.
-    #[inline(always)]
-    fn at<'p>(&self, pool: &'p [T], row: &QueryRow<'_>, kv_head: usize, p: usize) -> &'p [T] {
-        &pool[self.offset(row, kv_head, p)..][..self.geo.head_dim]
     }
 }
 
@@ -112,13 +112,9 @@ impl<T: Elem> Cache<'_, T> {
 pub(super) struct Scratch {
     /// `(heads, head_dim)`: the item's query rows in f32.
     q: Vec<f32>,
-    /// `(head_dim,)`: the current key or value row in f32.
-    kv: Vec<f32>,
     /// `(heads, len)`: scores, then softmax weights.
     scores: Vec<f32>,
-    /// `(len, head_dim)`: the context's value rows widened to f32 (other element types).
-    vals: Vec<f32>,
-    /// `(len,)`: where each position's value row starts in the pool (or in `vals`).
+    /// `(len,)`: where each position's key (or value) row starts in its pool.
     rows: Vec<usize>,
     /// `(heads, head_dim)`: weighted sum of values.
     acc: Vec<f32>,
@@ -128,38 +124,27 @@ pub(super) struct Scratch {
 
 /// Attention for `q` (`(heads, head_dim)`, heads sharing `kv_head`) over `row`'s context.
 #[inline(always)]
-fn attend<T: Elem, M: Math>(
+fn attend<T: Elem, C: Elem, M: Math>(
     math: M,
     q: &[T],
     row: &QueryRow<'_>,
     kv_head: usize,
-    cache: &Cache<'_, T>,
+    cache: &Cache<'_, C>,
     scratch: &mut Scratch,
     out: &mut [T],
 ) {
     let (head_dim, len) = (cache.geo.head_dim, row.len);
     let heads = q.len() / head_dim;
-    let Scratch { q: qf, kv, scores, vals, rows, acc, sums } = scratch;
+    let Scratch { q: qf, scores, rows, acc, sums } = scratch;
     qf.resize(q.len(), 0.0);
-    kv.resize(head_dim, 0.0);
     scores.resize(heads * len, 0.0);
     let qf: &[f32] = T::widen(q, qf);
 
-    // 1. Scores: read in place from an f32 pool, else one key row widened at a time. (Plain
-    // loops, no closures: a closure would be compiled apart from the AVX-512 build.)
-    let scale = cache.geo.scale;
-    if let Some(pool) = T::as_f32(cache.k) {
-        rows.clear();
-        rows.extend((0..len).map(|p| cache.offset(row, kv_head, p)));
-        math.scores(scores, qf, pool, rows, head_dim, scale);
-    } else {
-        for p in 0..len {
-            let k = T::widen(cache.at(cache.k, row, kv_head, p), kv);
-            for h in 0..heads {
-                scores[h * len + p] = scale * math.dot(&qf[h * head_dim..][..head_dim], k);
-            }
-        }
-    }
+    // 1. Scores, reading the key rows in place. (Plain loops, no closures: a closure would be
+    // compiled apart from the AVX-512 build.)
+    rows.clear();
+    rows.extend((0..len).map(|p| cache.offset(row, kv_head, p)));
+    math.scores(scores, qf, cache.k, rows, head_dim, cache.geo.scale);
 
     // 2. Max-subtracted softmax numerators and their sums, in position order.
     sums.clear();
@@ -167,26 +152,10 @@ fn attend<T: Elem, M: Math>(
         sums.push(math.softmax_numerators(w));
     }
 
-    // 3. Weighted values, in position order: read in place from an f32 pool, else widened into
-    // one run first. `rows[p]` is where position `p`'s value row starts.
-    rows.clear();
-    let pool: &[f32] = match T::as_f32(cache.v) {
-        Some(pool) => {
-            rows.extend((0..len).map(|p| cache.offset(row, kv_head, p)));
-            pool
-        }
-        None => {
-            vals.clear();
-            for p in 0..len {
-                vals.extend_from_slice(T::widen(cache.at(cache.v, row, kv_head, p), kv));
-            }
-            rows.extend((0..len).map(|p| p * head_dim));
-            vals
-        }
-    };
+    // 3. Weighted values, in position order, reading the value rows in place (the same offsets).
     acc.clear();
     acc.resize(q.len(), 0.0);
-    math.weighted_sum(acc, scores, pool, rows, head_dim);
+    math.weighted_sum(acc, scores, cache.v, rows, head_dim);
     for h in 0..heads {
         math.div(&mut acc[h * head_dim..][..head_dim], sums[h]);
     }
@@ -200,12 +169,13 @@ trait Math: Copy {
     /// then `(l0 + l2) + (l1 + l3)`; plus the products past the last full chunk, summed in order.
     fn dot(self, a: &[f32], b: &[f32]) -> f32;
     /// `out[h][p] = scale * dot(q[h], pool[rows[p]..][..head_dim])` for every head `h` and
-    /// position `p < rows.len()` (`out`: `(heads, len)`; `q`: `(heads, head_dim)`).
-    fn scores(self, out: &mut [f32], q: &[f32], pool: &[f32], rows: &[usize], head_dim: usize, scale: f32);
+    /// position `p < rows.len()` (`out`: `(heads, len)`; `q`: `(heads, head_dim)`), each pool
+    /// element widened to f32.
+    fn scores<C: Elem>(self, out: &mut [f32], q: &[f32], pool: &[C], rows: &[usize], head_dim: usize, scale: f32);
     /// `acc[h][d] += w[h][p] * pool[rows[p] + d]` for each position `p < len` in order, for every
     /// head `h` (`acc`: `(heads, head_dim)`; `w`: `(heads, len)`; `rows`: `(len,)`, each row
-    /// `head_dim` long inside `pool`).
-    fn weighted_sum(self, acc: &mut [f32], w: &[f32], pool: &[f32], rows: &[usize], head_dim: usize);
+    /// `head_dim` long inside `pool`, each element widened to f32).
+    fn weighted_sum<C: Elem>(self, acc: &mut [f32], w: &[f32], pool: &[C], rows: &[usize], head_dim: usize);
     /// `w[p] = exp(w[p] - max(w))` in place; returns `Σ w[p]`, summed as `dot` sums.
     fn softmax_numerators(self, w: &mut [f32]) -> f32;
     /// `acc[i] /= d`.
@@ -248,20 +218,22 @@ impl Math for Portable {
     }
 
     #[inline(always)]
-    fn scores(self, out: &mut [f32], q: &[f32], pool: &[f32], rows: &[usize], head_dim: usize, scale: f32) {
+    fn scores<C: Elem>(self, out: &mut [f32], q: &[f32], pool: &[C], rows: &[usize], head_dim: usize, scale: f32) {
+        let mut k = vec![0.0f32; head_dim];
         for (out, q) in out.chunks_exact_mut(rows.len()).zip(q.chunks_exact(head_dim)) {
             for (o, &at) in out.iter_mut().zip(rows) {
-                *o = scale * self.dot(q, &pool[at..at + head_dim]);
+                k.iter_mut().zip(&pool[at..at + head_dim]).for_each(|(k, &c)| *k = c.widen1());
+                *o = scale * self.dot(q, &k);
             }
         }
     }
 
     #[inline(always)]
-    fn weighted_sum(self, acc: &mut [f32], w: &[f32], pool: &[f32], rows: &[usize], head_dim: usize) {
+    fn weighted_sum<C: Elem>(self, acc: &mut [f32], w: &[f32], pool: &[C], rows: &[usize], head_dim: usize) {
         for (acc, w) in acc.chunks_exact_mut(head_dim).zip(w.chunks_exact(rows.len())) {
             for (&w, &at) in w.iter().zip(rows) {
                 for (a, x) in acc.iter_mut().zip(&pool[at..at + head_dim]) {
-                    *a += w * x;
+                    *a += w * x.widen1();
                 }
             }
         }
@@ -346,16 +318,26 @@ mod tests {
         let geo = Geometry { num_heads: 6, num_kv_heads: 2, head_dim: 64, num_blocks: 8, block_size: 16, scale: 0.125 };
         let pool = |rng: &mut StdRng| (0..8 * 16 * 2 * 64).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
         let (k, v) = (pool(&mut rng), pool(&mut rng));
-        let cache = Cache { k: &k, v: &v, geo: &geo };
+        let half = |p: &[f32]| p.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>();
+        let (k16, v16) = (half(&k), half(&v));
+        let brain = |p: &[f32]| p.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>();
+        let (kb, vb) = (brain(&k), brain(&v));
         let q: Vec<f32> = (0..3 * 64).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let blocks = [5u32, 2, 7, 0, 3];
+        fn both<C: Elem>(simd: avx512::Avx512, q: &[f32], row: &QueryRow<'_>, cache: &Cache<'_, C>) -> [Vec<u32>; 2] {
+            let (mut a, mut b) = (vec![0.0f32; q.len()], vec![0.0f32; q.len()]);
+            attend(Portable, q, row, 1, cache, &mut Scratch::default(), &mut a);
+            simd.attend(q, row, 1, cache, &mut Scratch::default(), &mut b);
+            [a, b].map(|v| v.iter().map(|x| x.to_bits()).collect())
+        }
         for len in [1usize, 15, 16, 17, 33, 77] {
             let row = QueryRow { blocks: &blocks[..len.div_ceil(16)], len };
-            let (mut a, mut b) = (vec![0.0f32; q.len()], vec![0.0f32; q.len()]);
-            attend(Portable, &q, &row, 1, &cache, &mut Scratch::default(), &mut a);
-            simd.attend(&q, &row, 1, &cache, &mut Scratch::default(), &mut b);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&a), bits(&b), "len {len}");
+            let [a, b] = both(simd, &q, &row, &Cache { k: &k, v: &v, geo: &geo });
+            assert_eq!(a, b, "f32 cache, len {len}");
+            let [a, b] = both(simd, &q, &row, &Cache { k: &k16, v: &v16, geo: &geo });
+            assert_eq!(a, b, "f16 cache, len {len}");
+            let [a, b] = both(simd, &q, &row, &Cache { k: &kb, v: &vb, geo: &geo });
+            assert_eq!(a, b, "bf16 cache, len {len}");
         }
     }
 }

@@ -5,7 +5,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::paged_attention;
-use crate::test_util::{bits, cu_seqlens, max_abs_diff, reference, test_device, u32s, Config, Scenario};
+use crate::test_util::{bits, cu_seqlens, max_abs_diff, reference, test_device, u32s, uniform, Config, Scenario};
 
 /// Largest error allowed against the f32 reference; outputs are convex mixes of values in [-1, 1].
 fn tolerance(dtype: DType) -> f32 {
@@ -189,3 +189,25 @@ fn bad_arguments_are_errors(dev: &Device) -> Result<()> {
     Ok(())
 }
 test_device!(bad_arguments_are_errors);
+
+/// On the CPU, f32 queries over an f16 or bf16 cache give exactly what they give over an f32 cache
+/// holding the same (widened) values, for decodes, prompts and chunks together.
+#[test]
+fn f32_queries_over_a_half_cache_widen_it_exactly() -> Result<()> {
+    let dev = &Device::Cpu;
+    for dtype in [DType::F16, DType::BF16] {
+        let mut rng = StdRng::seed_from_u64(23);
+        let cfg = Config { num_heads: 9, num_kv_heads: 3, head_dim: 64, block_size: 16, num_blocks: 24 };
+        let (seq_lens, q_lens) = ([70, 33, 90], [1, 33, 17]);
+        let half = Scenario::new(&mut rng, cfg, &seq_lens, 51, dtype, dev)?;
+        let mut wide = half.to_device(dev)?;
+        wide.k_cache = half.k_cache.to_dtype(DType::F32)?;
+        wide.v_cache = half.v_cache.to_dtype(DType::F32)?;
+        let q = uniform(&mut rng, &[51, 9, 64], DType::F32, dev)?;
+        let got = run(&half, &q, &[0, 1, 2], &q_lens, &seq_lens)?;
+        assert_eq!(got.dtype(), DType::F32);
+        let want = run(&wide, &q, &[0, 1, 2], &q_lens, &seq_lens)?;
+        assert_eq!(bits(&got)?, bits(&want)?, "{dtype:?} cache");
+    }
+    Ok(())
+}

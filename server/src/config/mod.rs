@@ -59,6 +59,10 @@ pub struct Settings {
     /// int8 (integer dot products, within int8 rounding of exact) [default: auto].
     #[arg(long, env = "SLUICE_CPU_ACTIVATIONS")]
     pub cpu_activations: Option<String>,
+    /// KV cache element type: auto (the dtype), f32, f16 or bf16 (f16/bf16 under f32 activations on
+    /// the CPU only) [default: auto].
+    #[arg(long, env = "SLUICE_KV_CACHE_DTYPE")]
+    pub kv_cache_dtype: Option<String>,
     /// Start a batch when this many requests wait [default: 32].
     #[arg(long, env = "SLUICE_MAX_BATCH_SIZE", value_name = "N")]
     pub max_batch_size: Option<usize>,
@@ -231,6 +235,7 @@ impl Settings {
             dtype: self.dtype.or(file.dtype),
             cpu_weights: self.cpu_weights.or(file.cpu_weights),
             cpu_activations: self.cpu_activations.or(file.cpu_activations),
+            kv_cache_dtype: self.kv_cache_dtype.or(file.kv_cache_dtype),
             max_batch_size: self.max_batch_size.or(file.max_batch_size),
             batch_timeout: self.batch_timeout.or(file.batch_timeout),
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
@@ -319,11 +324,16 @@ fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
     let mut config = EngineConfig::new(model);
     let device = s.device.as_deref().unwrap_or("cpu");
     config.device = DeviceSpec::parse(device).map_err(|e| ConfigError(e.to_string()))?;
-    config.dtype = match s.dtype.as_deref().unwrap_or("f32") {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => return Err(ConfigError(format!("`dtype` must be f32, f16 or bf16, got `{other}`"))),
+    let dtype = |name: &str, value: &str| match value {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(ConfigError(format!("`{name}` must be f32, f16 or bf16, got `{other}`"))),
+    };
+    config.dtype = dtype("dtype", s.dtype.as_deref().unwrap_or("f32"))?;
+    config.kv_cache_dtype = match s.kv_cache_dtype.as_deref() {
+        None | Some("auto") => None,
+        Some(other) => Some(dtype("kv_cache_dtype", other)?),
     };
     if let Some(w) = &s.cpu_weights {
         config.cpu_weights = w.parse().map_err(|e| ConfigError(format!("`cpu_weights`: {e}")))?;

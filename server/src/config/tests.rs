@@ -96,12 +96,13 @@ fn bad_settings_are_named() {
     let path = model.0.display().to_string();
     let typo = TempFile::new("typo.toml", "prot = 8080\n");
     let typo_path = typo.0.display().to_string();
-    let cases: [(Vec<&str>, &str); 10] = [
+    let cases: [(Vec<&str>, &str); 11] = [
         (vec!["--model", "/nonexistent/model.gguf"], "`model`"),
         (vec!["--model", &path, "--device", "tpu"], "`device`"),
         (vec!["--model", &path, "--dtype", "f8"], "`dtype`"),
         (vec!["--model", &path, "--cpu-weights", "q4"], "`cpu_weights`"),
         (vec!["--model", &path, "--cpu-activations", "q8"], "`cpu_activations`"),
+        (vec!["--model", &path, "--kv-cache-dtype", "fp8"], "`kv_cache_dtype`"),
         (vec!["--model", &path, "--max-batch-size", "0"], "`max_batch_size`"),
         (vec!["--model", &path, "--request-timeout", "0s"], "`request_timeout`"),
         (vec!["--model", &path, "--log-level", "info,=["], "`log_level`"),

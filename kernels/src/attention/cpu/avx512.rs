@@ -16,12 +16,12 @@ impl Avx512 {
     }
 
     /// [`attend`] with this body, the whole item compiled for AVX-512.
-    pub(super) fn attend<T: Elem>(
+    pub(super) fn attend<T: Elem, C: Elem>(
         self,
         q: &[T],
         row: &QueryRow<'_>,
         kv_head: usize,
-        cache: &Cache<'_, T>,
+        cache: &Cache<'_, C>,
         scratch: &mut Scratch,
         out: &mut [T],
     ) {
@@ -32,12 +32,12 @@ impl Avx512 {
 
 /// Safety: AVX-512F is available.
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512<T: Elem>(
+unsafe fn attend_avx512<T: Elem, C: Elem>(
     simd: Avx512,
     q: &[T],
     row: &QueryRow<'_>,
     kv_head: usize,
-    cache: &Cache<'_, T>,
+    cache: &Cache<'_, C>,
     scratch: &mut Scratch,
     out: &mut [T],
 ) {
@@ -107,12 +107,28 @@ unsafe fn fold16(acc: &[__m512; 16]) -> __m512 {
     _mm512_permutexvar_ps(order, r)
 }
 
-/// Prefetches into L1 the `bytes` of `pool` from `at` on (a hint: never faults).
+/// Prefetches into L1 the `bytes` of `pool` from element `at` on (a hint: never faults).
 #[inline(always)]
-unsafe fn prefetch(pool: &[f32], at: usize, bytes: usize) {
+unsafe fn prefetch<C>(pool: &[C], at: usize, bytes: usize) {
     for line in (0..bytes).step_by(64) {
         _mm_prefetch::<_MM_HINT_T0>(pool.as_ptr().wrapping_add(at).cast::<i8>().wrapping_add(line));
     }
+}
+
+/// [`Math::dot`] of `q` with one pool row, widened in registers. Safety: AVX-512F.
+#[inline(always)]
+unsafe fn dot_row<C: Elem>(q: &[f32], k: &[C]) -> f32 {
+    let n = q.len().min(k.len());
+    let full = n / 16 * 16;
+    let mut acc = _mm512_setzero_ps();
+    for i in (0..full).step_by(16) {
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(q.as_ptr().add(i)), C::load16(k.as_ptr().add(i))));
+    }
+    let mut tail = 0.0f32;
+    for i in full..n {
+        tail += q[i] * k[i].widen1();
+    }
+    fold(acc) + tail
 }
 
 /// How far ahead (in positions) value and key rows are prefetched: their rows sit in scattered
@@ -120,10 +136,10 @@ unsafe fn prefetch(pool: &[f32], at: usize, bytes: usize) {
 const AHEAD: usize = 8;
 
 /// One weighted sum over `H` heads: `acc` `(H, head_dim)`, `w` `(H, len)` at least.
-struct Weighted<'a> {
+struct Weighted<'a, C> {
     acc: &'a mut [f32],
     w: &'a [f32],
-    pool: &'a [f32],
+    pool: &'a [C],
     rows: &'a [usize],
     head_dim: usize,
 }
@@ -131,7 +147,7 @@ struct Weighted<'a> {
 /// [`Math::weighted_sum`] for `H` heads, 16 outputs at a time. Safety: AVX-512F; `job.acc` holds
 /// `H` heads, `job.w` `H` rows of `rows.len()`, and every row lies inside `job.pool`.
 #[inline(always)]
-unsafe fn weighted<const H: usize>(job: Weighted<'_>) {
+unsafe fn weighted<const H: usize, C: Elem>(job: Weighted<'_, C>) {
     let Weighted { acc, w, pool, rows, head_dim } = job;
     let len = rows.len();
     for d in (0..head_dim / 16 * 16).step_by(16) {
@@ -142,9 +158,9 @@ unsafe fn weighted<const H: usize>(job: Weighted<'_>) {
         for p in 0..len {
             if d == 0 && p + AHEAD < len {
                 // The first pass brings whole rows in; later passes find them in L1.
-                prefetch(pool, *rows.get_unchecked(p + AHEAD), 4 * head_dim);
+                prefetch(pool, *rows.get_unchecked(p + AHEAD), size_of::<C>() * head_dim);
             }
-            let v = _mm512_loadu_ps(pool.as_ptr().add(*rows.get_unchecked(p) + d));
+            let v = C::load16(pool.as_ptr().add(*rows.get_unchecked(p) + d));
             for (h, a) in a.iter_mut().enumerate() {
                 let wp = _mm512_set1_ps(*w.get_unchecked(h * len + p));
                 *a = _mm512_add_ps(*a, _mm512_mul_ps(wp, v));
@@ -158,7 +174,7 @@ unsafe fn weighted<const H: usize>(job: Weighted<'_>) {
 
 impl Math for Avx512 {
     #[inline(always)]
-    fn scores(self, out: &mut [f32], q: &[f32], pool: &[f32], rows: &[usize], head_dim: usize, scale: f32) {
+    fn scores<C: Elem>(self, out: &mut [f32], q: &[f32], pool: &[C], rows: &[usize], head_dim: usize, scale: f32) {
         let len = rows.len();
         // The loads below trust `rows`; check them once.
         assert!(rows.iter().all(|&at| at + head_dim <= pool.len()), "key rows inside the pool");
@@ -169,13 +185,13 @@ impl Math for Avx512 {
                 // lie in `pool` (asserted), and `d + 16 <= head_dim = q.len()`.
                 unsafe {
                     for p in p0 + 16..(p0 + 32).min(len) {
-                        prefetch(pool, *rows.get_unchecked(p), 4 * head_dim);
+                        prefetch(pool, *rows.get_unchecked(p), size_of::<C>() * head_dim);
                     }
                     let mut acc = [_mm512_setzero_ps(); 16];
                     for d in (0..head_dim).step_by(16) {
                         let qd = _mm512_loadu_ps(q.as_ptr().add(d));
                         for (p, acc) in acc.iter_mut().enumerate() {
-                            let k = _mm512_loadu_ps(pool.as_ptr().add(*rows.get_unchecked(p0 + p) + d));
+                            let k = C::load16(pool.as_ptr().add(*rows.get_unchecked(p0 + p) + d));
                             *acc = _mm512_add_ps(*acc, _mm512_mul_ps(qd, k));
                         }
                     }
@@ -185,7 +201,8 @@ impl Math for Avx512 {
                 }
             }
             for p in blocked..len {
-                out[p] = scale * self.dot(q, &pool[rows[p]..rows[p] + head_dim]);
+                // SAFETY: AVX-512F is available (`self`).
+                out[p] = scale * unsafe { dot_row(q, &pool[rows[p]..rows[p] + head_dim]) };
             }
         }
     }
@@ -210,7 +227,7 @@ impl Math for Avx512 {
     }
 
     #[inline(always)]
-    fn weighted_sum(self, acc: &mut [f32], w: &[f32], pool: &[f32], rows: &[usize], head_dim: usize) {
+    fn weighted_sum<C: Elem>(self, acc: &mut [f32], w: &[f32], pool: &[C], rows: &[usize], head_dim: usize) {
         let (heads, len) = (acc.len() / head_dim, rows.len());
         // The loads below trust `rows`; check them once.
         assert!(rows.iter().all(|&at| at + head_dim <= pool.len()), "value rows inside the pool");
@@ -230,10 +247,10 @@ impl Math for Avx512 {
             // SAFETY: AVX-512F is available; `job` holds `hs` heads; rows fit in `pool` (asserted).
             unsafe {
                 match hs {
-                    1 => weighted::<1>(job),
-                    2 => weighted::<2>(job),
-                    3 => weighted::<3>(job),
-                    _ => weighted::<4>(job),
+                    1 => weighted::<1, C>(job),
+                    2 => weighted::<2, C>(job),
+                    3 => weighted::<3, C>(job),
+                    _ => weighted::<4, C>(job),
                 }
             }
             h0 += hs;
@@ -243,7 +260,7 @@ impl Math for Avx512 {
             for (acc, w) in acc.chunks_exact_mut(head_dim).zip(w.chunks_exact(len)) {
                 for (&w, &at) in w.iter().zip(rows) {
                     for (a, x) in acc[full..].iter_mut().zip(&pool[at + full..at + head_dim]) {
-                        *a += w * x;
+                        *a += w * x.widen1();
                     }
                 }
             }
