@@ -2,12 +2,20 @@
 //!
 //! Each [`RedactKind`] is a pattern over a small ASCII character class: API keys over
 //! `[A-Za-z0-9_-]`, card numbers over `[0-9 -]`, e-mail addresses over `[A-Za-z0-9._%+@-]`. A match
-//! lies inside one run of its class, so text is cut into runs (each at most [`MAX_RUN`] bytes, cut
-//! from its start) and each run is redacted on its own. That makes streaming exact: a stream
-//! holds back only the trailing run of each class (a word that may still grow into a match) and
-//! sends the rest, and the text a stream sends adds up to what redacting the whole text gives,
-//! wherever the chunks split. Kinds apply one after another (keys, cards, e-mails), each a stage
-//! of its own. A match becomes `[REDACTED:<kind>]`, counted in `sluice_redactions_total{kind}`.
+//! lies inside one run of its class, so text is cut into runs and each run is redacted on its own.
+//! A run longer than [`MAX_RUN`] is cut into pieces of at most that length, each cut where no
+//! secret can cross it: before a key's head (`sk-`, `AKIA`, …) rather than inside the key, outside
+//! an address (its `@`, the domain after it and a local part of up to 64 bytes before it), outside
+//! a chain of digit groups, between two groups that the card search has passed, or inside a group
+//! too long for a card. Only a run with no such place in [`MAX_RUN`] bytes (a long word of letters,
+//! a key longer than that) is cut blindly there, so an address whose local part crosses such a cut
+//! loses the part before it. Where a cut falls depends only on the bytes from the previous cut to
+//! at most one past [`MAX_RUN`] (see [`RedactKind::piece`]). That makes streaming exact: a stream
+//! holds back only the trailing run of each class (a word that may still grow into a match), less
+//! the pieces already cut off it, and sends the rest, and the text a stream sends adds up to what
+//! redacting the whole text gives, wherever the chunks split. Kinds apply one after another
+//! (keys, cards, e-mails), each a stage of its own. A match becomes `[REDACTED:<kind>]`, counted
+//! in `sluice_redactions_total{kind}`.
 //!
 //! Only text is redacted. Token ids never leave the server, and logprobs (which show each token's
 //! raw text) are refused while redaction is on (see [`crate::filter::screen`]).
@@ -24,9 +32,12 @@ use sluice_engine::{StreamEvent, TokenEvent};
 
 use crate::generate::Events;
 
-/// Longest run of one class redacted as a unit; a longer run is cut into pieces this long, so a
-/// stream never holds back more than this per kind.
+/// Longest run of one class redacted as a unit; a longer run is cut into pieces of at most this
+/// length, so a stream never holds back more than this per kind.
 pub const MAX_RUN: usize = 512;
+
+/// The longest local part of an e-mail address (RFC 5321), the bytes before its `@`.
+const MAX_LOCAL: usize = 64;
 
 /// A kind of secret or personal data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -128,25 +139,221 @@ impl RedactKind {
         }
     }
 
-    /// Redacts `text`, in which runs start at the start (a run that began earlier was cut there
-    /// at a multiple of [`MAX_RUN`]).
+    /// Redacts `text`, in which runs start at the start (a run that began earlier was cut there,
+    /// see [`Self::piece`]).
     fn redact(self, text: &str, out: &mut String) {
         let bytes = text.as_bytes();
         let mut at = 0;
         while at < bytes.len() {
             // Class bytes are ASCII, so every cut below falls on a character boundary.
             let class = self.in_class(bytes[at]);
-            let mut end = at;
-            while end < bytes.len() && self.in_class(bytes[end]) == class && (!class || end - at < MAX_RUN) {
-                end += 1;
-            }
+            let end = bytes[at..].iter().position(|&b| self.in_class(b) != class).map_or(bytes.len(), |n| at + n);
             if class {
-                self.redact_run(&text[at..end], out);
+                let cut = at + self.redact_pieces(&text[at..end], out);
+                self.redact_run(&text[cut..end], out);
             } else {
                 out.push_str(&text[at..end]);
             }
             at = end;
         }
+    }
+
+    /// Appends the pieces that can be cut off the start of `run` (text of this kind's class from
+    /// its start or a cut, whole or still growing), redacted, to `out`; returns their length.
+    fn redact_pieces(self, run: &str, out: &mut String) -> usize {
+        let mut cut = 0;
+        while let Some(len) = self.piece(&run[cut..]) {
+            self.redact_run(&run[cut..cut + len], out);
+            cut += len;
+        }
+        cut
+    }
+
+    /// Bytes past [`MAX_RUN`] that a cut depends on: for keys, one, which tells whether a head
+    /// begun just before the cut goes on (`s` then `k`); none for the others.
+    fn lookahead(self) -> usize {
+        match self {
+            Self::ApiKey => 1,
+            Self::Card | Self::Email => 0,
+        }
+    }
+
+    /// The length of the first piece of `run` (text of this kind's class from its start or from
+    /// the previous cut), or `None` while `run` is too short to be cut: [`MAX_RUN`] bytes and the
+    /// lookahead. The piece ends at the last place up to [`MAX_RUN`] that no match can cross,
+    /// judged on those bytes alone (so a stream cuts where the whole text does), or at
+    /// [`MAX_RUN`] if there is none.
+    fn piece(self, run: &str) -> Option<usize> {
+        let window = run.as_bytes().get(..MAX_RUN + self.lookahead())?;
+        let cuts = self.cuts(window);
+        Some((1..=MAX_RUN).rev().find(|&at| cuts.free[at]).unwrap_or(MAX_RUN))
+    }
+
+    /// Where `window` (text of this kind's class from a cut) may be cut.
+    fn cuts(self, window: &[u8]) -> Cuts {
+        let mut cuts = Cuts { free: vec![true; window.len() + 1] };
+        match self {
+            Self::ApiKey => {
+                for start in 0..window.len() {
+                    if let Some(reach) = key_reach(&window[start..]) {
+                        cuts.cross(start, start.saturating_add(reach));
+                    }
+                }
+            }
+            Self::Card => card_cuts(window, &mut cuts),
+            Self::Email => {
+                for at in (0..window.len()).filter(|&i| window[i] == b'@') {
+                    let start = local_start(window, at).max(at.saturating_sub(MAX_LOCAL));
+                    let domain = window[at + 1..]
+                        .iter()
+                        .take_while(|&&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+                        .count();
+                    let end = at + 1 + domain;
+                    cuts.cross(start, if end == window.len() { usize::MAX } else { end });
+                }
+                // A local part at the end, whose `@` may follow.
+                let start = local_start(window, window.len());
+                if window.len() - start <= MAX_LOCAL {
+                    cuts.cross(start, usize::MAX);
+                }
+            }
+        }
+        cuts
+    }
+}
+
+/// The places in a window of a run where it may be cut: `free[i]` for a cut before byte `i`.
+struct Cuts {
+    free: Vec<bool>,
+}
+
+impl Cuts {
+    /// A possible match from `start` to `end` (`usize::MAX`: on past the window): no cut inside.
+    fn cross(&mut self, start: usize, end: usize) {
+        let end = end.min(self.free.len());
+        for at in start + 1..end {
+            self.free[at] = false;
+        }
+    }
+}
+
+/// How far an API key starting at `rest[0]` may reach: `None` if no key starts there, else its
+/// longest possible length, or `usize::MAX` where it may go on past `rest` (as does a head cut off
+/// at the end of `rest`, such as `sk` or `AKI`).
+fn key_reach(rest: &[u8]) -> Option<usize> {
+    // The heads of the API key pattern, byte by byte, each byte from a set.
+    const HEADS: [&[&[u8]]; 5] = [
+        &[b"s", b"k", b"-"],
+        &[b"A", b"K", b"I", b"A"],
+        &[b"g", b"h", b"pousr", b"_"],
+        &[b"x", b"o", b"x", b"abprs", b"-"],
+        &[b"A", b"I", b"z", b"a"],
+    ];
+    // The longest a body can run over `pred` from `at`, or past `rest`.
+    let over = |at: usize, pred: fn(u8) -> bool| {
+        let body = rest.get(at..).unwrap_or_default();
+        match body.iter().position(|&b| !pred(b)) {
+            Some(n) => at + n,
+            None => usize::MAX,
+        }
+    };
+    let mut reach = None;
+    for (i, head) in HEADS.iter().enumerate() {
+        let same = head.iter().zip(rest).take_while(|(set, b)| set.contains(b)).count();
+        if same == rest.len() && same < head.len() {
+            return Some(usize::MAX);
+        }
+        if same < head.len() {
+            continue;
+        }
+        let len = match i {
+            // `sk-…`: the body takes the whole class, which the run is.
+            0 => usize::MAX,
+            1 => 20,
+            2 => over(4, |b| b.is_ascii_alphanumeric()),
+            3 => over(5, |b| b.is_ascii_alphanumeric() || b == b'-'),
+            _ => 39,
+        };
+        reach = reach.max(Some(len));
+    }
+    reach
+}
+
+/// Where a plausible local part of an e-mail address ends at `at` (its `@`, or the end of `window`
+/// where the `@` may follow) starts: letters and digits with single `._%+-` between them (or last),
+/// from a letter or digit; `at` where there is none.
+fn local_start(window: &[u8], at: usize) -> usize {
+    let mut start = at;
+    while start > 0 {
+        let b = window[start - 1];
+        let joins = b"._%+-".contains(&b) && (start == at || window[start].is_ascii_alphanumeric());
+        if !b.is_ascii_alphanumeric() && !joins {
+            break;
+        }
+        start -= 1;
+    }
+    while start < at && !window[start].is_ascii_alphanumeric() {
+        start += 1;
+    }
+    start
+}
+
+/// Marks the card cuts of `window` (text of the card class from a cut): none inside a chain of
+/// digit groups, save before a group that the search for cards (as [`card_groups`] makes it, from
+/// the chain's first group on) reaches, once everything it weighs on the way is in `window`, and
+/// inside a group where both parts have 20 digits or more (no card takes in either).
+fn card_cuts(window: &[u8], cuts: &mut Cuts) {
+    let mut at = 0;
+    while at < window.len() {
+        if !window[at].is_ascii_digit() {
+            at += 1;
+            continue;
+        }
+        // The chain's groups, and whether it may go on past the window.
+        let mut groups = Vec::new();
+        let mut end = at;
+        let open = loop {
+            let start = end;
+            while end < window.len() && window[end].is_ascii_digit() {
+                end += 1;
+            }
+            groups.push((start, end));
+            // A group at the end may grow, and a single separator there may join a next group.
+            match window.get(end + 1) {
+                None => break true,
+                Some(b) if b.is_ascii_digit() => end += 1,
+                Some(_) => break false,
+            }
+        };
+        cuts.cross(at, if open { usize::MAX } else { end });
+        // Inside a group too long for a card, where both parts stay too long for one.
+        for &(start, end) in &groups {
+            for cut in start + 20..end.saturating_sub(19) {
+                cuts.free[cut] = true;
+            }
+        }
+        let mut i = 0;
+        while i < groups.len() {
+            // The groups a card from group `i` could take: until they pass 19 digits, or the chain's end.
+            let mut count = 0;
+            let mut last = None;
+            for (j, &(start, end)) in groups.iter().enumerate().skip(i) {
+                count += end - start;
+                if count > 19 {
+                    last = Some(j);
+                    break;
+                }
+            }
+            if last.is_none() && open {
+                break;
+            }
+            let found = card_from(window, &groups[..last.unwrap_or(groups.len())], i);
+            i = found.map_or(i + 1, |j| j + 1);
+            if let Some(&(start, _)) = groups.get(i) {
+                cuts.free[start] = true;
+            }
+        }
+        at = if open { window.len() } else { end };
     }
 }
 
@@ -172,11 +379,7 @@ fn card_groups(digits: &str) -> Vec<(usize, usize)> {
     let mut spans = Vec::new();
     let mut i = 0;
     while i < groups.len() {
-        let found = (i..groups.len()).rev().find(|&j| {
-            let d: Vec<u32> = digits[groups[i].0..groups[j].1].chars().filter_map(|c| c.to_digit(10)).collect();
-            (13..=19).contains(&d.len()) && luhn(&d)
-        });
-        match found {
+        match card_from(digits.as_bytes(), &groups, i) {
             Some(j) => {
                 spans.push((groups[i].0, groups[j].1));
                 i = j + 1;
@@ -185,6 +388,27 @@ fn card_groups(digits: &str) -> Vec<(usize, usize)> {
         }
     }
     spans
+}
+
+/// The last of `groups` (spans of digits in `text`) that, from group `i` on, make a card: 13 to 19
+/// digits passing the Luhn check. Only groups up to 19 digits from `i` are weighed.
+fn card_from(text: &[u8], groups: &[(usize, usize)], i: usize) -> Option<usize> {
+    let mut count = 0;
+    let mut found = None;
+    for (j, &(start, end)) in groups.iter().enumerate().skip(i) {
+        count += end - start;
+        if count > 19 {
+            break;
+        }
+        if count >= 13 {
+            let digits: Vec<u32> =
+                text[groups[i].0..end].iter().filter(|b| b.is_ascii_digit()).map(|&b| u32::from(b - b'0')).collect();
+            if luhn(&digits) {
+                found = Some(j);
+            }
+        }
+    }
+    found
 }
 
 /// The Luhn checksum of `digits` (most significant first) is valid.
@@ -266,7 +490,8 @@ impl<'de> Deserialize<'de> for Redaction {
     }
 }
 
-/// One kind's streaming state: the text held back (the trailing run of its class).
+/// One kind's streaming state: the text held back (the trailing run of its class, from its last
+/// cut).
 #[derive(Debug, Clone)]
 struct Stage {
     kind: RedactKind,
@@ -278,10 +503,10 @@ impl Stage {
         self.held.push_str(text);
         let bytes = self.held.as_bytes();
         let run_start = bytes.iter().rposition(|&b| !self.kind.in_class(b)).map_or(0, |i| i + 1);
-        // Whole pieces of a long run are final; the rest of the run may still grow.
-        let cut = run_start + (bytes.len() - run_start) / MAX_RUN * MAX_RUN;
         let mut out = String::new();
-        self.kind.redact(&self.held[..cut], &mut out);
+        self.kind.redact(&self.held[..run_start], &mut out);
+        // Pieces cut off the trailing run are final; the rest of the run may still grow.
+        let cut = run_start + self.kind.redact_pieces(&self.held[run_start..], &mut out);
         self.held.drain(..cut);
         out
     }
@@ -467,5 +692,154 @@ mod tests {
         let mut redactor = Redactor::new(&all());
         // A run longer than MAX_RUN is not held back whole.
         assert!(redactor.push(&"x".repeat(3 * MAX_RUN + 5)).len() >= 3 * MAX_RUN);
+    }
+
+    /// Secrets, their kind, and fillers of their class that put them anywhere in a long run.
+    const PLACED: [(&str, &str, &[&str]); 8] = [
+        ("sk-proj-abcdefghijklmnopqrstuvwx1234", "api_key", &["-", "_", "x", "a-"]),
+        ("AKIAIOSFODNN7EXAMPLE", "api_key", &["-", "x"]),
+        ("ghp_abcdefghijklmnopqrstuvwxyz0123456789AB", "api_key", &["-", "g"]),
+        ("xoxb-1234567890-abcdefghij", "api_key", &["x", "_"]),
+        ("jane.doe+news@example.co.uk", "email", &["-", ".", "+", "%."]),
+        ("4111-1111-1111-1111", "card", &["-", " ", "- "]),
+        ("4111 1111 1111 1111", "card", &["-", " "]),
+        (" 5500 0000 0000 0004", "card", &["0"]),
+    ];
+
+    /// `pad` bytes of `filler` (repeated), then `secret`, then " ok".
+    fn placed(filler: &str, pad: usize, secret: &str) -> String {
+        let mut text = filler.repeat(pad / filler.len() + 1);
+        text.truncate(pad);
+        text + secret + " ok"
+    }
+
+    /// `out` is what redacting `placed(filler, pad, secret)` should give: some of the filler
+    /// (an address may take in filler before it, as in any run), then the secret's replacement.
+    fn assert_found(out: &str, filler: &str, pad: usize, secret: &str, kind: &str, how: &str) {
+        let tail = format!("[REDACTED:{kind}] ok");
+        let kept =
+            out.strip_suffix(&tail).unwrap_or_else(|| panic!("{how}: {secret:?} after {pad} {filler:?}: {out:?}"));
+        assert!(kept.len() <= pad + 1, "{how}: {secret:?} after {pad} {filler:?}: {out:?}");
+        assert!(kept.bytes().all(|b| filler.as_bytes().contains(&b) || b == b' '), "{how}: {out:?}");
+    }
+
+    #[test]
+    fn secrets_across_the_cuts_of_a_long_run_are_found() {
+        for (secret, kind, fillers) in PLACED {
+            for &filler in fillers {
+                // Across the first cut, and across a later one.
+                for pad in (MAX_RUN - 40..MAX_RUN + 20).chain(2 * MAX_RUN - 30..2 * MAX_RUN + 10) {
+                    let text = placed(filler, pad, secret);
+                    assert_found(&redact(&all(), &text), filler, pad, secret, kind, "whole");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn streams_find_secrets_across_the_cuts_of_a_long_run() {
+        for (secret, kind, fillers) in PLACED {
+            for &filler in fillers {
+                for pad in [MAX_RUN - 30, MAX_RUN - 8, MAX_RUN - 3, MAX_RUN - 1, MAX_RUN, MAX_RUN + 2, 2 * MAX_RUN - 5]
+                {
+                    let text = placed(filler, pad, secret);
+                    let near = (pad - 3..pad + 8).chain(MAX_RUN - 2..MAX_RUN + 3).filter(|&cut| cut < text.len());
+                    for cut in near {
+                        let out = streamed(&all(), &text, &[cut]);
+                        assert_found(&out, filler, pad, secret, kind, &format!("split at {cut}"));
+                    }
+                    let mut every = (1..text.len()).step_by(7).collect::<Vec<_>>();
+                    let out = streamed(&all(), &text, &every);
+                    assert_found(&out, filler, pad, secret, kind, "every 7 bytes");
+                    every = (1..text.len()).collect();
+                    assert_found(&streamed(&all(), &text, &every), filler, pad, secret, kind, "byte by byte");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn streams_with_wide_characters_find_a_key_across_a_cut_at_every_split() {
+        // Deltas are whole characters (the engine holds back an unfinished one), so splits fall
+        // on character boundaries, here right beside two- to four-byte characters.
+        let text = format!("Clé ☕ «{}sk-live-ABCDEFGHIJKLMNOPQRSTUVWX» 🎉 été", "-".repeat(MAX_RUN - 9));
+        let whole = redact(&all(), &text);
+        assert_eq!(whole, format!("Clé ☕ «{}[REDACTED:api_key]» 🎉 été", "-".repeat(MAX_RUN - 9)));
+        let bounds: Vec<usize> = (1..text.len()).filter(|&i| text.is_char_boundary(i)).collect();
+        for &a in &bounds {
+            assert_eq!(streamed(&all(), &text, &[a]), whole, "split at {a}");
+        }
+        let near: Vec<usize> = bounds.iter().copied().filter(|&i| (MAX_RUN - 10..MAX_RUN + 30).contains(&i)).collect();
+        for (n, &a) in near.iter().enumerate() {
+            for &b in &near[n + 1..] {
+                assert_eq!(streamed(&all(), &text, &[2, a, b, text.len() - 3]), whole, "split at {a}, {b}");
+            }
+        }
+        assert_eq!(streamed(&all(), &text, &bounds), whole);
+    }
+
+    #[test]
+    fn long_runs_without_secrets_are_held_back_boundedly() {
+        let runs = [
+            "x".repeat(20_000),
+            "-".repeat(20_000),
+            "0".repeat(20_000),
+            "1 ".repeat(10_000),
+            "a.".repeat(10_000),
+            "ab-".repeat(7_000),
+            " ".repeat(20_000),
+            format!("sk-{}", "a".repeat(20_000)),
+            format!("bob@{}", "a".repeat(20_000)),
+            format!("bob{}", ".a".repeat(10_000)),
+        ];
+        for run in &runs {
+            let text = format!("{run} end");
+            let mut redactor = Redactor::new(&all());
+            let mut out = String::new();
+            let mut from = 0;
+            for cut in (13..text.len()).step_by(13).chain([text.len()]) {
+                out.push_str(&redactor.push(&text[from..cut]));
+                from = cut;
+                let held: usize = redactor.stages.iter().map(|stage| stage.held.len()).sum();
+                assert!(held <= 3 * (MAX_RUN + 1), "{held} bytes held at {cut} of {:?}…", &run[..8]);
+            }
+            out.push_str(&redactor.finish());
+            assert_eq!(out, redact(&all(), &text), "{:?}…", &run[..8]);
+        }
+    }
+
+    #[test]
+    fn streams_equal_the_whole_text_over_long_runs_of_mixed_classes() {
+        const PARTS: [&str; 18] =
+            ["-", "-", "0", "7", "1 ", "4111 ", "a", "x", "Q", "@", ".", "_", "+", "sk-", "AKIA", "xoxb-", "é", " "];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for _ in 0..40 {
+            // Parts mostly repeated, so that runs of one class grow long.
+            let mut text = String::new();
+            while text.len() < 3000 {
+                let part = PARTS[next(PARTS.len())];
+                text.push_str(&part.repeat(1 + next(4) * next(40)));
+            }
+            let whole = redact(&all(), &text);
+            let mut cuts = Vec::new();
+            let mut at = 0;
+            loop {
+                at += 1 + next(60);
+                while at < text.len() && !text.is_char_boundary(at) {
+                    at += 1;
+                }
+                if at >= text.len() {
+                    break;
+                }
+                cuts.push(at);
+            }
+            assert_eq!(streamed(&all(), &text, &cuts), whole, "{text:?} at {cuts:?}");
+        }
     }
 }
