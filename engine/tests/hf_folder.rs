@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device};
 use sluice_engine::model::{read_gguf, WeightSource};
-use sluice_engine::{Engine, EngineConfig, Request};
+use sluice_engine::{CpuActivations, Engine, EngineConfig, Request};
 
 /// Writes the default model as a Hugging Face folder under `dir`.
 fn write_hf_folder(engine: &Engine, dir: &std::path::Path) {
@@ -50,13 +50,24 @@ fn write_hf_folder(engine: &Engine, dir: &std::path::Path) {
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
 }
 
+/// A folder removed when dropped, also when the test fails.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn hf_folder_generates_what_the_gguf_does() {
-    let gguf = common::engine_with(|_| {});
-    let dir = std::env::temp_dir().join(format!("sluice-hf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    write_hf_folder(&gguf, &dir);
-    let hf = Engine::new(EngineConfig::new(&dir)).expect("the Hugging Face folder loads");
+    // The folder holds the dequantized weights in f32, so the GGUF side runs the exact path.
+    let gguf = common::engine_with(|c| c.cpu_activations = CpuActivations::F32);
+    let dir = TempDir(std::env::temp_dir().join(format!("sluice-hf-{}", std::process::id())));
+    let dir = &dir.0;
+    std::fs::create_dir_all(dir).unwrap();
+    write_hf_folder(&gguf, dir);
+    let hf = Engine::new(EngineConfig::new(dir)).expect("the Hugging Face folder loads");
     assert_eq!(hf.model_info().vocab_size, gguf.model_info().vocab_size);
     for q in ["What is the capital of France?", "Write a haiku about the sea."] {
         let want = gguf.generate(Request::user(q).max_tokens(16)).unwrap();
@@ -64,6 +75,4 @@ fn hf_folder_generates_what_the_gguf_does() {
         assert_eq!(got.token_ids, want.token_ids, "{q}");
         assert_eq!(got.text, want.text);
     }
-    drop(hf);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
