@@ -7,9 +7,9 @@
 //! Logprobs are always those of the raw model logits (vLLM's default), not the processed ones.
 //!
 //! The vocabulary is 32k-150k entries, so no stage sorts it: top-k is a selection, top-p a
-//! weighted selection, and greedy decoding without penalties, bias or suppressed ids is a single
-//! pass that allocates nothing (logprobs, when asked for, add three passes and `n` entries).
-//! NaN logits are treated as `-inf`.
+//! weighted selection, and greedy decoding without penalties, bias or suppressed ids is two
+//! vectorised passes that allocate nothing (logprobs, when asked for, add three passes and `n`
+//! entries). NaN logits are treated as `-inf`.
 
 mod params;
 
@@ -87,9 +87,9 @@ impl Sampler {
     /// the logits. `params` must be the (validated) params this sampler was made with.
     pub fn sample(&mut self, logits: &[f32], params: &SamplingParams, ctx: &SampleContext) -> Sampled {
         let token = if params.is_greedy() && !params.has_processing() && ctx.suppress.is_empty() {
-            argmax(logits.iter().copied())
+            argmax_slice(logits)
         } else {
-            self.sample_processed(logits, params, ctx).unwrap_or_else(|| argmax(logits.iter().copied()))
+            self.sample_processed(logits, params, ctx).unwrap_or_else(|| argmax_slice(logits))
         };
         let logprob = params.logprobs.map(|n| token_logprob(logits, token, n));
         Sampled { token, logprob }
@@ -218,6 +218,31 @@ fn argmax(values: impl Iterator<Item = f32>) -> u32 {
     best
 }
 
+/// [`argmax`] of a slice, the same index, in two passes that vectorise (the running comparison
+/// of `argmax` does not): the maximum with NaN skipped, then the first index holding it.
+fn argmax_slice(values: &[f32]) -> u32 {
+    const LANES: usize = 16;
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            // Not `f32::max`: a NaN compares false, so it never replaces the running maximum.
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    if max == f32::NEG_INFINITY {
+        // Nothing above -inf: `argmax` never moves off index 0.
+        return 0;
+    }
+    // The first value equal to the maximum is the first that was strictly above everything before
+    // it (0.0 and -0.0 compare equal here as they do there).
+    let chunk = values.chunks(LANES * 16).position(|c| c.iter().fold(false, |hit, &v| hit | (v == max))).unwrap_or(0);
+    let start = chunk * LANES * 16;
+    values[start..].iter().position(|&v| v == max).map_or(0, |i| (start + i) as u32)
+}
+
 /// Descending by value (logit or weight), ties to the lower id: a total order, so selections are reproducible.
 fn by_weight_desc(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
@@ -315,6 +340,60 @@ mod tests {
         assert_eq!(once(&[1.0, 5.0, 2.0, 5.0], &greedy(|_| ()), &NO_CTX).token, 1);
         let slow_path = greedy(|p| p.logit_bias = vec![(0, 0.0)]);
         assert_eq!(once(&[1.0, 5.0, 2.0, 5.0], &slow_path, &NO_CTX).token, 1);
+    }
+
+    #[test]
+    fn argmax_slice_equals_argmax_on_ties_infinities_and_nans() {
+        let specials = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0, 1.0, -1.0, f32::MAX, f32::MIN];
+        let mut rng = StdRng::seed_from_u64(11);
+        for case in 0..3000 {
+            let len = [0, 1, 2, 15, 16, 17, 31, 255, 256, 257, 1000, 49152][case % 12];
+            // Few distinct values make ties likely; some rows are mostly or wholly special values.
+            let distinct = 1 + case % 7;
+            let special_share = [0.0, 0.01, 0.5, 1.0][case / 12 % 4];
+            let row: Vec<f32> = (0..len)
+                .map(|_| {
+                    if rng.random::<f64>() < special_share {
+                        specials[rng.random_range(0..specials.len())]
+                    } else {
+                        rng.random_range(0..distinct) as f32 - 3.0
+                    }
+                })
+                .collect();
+            assert_eq!(argmax_slice(&row), argmax(row.iter().copied()), "case {case}: {row:?}");
+        }
+        let edge: [&[f32]; 7] = [
+            &[],
+            &[f32::NAN; 40],
+            &[f32::NEG_INFINITY; 40],
+            &[-0.0, 0.0, -0.0],
+            &[0.0, -0.0],
+            &[f32::NEG_INFINITY, f32::NAN, -5.0, f32::NAN, -5.0],
+            &[1.0, f32::INFINITY, 2.0, f32::INFINITY],
+        ];
+        for row in edge {
+            assert_eq!(argmax_slice(row), argmax(row.iter().copied()), "{row:?}");
+        }
+        // A late maximum past the first block of 256, and one in the tail past the last full lane chunk.
+        let mut row = vec![0.5f32; 49152 + 7];
+        row[30000] = 2.0;
+        row[40000] = 2.0;
+        assert_eq!(argmax_slice(&row), 30000);
+        row[49152 + 5] = 3.0;
+        assert_eq!(argmax_slice(&row), 49152 + 5);
+    }
+
+    #[test]
+    fn greedy_with_logprobs_takes_the_same_token_as_without() {
+        let mut rng = StdRng::seed_from_u64(12);
+        for _ in 0..50 {
+            let logits: Vec<f32> = (0..5000).map(|_| rng.random_range(0..40) as f32 * 0.25).collect();
+            let plain = once(&logits, &greedy(|_| ()), &NO_CTX);
+            let with_logprobs = once(&logits, &greedy(|p| p.logprobs = Some(2)), &NO_CTX);
+            assert_eq!(plain.token, argmax(logits.iter().copied()));
+            assert_eq!(with_logprobs.token, plain.token);
+            assert_eq!(with_logprobs.logprob.unwrap().top[0].0, plain.token, "the top logprob is the argmax");
+        }
     }
 
     #[test]

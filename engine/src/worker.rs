@@ -348,10 +348,15 @@ impl Worker {
                 time_to_first_token: finish.timings.time_to_first_token,
                 total: finish.timings.total,
             });
-            // A caller gone by now misses nothing it could use.
-            let _ = state.tx.send(StreamEvent::Finished(finish));
-            self.requests.remove(&id);
+            // The blocks go back, and the stats say so, before the caller hears of the end: a
+            // caller that reads the stats once its request is done finds its blocks in the pool.
             self.scheduler.remove(id);
+            let state = self.requests.remove(&id);
+            self.publish_stats(true);
+            // A caller gone by now misses nothing it could use.
+            if let Some(state) = state {
+                let _ = state.tx.send(StreamEvent::Finished(finish));
+            }
         } else if !alive {
             // The caller dropped its stream between steps and the abort is still in the channel.
             metrics::record_abort();

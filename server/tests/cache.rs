@@ -153,7 +153,9 @@ async fn two_identical_requests_in_flight_generate_once() {
 #[tokio::test]
 async fn a_waiter_takes_over_when_the_first_client_goes_away() {
     let _exclusive = ENGINE_IDLE.write().await;
-    let body = chat_body("Describe a mountain.", json!({"temperature": 0, "max_tokens": 48, "ignore_eos": true}));
+    // Long enough that the first request is still generating when its client leaves (300 ms in):
+    // 512 tokens take seconds even at this engine's single-stream speed.
+    let body = chat_body("Describe a mountain.", json!({"temperature": 0, "max_tokens": 512, "ignore_eos": true}));
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
     let first = client().post(url("/v1/chat/completions")).json(&streamed).send().await.unwrap();
@@ -165,7 +167,7 @@ async fn a_waiter_takes_over_when_the_first_client_goes_away() {
     let (status, cache, answer) =
         tokio::time::timeout(Duration::from_secs(60), waiter).await.expect("no hang").unwrap();
     assert_eq!((status, cache.as_str()), (200, "miss"), "{answer}");
-    assert_eq!(json_of(&answer)["usage"]["completion_tokens"], 48);
+    assert_eq!(json_of(&answer)["usage"]["completion_tokens"], 512);
 }
 
 async fn send_keyed(path: &str, body: &Value, key: &str, auth: Option<&str>) -> (u16, bool, String) {

@@ -9,13 +9,14 @@
 //! `sluice_kernels`. Every row is computed by the same kernels whatever the batch (see
 //! [`Linear`]), which makes greedy output independent of the batch's composition.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use sluice_kernels::matmul::{PackedLinear, QuantizedLinear, WeightFormat};
 
 use super::config::LlamaConfig;
 use super::cpu_weights::{CpuActivations, CpuWeights};
 use super::loader::{QuantizedWeight, WeightSource};
+use super::ops;
 use crate::error::Result;
 
 /// Metadata for one step's packed tokens, as device tensors. Built by the `ModelRunner`.
@@ -288,11 +289,7 @@ impl Llama {
         for (layer, lc) in self.layers.iter().zip(cache) {
             let normed = layer.attn_norm.forward(&x)?;
             let qkv = layer.qkv.forward(&normed)?; // [n, (h + 2kv) * d]
-            let q = qkv.narrow(1, 0, h * d)?.reshape((1, n, h, d))?.contiguous()?;
-            let k = qkv.narrow(1, h * d, kv * d)?.reshape((1, n, kv, d))?.contiguous()?;
-            let v = qkv.narrow(1, (h + kv) * d, kv * d)?.reshape((n, kv, d))?.contiguous()?;
-            let q = candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)?.reshape((n, h, d))?;
-            let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.reshape((n, kv, d))?;
+            let (q, k, v) = ops::qkv_rope(&qkv, &cos, &sin, (h, kv, d))?; // [n, h | kv, d]
             let (k, v) = (k.to_dtype(lc.k.dtype())?, v.to_dtype(lc.v.dtype())?);
             sluice_kernels::reshape_and_cache(&k, &v, &lc.k, &lc.v, &input.slot_mapping)?;
             let attn = sluice_kernels::paged_attention(
@@ -304,18 +301,18 @@ impl Llama {
                 &input.seq_lens,
                 scale,
             )?; // [n, h, d]
-            x = (x + layer.o.forward(&attn.reshape((n, h * d))?)?)?;
+            x = ops::add(&x, &layer.o.forward(&attn.reshape((n, h * d))?)?)?;
 
             let normed = layer.mlp_norm.forward(&x)?;
             let gate_up = layer.gate_up.forward(&normed)?; // [n, 2 * intermediate]
+                                                           // The exact packed path keeps the kernels' SwiGLU (its own `exp`, the same bits on every
+                                                           // instruction set); the others compute candle's expression with the C library's `expf`.
             let act = if matches!(layer.gate_up, Linear::Packed(_)) {
                 sluice_kernels::activation::silu_mul(&gate_up)?
             } else {
-                let i = c.intermediate_size;
-                let (gate, up) = (gate_up.narrow(1, 0, i)?, gate_up.narrow(1, i, i)?);
-                (candle_nn::Activation::Silu.forward(&gate)? * up)?
+                ops::silu_mul(&gate_up, c.intermediate_size)?
             };
-            x = (x + layer.down.forward(&act)?)?;
+            x = ops::add(&x, &layer.down.forward(&act)?)?;
         }
         let last = x.index_select(&input.sample_rows, 0)?; // [num_sampled, hidden]
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?; // [num_sampled, vocab]

@@ -5,6 +5,7 @@ mod config;
 mod cpu_weights;
 mod llama;
 mod loader;
+mod ops;
 mod runner;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};

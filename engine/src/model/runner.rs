@@ -38,7 +38,14 @@ impl ModelRunner {
     /// Runs `batch` (whose sequences are in `scheduler`, with blocks for all their new tokens).
     pub fn execute(&mut self, batch: &Batch, scheduler: &Scheduler) -> Result<StepLogits> {
         let input = self.prepare(batch, scheduler)?;
-        let logits = self.model.forward(&input, &self.cache)?;
+        // On the CPU the step runs on a rayon worker, so that the kernels' parallel loops fork
+        // inside the pool rather than each being handed over from this thread, which then sleeps
+        // until the loop is done (a wake-up per loop, dozens per layer).
+        let logits = if self.model.device().is_cpu() {
+            rayon::scope(|_| self.model.forward(&input, &self.cache))?
+        } else {
+            self.model.forward(&input, &self.cache)?
+        };
         let rows = if batch.seqs.iter().any(|s| s.sample) { logits.to_vec2::<f32>()? } else { Vec::new() };
         Ok(StepLogits { rows })
     }
