@@ -41,11 +41,8 @@ mod scalar;
 #[cfg(test)]
 mod tests;
 
-use candle_core::{bail, DType, Device, Storage, Tensor};
-use rayon::prelude::*;
+use candle_core::{bail, DType, Device, Tensor};
 
-use crate::storage::contiguous_slice;
-use out::Columns;
 use pack::Packed;
 pub use pack::Quantized;
 pub use quantized::QuantizedLinear;
@@ -138,22 +135,7 @@ impl PackedLinear {
     /// Errors, without panicking, if `x` is not 2-D, not f32, not on the CPU, or has the wrong `k`.
     /// A non-contiguous `x` is copied first.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        if k != self.k {
-            bail!("`x` has {k} features but the weight expects {}", self.k)
-        }
-        if x.dtype() != DType::F32 {
-            bail!("`x` must be f32, got {:?}", x.dtype())
-        }
-        if !x.device().is_cpu() {
-            bail!("`x` must be on the CPU")
-        }
-        let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else { bail!("`x` must be on the CPU") };
-        let xs = contiguous_slice::<f32>(cpu, layout, "x")?;
-        let y = self.matmul(xs, m);
-        Tensor::from_vec(y, (m, self.n), &Device::Cpu)
+        out::forward_rows(x, self.k, self.n, |xs, m| self.matmul(xs, m))
     }
 
     /// Output features `n`.
@@ -184,30 +166,10 @@ impl PackedLinear {
 
     /// `x`: `[m, k]` row-major, `m * k` long. Returns `[m, n]` row-major.
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let len = m * self.n;
-        // Not zeroed: every element is written below (zeroing `y` first cost ~4% of a step).
-        let mut y = Vec::with_capacity(len);
-        if m == 0 {
-            return y;
-        }
-        let columns = Columns::new(&mut y.spare_capacity_mut()[..len], m, self.n);
-        let min_len = MIN_TASK_MACS.div_ceil(m * self.k * PANEL);
-        (0..self.n.div_ceil(PANEL)).into_par_iter().with_min_len(min_len).for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(out, scratch), p| {
-                // (m, PANEL)
-                out.resize(m * PANEL, 0.0);
-                let job = PanelJob { x, k: self.k, w: self.weights.panel(p, self.k) };
-                self.isa.panel(&job, out, scratch);
-                // SAFETY: the range yields each panel once, so only this task writes panel `p`.
-                unsafe { columns.write_panel(p, out) }
-            },
-        );
-        // SAFETY: every panel `0..n.div_ceil(PANEL)` has been written, each for all `m` rows and
-        // all its columns below `n`, which together are all `m * n` elements (a panic above would
-        // have left before this line, with `y` still empty).
-        unsafe { y.set_len(len) };
-        y
+        out::by_panels(m, self.n, self.k, Vec::new, |scratch, p, out| {
+            let job = PanelJob { x, k: self.k, w: self.weights.panel(p, self.k) };
+            self.isa.panel(&job, out, scratch);
+        })
     }
 }
 

@@ -38,12 +38,10 @@ mod avx512;
 #[cfg(test)]
 mod tests;
 
-use candle_core::{bail, DType, Device, Storage, Tensor};
+use candle_core::{bail, DType, Tensor};
 use rayon::prelude::*;
 
-use super::out::Columns;
-use super::{Quantized, WeightFormat, INT8_GROUP, MIN_TASK_MACS, PANEL};
-use crate::storage::contiguous_slice;
+use super::{Quantized, WeightFormat, INT8_GROUP, PANEL};
 
 /// 16-lane vectors per panel.
 const VECS: usize = PANEL / 16;
@@ -128,22 +126,7 @@ impl QuantizedLinear {
     ///
     /// Errors, without panicking, if `x` is not 2-D, not f32, not on the CPU, or has the wrong `k`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        if k != self.k {
-            bail!("`x` has {k} features but the weight expects {}", self.k)
-        }
-        if x.dtype() != DType::F32 {
-            bail!("`x` must be f32, got {:?}", x.dtype())
-        }
-        if !x.device().is_cpu() {
-            bail!("`x` must be on the CPU")
-        }
-        let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else { bail!("`x` must be on the CPU") };
-        let xs = contiguous_slice::<f32>(cpu, layout, "x")?;
-        let y = self.matmul(xs, m);
-        Tensor::from_vec(y, (m, self.n), &Device::Cpu)
+        super::out::forward_rows(x, self.k, self.n, |xs, m| self.matmul(xs, m))
     }
 
     /// Output features `n`.
@@ -184,27 +167,20 @@ impl QuantizedLinear {
 
     /// `x`: `[m, k]` row-major. Returns `[m, n]` row-major.
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let len = m * self.n;
-        // Not zeroed: every element is written below.
-        let mut y = Vec::with_capacity(len);
         if m == 0 {
-            return y;
+            return Vec::new();
         }
         let acts = Activations::new(x, m, self.k, matches!(self.weights, Packed::Int8 { .. }), self.isa);
-        let columns = Columns::new(&mut y.spare_capacity_mut()[..len], m, self.n);
         let groups = self.groups();
-        let min_len = MIN_TASK_MACS.div_ceil(m * self.k * PANEL);
-        (0..self.n.div_ceil(PANEL)).into_par_iter().with_min_len(min_len).for_each_init(Vec::new, |out, p| {
-            // (m, PANEL)
-            out.resize(m * PANEL, 0.0);
-            self.isa.panel(self.weights.panel(p, groups), &acts, groups, out);
-            // SAFETY: the range yields each panel once, so only this task writes panel `p`.
-            unsafe { columns.write_panel(p, out) }
-        });
-        // SAFETY: every panel has been written for all `m` rows and its columns below `n`, which
-        // together are all `m * n` elements.
-        unsafe { y.set_len(len) };
-        y
+        super::out::by_panels(
+            m,
+            self.n,
+            self.k,
+            || (),
+            |(), p, out| {
+                self.isa.panel(self.weights.panel(p, groups), &acts, groups, out);
+            },
+        )
     }
 }
 
