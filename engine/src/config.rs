@@ -55,7 +55,8 @@ pub struct EngineConfig {
     /// it at load (candle's quantized CPU matmul does not batch).
     pub dtype: DType,
     /// On the CPU with f32 activations: how projection weights are stored for the packed matmul
-    /// kernels (`Native` keeps GGUF's Q4_1/Q8_0 exactly, compact and with f32's results).
+    /// kernels (`Native` keeps GGUF's Q4_1/Q8_0 exactly: compact, and with f32's results under f32
+    /// activations).
     pub cpu_weights: CpuWeights,
     /// On the CPU: how activations meet int8/int4 weights (`Auto`: int8 with AVX-512 VNNI, a
     /// faster path whose outputs are within int8 rounding of `F32`'s exact ones).

@@ -10,9 +10,9 @@ use sluice_kernels::matmul::{QuantizedLinear, WeightFormat};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum CpuWeights {
     /// As the file stores them wherever the kernels have that format, keeping their values
-    /// exactly: GGUF Q4_1 as int4 and Q8_0 as int8 (the kernels compute with the very numbers
-    /// dequantisation gives, so the output equals [`WeightFormat::F32`]'s, bit for bit, with a
-    /// fifth to an eighth of the bytes read per token); f16 and bf16 safetensors as bf16 where
+    /// exactly: GGUF Q4_1 as int4 and Q8_0 as int8 (with f32 activations the kernels compute with
+    /// the very numbers dequantisation gives, so the output equals [`WeightFormat::F32`]'s, bit for
+    /// bit, with a fifth to an eighth of the bytes read per token); f16 and bf16 safetensors as bf16 where
     /// exact; everything else as f32.
     #[default]
     Native,
