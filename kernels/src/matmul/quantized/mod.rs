@@ -167,9 +167,6 @@ impl QuantizedLinear {
 
     /// `x`: `[m, k]` row-major. Returns `[m, n]` row-major.
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        if m == 0 {
-            return Vec::new();
-        }
         let acts = Activations::new(x, m, self.k, matches!(self.weights, Packed::Int8 { .. }), self.isa);
         let groups = self.groups();
         super::out::by_panels(
@@ -295,6 +292,11 @@ impl Activations {
         }
         Self { q, s, sum }
     }
+
+    /// Whether these are `m` rows of `groups` groups.
+    fn fits(&self, groups: usize, m: usize) -> bool {
+        self.q.len() == m * groups * INT8_GROUP && self.s.len() == m * groups && self.sum.len() == m * groups
+    }
 }
 
 /// One group of up to [`INT8_GROUP`] activations (zero past the end) into `q` (`INT8_GROUP` long):
@@ -385,13 +387,6 @@ impl PanelRef<'_> {
                 q.len() == groups * QUADS * VECS * BLOCK && d.len() == s_len && bias.len() == s_len
             }
         }
-    }
-}
-
-impl Activations {
-    /// Whether these are `m` rows of `groups` groups.
-    fn fits(&self, groups: usize, m: usize) -> bool {
-        self.q.len() == m * groups * INT8_GROUP && self.s.len() == m * groups && self.sum.len() == m * groups
     }
 }
 
