@@ -12,7 +12,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -103,6 +103,25 @@ fn attention(c: &mut Criterion) {
         b.iter(|| {
             let d = &decode;
             black_box(paged_attention(&q, &d.k_cache, &d.v_cache, &d.block_tables, &cu, &d.seq_lens, scale).unwrap())
+        })
+    });
+
+    let (k16, v16) = (decode.k_cache.to_dtype(DType::F16).unwrap(), decode.v_cache.to_dtype(DType::F16).unwrap());
+    group.bench_function(BenchmarkId::new("decode_f16_cache", "32x300"), |b| {
+        b.iter(|| {
+            let d = &decode;
+            black_box(paged_attention(&q, &k16, &v16, &d.block_tables, &cu, &d.seq_lens, scale).unwrap())
+        })
+    });
+
+    let small = Batch::new(&mut rng, (0..4).map(|_| 300).collect());
+    let qs = uniform(&mut rng, &[4, NUM_HEADS, HEAD_DIM]);
+    let cus = Batch::cu_seqlens(&[1; 4]);
+    group.throughput(Throughput::Elements((small.lens.iter().sum::<usize>() * NUM_HEADS) as u64));
+    group.bench_function(BenchmarkId::new("decode_small", "4x300"), |b| {
+        b.iter(|| {
+            let d = &small;
+            black_box(paged_attention(&qs, &d.k_cache, &d.v_cache, &d.block_tables, &cus, &d.seq_lens, scale).unwrap())
         })
     });
 

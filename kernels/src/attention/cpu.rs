@@ -1,8 +1,9 @@
 //! The CPU body of `paged_attention`.
 //!
-//! Work is split over (query row, group of heads sharing a kv head) items with rayon. Within an
-//! item every head runs the same fixed-order f32 computation it would run alone, so the item size
-//! (chosen from the batch size and thread count) never changes a result:
+//! Work is split over items with rayon: a query row's heads, all of them when the batch has rows
+//! enough to keep every thread busy, else one kv group's (the heads sharing a kv head) or part of
+//! one. Within an item every head runs the same fixed-order f32 computation it would run alone, so
+//! the item size (chosen from the batch size and thread count) never changes a result:
 //!
 //! 1. `score[p] = scale * dot(q, k[p])` for `p` in `0..=pos`, in position order;
 //! 2. `m = max(score)`, `w[p] = exp(score[p] - m)`, `sum = Σ w[p]` in position order;
@@ -10,7 +11,8 @@
 //!
 //! Keys and values are read in place from the pools, one `head_dim` row at a time, and widened to
 //! f32 in registers (exactly: an f16 or bf16 cache gives the f32 computation on its values); one
-//! row serves every head of the item.
+//! row serves every head of its kv group in the item, and the AVX-512 body loads each key chunk
+//! once for up to three heads and each value row once for up to four.
 //!
 //! The f32 arithmetic ([`Math`]) has two bodies, picked once per call from the CPU's features: a
 //! portable one and an AVX-512 one. Both do the same operations in the same order (sixteen
@@ -41,27 +43,39 @@ pub(super) fn forward<T: Elem, C: Elem>(
     let heads = heads_per_item(q.len() / (geo.num_heads * geo.head_dim), geo);
     let items_per_token = geo.num_heads / heads;
     let cache = Cache { k: k_cache, v: v_cache, geo };
+    let group = geo.num_heads / geo.num_kv_heads;
+    #[cfg(target_arch = "x86_64")]
+    let simd = avx512::Avx512::detect();
     out.par_chunks_mut(heads * geo.head_dim).enumerate().for_each_init(Scratch::default, |scratch, (item, out)| {
         let token = item / items_per_token;
-        let head0 = item % items_per_token * heads;
         let row = query_row(batch, token, geo.block_size);
-        // (heads, head_dim)
-        let q = &q[(token * geo.num_heads + head0) * geo.head_dim..][..out.len()];
-        let kv_head = head0 / (geo.num_heads / geo.num_kv_heads);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(simd) = avx512::Avx512::detect() {
-            return simd.attend(q, &row, kv_head, &cache, scratch, out);
+        // The item's heads, a kv group (or part of one) at a time: (heads, head_dim) each.
+        let first = item % items_per_token * heads;
+        for (i, out) in out.chunks_mut(heads.min(group) * geo.head_dim).enumerate() {
+            let head0 = first + i * group;
+            let q = &q[(token * geo.num_heads + head0) * geo.head_dim..][..out.len()];
+            let kv_head = head0 / group;
+            #[cfg(target_arch = "x86_64")]
+            if let Some(simd) = simd {
+                simd.attend(q, &row, kv_head, &cache, scratch, out);
+                continue;
+            }
+            attend(Portable, q, &row, kv_head, &cache, scratch, out);
         }
-        attend(Portable, q, &row, kv_head, &cache, scratch, out);
     });
     out
 }
 
-/// How many heads of one kv group an item covers: the whole group (each key and value row is
-/// then read once for all of them) unless that leaves too few items to keep every thread busy.
+/// How many heads an item covers: all of a token's (its key and value rows, which sit side by
+/// side in the pools, are then read in order, once per kv group), else one kv group's (each row
+/// read once for all of them), else a divisor of it: the most that still leaves enough items to
+/// keep every thread busy.
 fn heads_per_item(num_tokens: usize, geo: &Geometry) -> usize {
     let group = geo.num_heads / geo.num_kv_heads;
     let wanted = 4 * rayon::current_num_threads();
+    if num_tokens >= wanted {
+        return geo.num_heads;
+    }
     (1..=group)
         .rev()
         .filter(|d| group.is_multiple_of(*d))
@@ -98,12 +112,17 @@ pub(super) struct Cache<'a, C> {
 }
 
 impl<C: Elem> Cache<'_, C> {
-    /// Where the `head_dim` row for `kv_head` at position `p` of `row`'s context starts in a pool.
+    /// Appends to `rows` where the `head_dim` row for `kv_head` at each position of `row`'s context
+    /// starts in a pool, in position order.
     #[inline(always)]
-    fn offset(&self, row: &QueryRow<'_>, kv_head: usize, p: usize) -> usize {
+    fn offsets(&self, row: &QueryRow<'_>, kv_head: usize, rows: &mut Vec<usize>) {
         let Geometry { num_kv_heads, head_dim, block_size, .. } = *self.geo;
-        let slot = row.blocks[p / block_size] as usize * block_size + p % block_size;
-        (slot * num_kv_heads + kv_head) * head_dim
+        let stride = num_kv_heads * head_dim;
+        for (i, &block) in row.blocks.iter().enumerate() {
+            let first = (block as usize * block_size * num_kv_heads + kv_head) * head_dim;
+            let n = block_size.min(row.len - i * block_size);
+            rows.extend((0..n).map(|j| first + j * stride));
+        }
     }
 }
 
@@ -143,7 +162,7 @@ fn attend<T: Elem, C: Elem, M: Math>(
     // 1. Scores, reading the key rows in place. (Plain loops, no closures: a closure would be
     // compiled apart from the AVX-512 build.)
     rows.clear();
-    rows.extend((0..len).map(|p| cache.offset(row, kv_head, p)));
+    cache.offsets(row, kv_head, rows);
     math.scores(scores, qf, cache.k, rows, head_dim, cache.geo.scale);
 
     // 2. Max-subtracted softmax numerators and their sums, in position order.
@@ -315,29 +334,40 @@ mod tests {
     fn avx512_build_gives_the_baseline_bits() {
         let Some(simd) = avx512::Avx512::detect() else { return };
         let mut rng = StdRng::seed_from_u64(9);
-        let geo = Geometry { num_heads: 6, num_kv_heads: 2, head_dim: 64, num_blocks: 8, block_size: 16, scale: 0.125 };
-        let pool = |rng: &mut StdRng| (0..8 * 16 * 2 * 64).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
-        let (k, v) = (pool(&mut rng), pool(&mut rng));
-        let half = |p: &[f32]| p.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>();
-        let (k16, v16) = (half(&k), half(&v));
-        let brain = |p: &[f32]| p.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>();
-        let (kb, vb) = (brain(&k), brain(&v));
-        let q: Vec<f32> = (0..3 * 64).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        let blocks = [5u32, 2, 7, 0, 3];
         fn both<C: Elem>(simd: avx512::Avx512, q: &[f32], row: &QueryRow<'_>, cache: &Cache<'_, C>) -> [Vec<u32>; 2] {
             let (mut a, mut b) = (vec![0.0f32; q.len()], vec![0.0f32; q.len()]);
             attend(Portable, q, row, 1, cache, &mut Scratch::default(), &mut a);
             simd.attend(q, row, 1, cache, &mut Scratch::default(), &mut b);
             [a, b].map(|v| v.iter().map(|x| x.to_bits()).collect())
         }
-        for len in [1usize, 15, 16, 17, 33, 77] {
-            let row = QueryRow { blocks: &blocks[..len.div_ceil(16)], len };
-            let [a, b] = both(simd, &q, &row, &Cache { k: &k, v: &v, geo: &geo });
-            assert_eq!(a, b, "f32 cache, len {len}");
-            let [a, b] = both(simd, &q, &row, &Cache { k: &k16, v: &v16, geo: &geo });
-            assert_eq!(a, b, "f16 cache, len {len}");
-            let [a, b] = both(simd, &q, &row, &Cache { k: &kb, v: &vb, geo: &geo });
-            assert_eq!(a, b, "bf16 cache, len {len}");
+        // 64: every vector path (tiles of 2 and 3 heads over 8 positions, one head over 16, four
+        // value chunks at a time); 80: five chunks (four, then one); 40: a tail past the chunks.
+        for head_dim in [64usize, 80, 40] {
+            let geo =
+                Geometry { num_heads: 16, num_kv_heads: 2, head_dim, num_blocks: 8, block_size: 16, scale: 0.125 };
+            let pool = |rng: &mut StdRng| {
+                (0..8 * 16 * 2 * head_dim).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>()
+            };
+            let (k, v) = (pool(&mut rng), pool(&mut rng));
+            let half = |p: &[f32]| p.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>();
+            let (k16, v16) = (half(&k), half(&v));
+            let brain = |p: &[f32]| p.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>();
+            let (kb, vb) = (brain(&k), brain(&v));
+            let blocks = [5u32, 2, 7, 0, 3];
+            // Up to eight heads of a kv group in one item (1, 2, 3, then 2 + 2, 3 + 2, 3 + 3, ...).
+            for heads in 1..=8 {
+                let q: Vec<f32> = (0..heads * head_dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                for len in [1usize, 7, 8, 15, 16, 17, 33, 77] {
+                    let row = QueryRow { blocks: &blocks[..len.div_ceil(16)], len };
+                    let what = format!("head_dim {head_dim}, {heads} heads, len {len}");
+                    let [a, b] = both(simd, &q, &row, &Cache { k: &k, v: &v, geo: &geo });
+                    assert_eq!(a, b, "f32 cache, {what}");
+                    let [a, b] = both(simd, &q, &row, &Cache { k: &k16, v: &v16, geo: &geo });
+                    assert_eq!(a, b, "f16 cache, {what}");
+                    let [a, b] = both(simd, &q, &row, &Cache { k: &kb, v: &vb, geo: &geo });
+                    assert_eq!(a, b, "bf16 cache, {what}");
+                }
+            }
         }
     }
 }

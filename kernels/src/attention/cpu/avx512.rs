@@ -131,9 +131,99 @@ unsafe fn dot_row<C: Elem>(q: &[f32], k: &[C]) -> f32 {
     fold(acc) + tail
 }
 
+/// Sixteen positions' scores for one head, from `rows[0..16]`. Safety: AVX-512F; the sixteen rows
+/// (and any of the next sixteen in `rows`, prefetched) lie in `pool`; `q.len() == head_dim`, a
+/// multiple of 16.
+#[inline(always)]
+unsafe fn score_tile16<C: Elem>(out: &mut [f32], q: &[f32], pool: &[C], rows: &[usize], head_dim: usize, scale: f32) {
+    for &at in rows.iter().take(32).skip(16) {
+        prefetch(pool, at, size_of::<C>() * head_dim);
+    }
+    let mut acc = [_mm512_setzero_ps(); 16];
+    for d in (0..head_dim).step_by(16) {
+        let qd = _mm512_loadu_ps(q.as_ptr().add(d));
+        for (p, acc) in acc.iter_mut().enumerate() {
+            let k = C::load16(pool.as_ptr().add(*rows.get_unchecked(p) + d));
+            *acc = _mm512_add_ps(*acc, _mm512_mul_ps(qd, k));
+        }
+    }
+    // `+ 0.0`: the definition adds the (empty) tail.
+    let dots = _mm512_add_ps(fold16(&acc), _mm512_setzero_ps());
+    _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(_mm512_set1_ps(scale), dots));
+}
+
 /// How far ahead (in positions) value and key rows are prefetched: their rows sit in scattered
 /// blocks, which the hardware prefetchers do not follow.
 const AHEAD: usize = 8;
+
+/// How many heads one scores tile covers at a time, of `remaining`: up to three (with eight
+/// positions each, 24 accumulators and three query chunks fit in the 32 registers); four go as
+/// two and two.
+fn head_chunk(remaining: usize) -> usize {
+    if remaining == 4 {
+        2
+    } else {
+        remaining.min(3)
+    }
+}
+
+/// The upper eight lanes of `v`.
+#[inline(always)]
+unsafe fn upper8(v: __m512) -> __m256 {
+    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+}
+
+/// One tile of scores: `H` heads (2 or 3) over the eight positions from `p0`.
+struct ScoreTile<'a, C> {
+    /// `(heads, len)`: row `h` holds head `h`'s scores.
+    out: &'a mut [f32],
+    /// `(H, head_dim)`: the heads' queries.
+    q: &'a [f32],
+    pool: &'a [C],
+    rows: &'a [usize],
+    head_dim: usize,
+    scale: f32,
+}
+
+/// [`Math::scores`] of `H` heads at positions `p0..p0 + 8`: each key chunk is loaded once for all
+/// `H` heads. Each dot keeps its sixteen partial sums in position order over `head_dim` and is
+/// folded by [`fold16`], as [`Math::dot`] defines. Safety: AVX-512F; `head_dim` a multiple of 16;
+/// rows `p0..p0 + 8` exist and lie in `pool`; `out` holds `H` rows of `rows.len()`.
+#[inline(always)]
+unsafe fn score_tile<const H: usize, C: Elem>(t: &mut ScoreTile<'_, C>, p0: usize) {
+    let len = t.rows.len();
+    for p in p0 + 2 * 8..(p0 + 3 * 8).min(len) {
+        prefetch(t.pool, *t.rows.get_unchecked(p), size_of::<C>() * t.head_dim);
+    }
+    let mut acc = [[_mm512_setzero_ps(); 8]; H];
+    for d in (0..t.head_dim).step_by(16) {
+        let mut qd = [_mm512_setzero_ps(); H];
+        for (h, qd) in qd.iter_mut().enumerate() {
+            *qd = _mm512_loadu_ps(t.q.as_ptr().add(h * t.head_dim + d));
+        }
+        for p in 0..8 {
+            let k = C::load16(t.pool.as_ptr().add(*t.rows.get_unchecked(p0 + p) + d));
+            for (acc, &qd) in acc.iter_mut().zip(&qd) {
+                acc[p] = _mm512_add_ps(acc[p], _mm512_mul_ps(qd, k));
+            }
+        }
+    }
+    // Two heads' eight dots per fold: lanes 0..8 the first head's, 8..16 the second's.
+    let scale = _mm512_set1_ps(t.scale);
+    for h in (0..H).step_by(2) {
+        let mut pair = [_mm512_setzero_ps(); 16];
+        pair[..8].copy_from_slice(&acc[h]);
+        if h + 1 < H {
+            pair[8..].copy_from_slice(&acc[h + 1]);
+        }
+        // `+ 0.0`: the definition adds the (empty) tail.
+        let dots = _mm512_mul_ps(scale, _mm512_add_ps(fold16(&pair), _mm512_setzero_ps()));
+        _mm256_storeu_ps(t.out.as_mut_ptr().add(h * len + p0), _mm512_castps512_ps256(dots));
+        if h + 1 < H {
+            _mm256_storeu_ps(t.out.as_mut_ptr().add((h + 1) * len + p0), upper8(dots));
+        }
+    }
+}
 
 /// One weighted sum over `H` heads: `acc` `(H, head_dim)`, `w` `(H, len)` at least.
 struct Weighted<'a, C> {
@@ -144,66 +234,99 @@ struct Weighted<'a, C> {
     head_dim: usize,
 }
 
-/// [`Math::weighted_sum`] for `H` heads, 16 outputs at a time. Safety: AVX-512F; `job.acc` holds
-/// `H` heads, `job.w` `H` rows of `rows.len()`, and every row lies inside `job.pool`.
+/// [`Math::weighted_sum`] for `H` heads and the `16 * G` outputs from `d0`, all in registers over
+/// every position: one value row load and one weight broadcast per head serve `H * G` independent
+/// sums. Safety: AVX-512F; `job.acc` holds `H` heads, `job.w` `H` rows of `rows.len()`, every row
+/// lies inside `job.pool`, and `d0 + 16 * G <= head_dim`.
 #[inline(always)]
-unsafe fn weighted<const H: usize, C: Elem>(job: Weighted<'_, C>) {
+unsafe fn weighted<const H: usize, const G: usize, C: Elem>(job: &mut Weighted<'_, C>, d0: usize) {
     let Weighted { acc, w, pool, rows, head_dim } = job;
-    let len = rows.len();
-    for d in (0..head_dim / 16 * 16).step_by(16) {
-        let mut a = [_mm512_setzero_ps(); H];
+    let (len, head_dim) = (rows.len(), *head_dim);
+    let mut a = [[_mm512_setzero_ps(); G]; H];
+    for (h, a) in a.iter_mut().enumerate() {
+        for (g, a) in a.iter_mut().enumerate() {
+            *a = _mm512_loadu_ps(acc.as_ptr().add(h * head_dim + d0 + 16 * g));
+        }
+    }
+    for p in 0..len {
+        if p + AHEAD < len {
+            prefetch(pool, *rows.get_unchecked(p + AHEAD) + d0, size_of::<C>() * 16 * G);
+        }
+        let at = *rows.get_unchecked(p) + d0;
+        let mut v = [_mm512_setzero_ps(); G];
+        for (g, v) in v.iter_mut().enumerate() {
+            *v = C::load16(pool.as_ptr().add(at + 16 * g));
+        }
         for (h, a) in a.iter_mut().enumerate() {
-            *a = _mm512_loadu_ps(acc.as_ptr().add(h * head_dim + d));
-        }
-        for p in 0..len {
-            if d == 0 && p + AHEAD < len {
-                // The first pass brings whole rows in; later passes find them in L1.
-                prefetch(pool, *rows.get_unchecked(p + AHEAD), size_of::<C>() * head_dim);
-            }
-            let v = C::load16(pool.as_ptr().add(*rows.get_unchecked(p) + d));
-            for (h, a) in a.iter_mut().enumerate() {
-                let wp = _mm512_set1_ps(*w.get_unchecked(h * len + p));
-                *a = _mm512_add_ps(*a, _mm512_mul_ps(wp, v));
+            let wp = _mm512_set1_ps(*w.get_unchecked(h * len + p));
+            for (a, v) in a.iter_mut().zip(&v) {
+                *a = _mm512_add_ps(*a, _mm512_mul_ps(wp, *v));
             }
         }
-        for (h, a) in a.iter().enumerate() {
-            _mm512_storeu_ps(acc.as_mut_ptr().add(h * head_dim + d), *a);
+    }
+    for (h, a) in a.iter().enumerate() {
+        for (g, a) in a.iter().enumerate() {
+            _mm512_storeu_ps(acc.as_mut_ptr().add(h * head_dim + d0 + 16 * g), *a);
         }
+    }
+}
+
+/// [`weighted`] for `H` heads over every full chunk of 16 outputs: four chunks at a time, then one.
+#[inline(always)]
+unsafe fn weighted_heads<const H: usize, C: Elem>(job: &mut Weighted<'_, C>) {
+    let full = job.head_dim / 16 * 16;
+    let mut d0 = 0;
+    while d0 + 64 <= full {
+        weighted::<H, 4, C>(job, d0);
+        d0 += 64;
+    }
+    while d0 < full {
+        weighted::<H, 1, C>(job, d0);
+        d0 += 16;
     }
 }
 
 impl Math for Avx512 {
     #[inline(always)]
     fn scores<C: Elem>(self, out: &mut [f32], q: &[f32], pool: &[C], rows: &[usize], head_dim: usize, scale: f32) {
-        let len = rows.len();
+        let (heads, len) = (q.len() / head_dim, rows.len());
         // The loads below trust `rows`; check them once.
         assert!(rows.iter().all(|&at| at + head_dim <= pool.len()), "key rows inside the pool");
-        let blocked = if head_dim.is_multiple_of(16) { len / 16 * 16 } else { 0 };
-        for (out, q) in out.chunks_exact_mut(len).zip(q.chunks_exact(head_dim)) {
-            for p0 in (0..blocked).step_by(16) {
-                // SAFETY: AVX-512F is available; rows `p0..p0 + 16` exist (`p0 + 16 <= len`),
-                // lie in `pool` (asserted), and `d + 16 <= head_dim = q.len()`.
+        let vectors = head_dim.is_multiple_of(16);
+        let mut h0 = 0;
+        while h0 < heads {
+            let hs = head_chunk(heads - h0);
+            let out = &mut out[h0 * len..(h0 + hs) * len];
+            let q = &q[h0 * head_dim..(h0 + hs) * head_dim];
+            // Several heads: tiles of eight positions, each key chunk loaded once for them all.
+            let tiled = if vectors && hs > 1 { len / 8 * 8 } else { 0 };
+            let mut tile = ScoreTile { out: &mut *out, q, pool, rows, head_dim, scale };
+            for p0 in (0..tiled).step_by(8) {
+                // SAFETY: AVX-512F is available; rows `p0..p0 + 8` exist (`p0 + 8 <= len`) and lie
+                // in `pool` (asserted); `head_dim` is a multiple of 16; `out` holds `hs` rows.
                 unsafe {
-                    for p in p0 + 16..(p0 + 32).min(len) {
-                        prefetch(pool, *rows.get_unchecked(p), size_of::<C>() * head_dim);
+                    match hs {
+                        2 => score_tile::<2, C>(&mut tile, p0),
+                        _ => score_tile::<3, C>(&mut tile, p0),
                     }
-                    let mut acc = [_mm512_setzero_ps(); 16];
-                    for d in (0..head_dim).step_by(16) {
-                        let qd = _mm512_loadu_ps(q.as_ptr().add(d));
-                        for (p, acc) in acc.iter_mut().enumerate() {
-                            let k = C::load16(pool.as_ptr().add(*rows.get_unchecked(p0 + p) + d));
-                            *acc = _mm512_add_ps(*acc, _mm512_mul_ps(qd, k));
-                        }
-                    }
-                    // `+ 0.0`: the definition adds the (empty) tail.
-                    let dots = _mm512_add_ps(fold16(&acc), _mm512_setzero_ps());
-                    _mm512_storeu_ps(out.as_mut_ptr().add(p0), _mm512_mul_ps(_mm512_set1_ps(scale), dots));
                 }
             }
-            for p in blocked..len {
-                // SAFETY: AVX-512F is available (`self`).
-                out[p] = scale * unsafe { dot_row(q, &pool[rows[p]..rows[p] + head_dim]) };
+            for (out, q) in out.chunks_exact_mut(len).zip(q.chunks_exact(head_dim)) {
+                let blocked = if vectors && tiled == 0 { len / 16 * 16 } else { tiled };
+                if tiled == 0 {
+                    // One head: tiles of sixteen positions.
+                    for p0 in (0..blocked).step_by(16) {
+                        // SAFETY: AVX-512F is available; rows `p0..p0 + 16` exist (`p0 + 16 <= len`),
+                        // lie in `pool` (asserted), and `d + 16 <= head_dim = q.len()`.
+                        unsafe { score_tile16(&mut out[p0..p0 + 16], q, pool, &rows[p0..], head_dim, scale) }
+                    }
+                }
+                for p in blocked..len {
+                    // SAFETY: AVX-512F is available (`self`).
+                    out[p] = scale * unsafe { dot_row(q, &pool[rows[p]..rows[p] + head_dim]) };
+                }
             }
+            h0 += hs;
         }
     }
 
@@ -232,12 +355,10 @@ impl Math for Avx512 {
         // The loads below trust `rows`; check them once.
         assert!(rows.iter().all(|&at| at + head_dim <= pool.len()), "value rows inside the pool");
         let full = head_dim / 16 * 16;
-        // Up to four heads' 16 outputs in registers over all positions: one value load serves
-        // them all, and no accumulator goes through memory.
         let mut h0 = 0;
         while h0 < heads {
             let hs = (heads - h0).min(4);
-            let job = Weighted {
+            let mut job = Weighted {
                 acc: &mut acc[h0 * head_dim..(h0 + hs) * head_dim],
                 w: &w[h0 * len..],
                 pool,
@@ -247,10 +368,10 @@ impl Math for Avx512 {
             // SAFETY: AVX-512F is available; `job` holds `hs` heads; rows fit in `pool` (asserted).
             unsafe {
                 match hs {
-                    1 => weighted::<1, C>(job),
-                    2 => weighted::<2, C>(job),
-                    3 => weighted::<3, C>(job),
-                    _ => weighted::<4, C>(job),
+                    1 => weighted_heads::<1, C>(&mut job),
+                    2 => weighted_heads::<2, C>(&mut job),
+                    3 => weighted_heads::<3, C>(&mut job),
+                    _ => weighted_heads::<4, C>(&mut job),
                 }
             }
             h0 += hs;
