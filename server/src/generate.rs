@@ -21,7 +21,7 @@ use crate::filter::output;
 
 use crate::error::ApiError;
 use crate::logging::RequestLog;
-use crate::rate_limit::{Caller, TokenCharge};
+use crate::rate_limit::{self, Caller, TokenCharge};
 use crate::state::AppState;
 use crate::validate::GenerateRequest;
 
@@ -80,7 +80,8 @@ pub async fn start(
         prompts.push(ids);
     }
     let prompt_tokens = prompts.iter().map(Vec::len).sum();
-    let charge = caller.charge(prompt_tokens, prompts.iter().map(|ids| max_tokens_of(req, info, ids) * req.n).sum())?;
+    let reserved = prompts.iter().map(|ids| max_tokens_of(req, info, ids).min(reservation(req)) * req.n).sum();
+    let charge = caller.charge(prompt_tokens, reserved)?;
     log.started(prompt_tokens, req.user.clone());
     let choices = prompts.len() * req.n;
     let key = cache::key(&state.config().served_model_name, &prompts, req);
@@ -95,9 +96,19 @@ pub async fn start(
     Ok(Generation { engine, events, choices, prompt_tokens, charge, cache })
 }
 
-/// `max_tokens` of a prompt: the client's, or what is left of the context.
+/// Completion tokens a choice reserves against the caller's tokens per minute (at most its
+/// `max_tokens`): the client's `max_tokens`, else [`rate_limit::DEFAULT_RESERVATION`].
+fn reservation(req: &GenerateRequest) -> usize {
+    req.max_tokens.unwrap_or(rate_limit::DEFAULT_RESERVATION)
+}
+
+/// `max_tokens` of a prompt: the client's, or what is left of the context, and of the KV cache
+/// when it holds less than a whole context (a sequence's last token is never stored).
 fn max_tokens_of(req: &GenerateRequest, info: &ModelInfo, ids: &[u32]) -> usize {
-    req.max_tokens.unwrap_or_else(|| info.max_model_len.saturating_sub(ids.len()).max(1))
+    req.max_tokens.unwrap_or_else(|| {
+        let room = info.max_model_len.min(info.num_kv_blocks * info.block_size + 1);
+        room.saturating_sub(ids.len()).max(1)
+    })
 }
 
 /// Submits `n` choices per prompt; their streams, merged.

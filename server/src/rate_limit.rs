@@ -5,11 +5,13 @@
 //!
 //! - Requests: every API request costs one, checked by [`limit`] right after authentication,
 //!   with `governor` (GCRA).
-//! - Tokens, cost-aware: a generation is charged its prompt tokens plus its `max_tokens` (each
-//!   choice) once its prompt is tokenized ([`Caller::charge`]); the [`TokenCharge`] it holds gives
-//!   back the tokens not generated when it is dropped, however the request ended (finished,
-//!   failed, client gone). governor cannot give cells back, so tokens use a [`TokenBucket`] of
-//!   our own.
+//! - Tokens, cost-aware: a generation is charged its prompt tokens plus the completion tokens it
+//!   reserves (each choice's `max_tokens`, or up to [`DEFAULT_RESERVATION`] without one) once its
+//!   prompt is tokenized ([`Caller::charge`]); the [`TokenCharge`] it holds takes the tokens it
+//!   generates past its reservation as they come (the bucket may then go below empty, delaying
+//!   the caller's next requests) and gives back the reserved tokens not generated when it is
+//!   dropped, however the request ended (finished, failed, client gone). governor cannot give
+//!   cells back, so tokens use a [`TokenBucket`] of our own.
 //!
 //! A limited caller's API responses, refusals included, carry
 //! `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for each limit that applies. Resets
@@ -44,6 +46,10 @@ pub use bucket::TokenBucket;
 /// minute (so are full again, no different from new ones) are dropped; if none is, new clients
 /// share one bucket until some are.
 const MAX_CLIENTS: usize = 10_000;
+/// Completion tokens reserved per choice by a request without `max_tokens` (OpenAI's clients
+/// mostly send none; reserving the rest of the context would refuse every such request under a
+/// tokens-per-minute limit smaller than the context).
+pub const DEFAULT_RESERVATION: usize = 256;
 const MINUTE: Duration = Duration::from_secs(60);
 
 type RequestLimiter = governor::RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
@@ -220,23 +226,24 @@ impl Caller {
         }
     }
 
-    /// Charges a generation its prompt tokens plus `max_completion_tokens` (all choices); the
-    /// charge gives back what is not generated when dropped. 429 when the bucket lacks them.
-    pub fn charge(&self, prompt_tokens: usize, max_completion_tokens: usize) -> Result<TokenCharge, ApiError> {
-        let cost = (prompt_tokens + max_completion_tokens) as u64;
+    /// Charges a generation its prompt tokens plus `reserved` completion tokens (all choices); the
+    /// charge takes what is generated past them as it comes and gives back what is not generated
+    /// when dropped. 429 when the bucket lacks them.
+    pub fn charge(&self, prompt_tokens: usize, reserved: usize) -> Result<TokenCharge, ApiError> {
+        let cost = (prompt_tokens + reserved) as u64;
         let taken =
             self.buckets.with_tokens(|bucket, now| bucket.take(cost, now).map_err(|wait| (wait, bucket.capacity())));
         match taken {
             None => Ok(TokenCharge(None)),
             Some(Ok(())) => {
-                let budget = max_completion_tokens as u64;
+                let budget = reserved as u64;
                 Ok(TokenCharge(Some(Charged { buckets: self.buckets.clone(), budget, used: AtomicU64::new(0) })))
             }
             Some(Err((wait, limit))) => {
                 metrics::counter!("sluice_rate_limited_requests_total", "limit" => "tokens").increment(1);
                 let message = match wait {
                     Some(wait) => format!(
-                        "Rate limit reached for tokens per minute (TPM): limit {limit}, requested {cost} (prompt plus `max_tokens`). Please try again in {}.",
+                        "Rate limit reached for tokens per minute (TPM): limit {limit}, requested {cost} (prompt plus the completion tokens reserved). Please try again in {}.",
                         format_reset(wait)
                     ),
                     None => format!(
@@ -281,17 +288,22 @@ pub struct TokenCharge(Option<Charged>);
 #[derive(Debug)]
 struct Charged {
     buckets: Arc<Buckets>,
-    /// `max_tokens` over all choices, as charged.
+    /// Completion tokens reserved over all choices, as charged.
     budget: u64,
     /// Tokens generated so far (atomic: choices are gathered concurrently).
     used: AtomicU64,
 }
 
 impl TokenCharge {
-    /// Counts `tokens` generated tokens against the budget.
+    /// Counts `tokens` generated tokens against the reservation; those past it are taken from the
+    /// bucket now.
     pub fn record(&self, tokens: usize) {
         if let Some(c) = &self.0 {
-            c.used.fetch_add(tokens as u64, Ordering::Relaxed);
+            let before = c.used.fetch_add(tokens as u64, Ordering::Relaxed);
+            let over = (before + tokens as u64).saturating_sub(c.budget) - before.saturating_sub(c.budget);
+            if over > 0 {
+                c.buckets.with_tokens(|bucket, now| bucket.take_spent(over, now));
+            }
         }
     }
 }

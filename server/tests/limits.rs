@@ -171,6 +171,18 @@ async fn unused_max_tokens_are_refunded_when_a_request_finishes_early() {
 }
 
 #[tokio::test]
+async fn a_request_without_max_tokens_fits_a_limit_smaller_than_the_context() {
+    // 1,000 tokens a minute against an 8,192-token context: reserving the rest of the context
+    // would refuse every request that leaves `max_tokens` out, as OpenAI's clients do by default.
+    let addr = serve(limited(0, 1000));
+    let (status, headers, body) = chat(addr, None, &chat_body(FRANCE, json!({"temperature": 0}))).await;
+    assert_eq!(status, 200, "{body}");
+    let used = body["usage"]["total_tokens"].as_u64().expect("usage");
+    let remaining = number(&headers, "x-ratelimit-remaining-tokens");
+    assert!((1000 - used..=1000 - used + 20).contains(&remaining), "{remaining} left after using {used}");
+}
+
+#[tokio::test]
 async fn a_running_request_holds_its_tokens_until_its_client_leaves() {
     let addr = serve(limited(0, 1000));
     let long = chat_body("Count to a thousand.", json!({"max_tokens": 600, "ignore_eos": true, "stream": true}));

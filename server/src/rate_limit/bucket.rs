@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use super::Window;
 
 /// Holds up to `capacity` tokens and refills at `capacity` per `period`. A charge is taken whole
-/// or not at all; a refund never fills it past its capacity.
+/// or not at all; tokens spent past a charge are taken regardless (the level may go below zero);
+/// a refund never fills it past its capacity.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     capacity: u64,
@@ -53,10 +54,24 @@ impl TokenBucket {
         Ok(())
     }
 
+    /// Takes `n` tokens already spent (a generation running past what it reserved), even below
+    /// empty: the caller then waits until the debt has refilled.
+    pub fn take_spent(&mut self, n: u64, now: Instant) {
+        self.refill(now);
+        self.level -= n as f64;
+    }
+
     /// Gives back `n` tokens taken earlier and not used.
     pub fn give(&mut self, n: u64, now: Instant) {
         self.refill(now);
         self.level = (self.level + n as f64).min(self.capacity as f64);
+    }
+
+    /// Tokens in the bucket as of `now`, below zero while spent tokens are owed.
+    #[cfg(test)]
+    pub(crate) fn level_now(&mut self, now: Instant) -> f64 {
+        self.refill(now);
+        self.level
     }
 
     /// Limit, whole tokens left, and time until full, as of `now`.

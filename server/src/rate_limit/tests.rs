@@ -43,6 +43,30 @@ fn a_charge_gives_back_what_was_not_generated_when_dropped() {
 }
 
 #[test]
+fn tokens_generated_past_the_reservation_are_taken_as_they_come() {
+    let limiter = RateLimiter::new(&[], RateLimitConfig { tpm: 1000, ..Default::default() });
+    let caller = limiter.caller(None, None);
+    // Whole tokens left; negative while the caller is in debt.
+    let level = |c: &Caller| c.buckets.with_tokens(|b, now| b.level_now(now)).unwrap_or(0.0).floor() as i64;
+    let charge = caller.charge(100, 50).unwrap();
+    assert!((850..=851).contains(&level(&caller)), "{}", level(&caller));
+    charge.record(30);
+    assert!((850..=851).contains(&level(&caller)), "within the reservation: nothing more is taken");
+    charge.record(30);
+    assert!((840..=841).contains(&level(&caller)), "10 past the reservation: {}", level(&caller));
+    for _ in 0..1000 {
+        charge.record(1);
+    }
+    assert!((-160..=-159).contains(&level(&caller)), "past empty: {}", level(&caller));
+    drop(charge);
+    assert!((-160..=-159).contains(&level(&caller)), "nothing reserved is left to give back");
+    // In debt, even a small request waits until the debt has refilled.
+    let refused = caller.charge(1, 0).unwrap_err();
+    let ApiError::RateLimited { retry_after: Some(wait), .. } = refused else { panic!("{refused:?}") };
+    assert!(wait > Duration::from_secs(9), "{wait:?}");
+}
+
+#[test]
 fn the_requests_bucket_refuses_past_its_limit_with_a_wait() {
     let limiter = RateLimiter::new(&[], RateLimitConfig { rpm: 2, ..Default::default() });
     let caller = limiter.caller(None, None);
