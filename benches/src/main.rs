@@ -114,9 +114,15 @@ struct EngineArgs {
     /// Sequences running at once.
     #[arg(long)]
     max_num_seqs: Option<usize>,
-    /// KV cache size in MiB.
-    #[arg(long, default_value_t = 1024)]
-    kv_cache_mib: usize,
+    /// KV cache size in MiB [default: 1024 on the CPU; on CUDA what --gpu-memory-utilization leaves].
+    #[arg(long)]
+    kv_cache_mib: Option<usize>,
+    /// On CUDA without --kv-cache-mib: the share of the GPU's memory to fill, in (0, 1].
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f32,
+    /// On CUDA, GGUF weights: quantized (candle's quantized kernels) or dense (dequantized).
+    #[arg(long, default_value = "quantized")]
+    gpu_weights: String,
     #[command(flatten)]
     output: Output,
 }
@@ -219,7 +225,9 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     let mut config = EngineConfig::new(&args.model);
     config.device = DeviceSpec::parse(&args.device)?;
     config.dtype = parse_dtype(&args.dtype)?;
-    config.kv_cache_memory = args.kv_cache_mib << 20;
+    config.kv_cache_memory = args.kv_cache_mib.map(|mib| mib << 20);
+    config.gpu_memory_utilization = args.gpu_memory_utilization;
+    config.gpu_weights = args.gpu_weights.parse().map_err(anyhow::Error::msg)?;
     config.cpu_weights = args.cpu_weights.parse().map_err(anyhow::Error::msg)?;
     config.cpu_activations = args.cpu_activations.parse().map_err(anyhow::Error::msg)?;
     config.kv_cache_dtype = match args.kv_cache_dtype.as_str() {

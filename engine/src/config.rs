@@ -6,8 +6,11 @@ use candle_core::{DType, Device};
 
 use crate::breaker::BreakerConfig;
 use crate::error::{EngineError, Result};
-use crate::model::{CpuActivations, CpuWeights};
+use crate::model::{CpuActivations, CpuWeights, GpuWeights, GreedyArgmax};
 use crate::scheduler::SchedulerConfig;
+
+/// The KV cache's size on the CPU when `kv_cache_memory` is not given: 1 GiB.
+pub const DEFAULT_CPU_KV_CACHE_MEMORY: usize = 1 << 30;
 
 /// Which device the model runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -51,8 +54,9 @@ pub struct EngineConfig {
     pub model: PathBuf,
     /// Where to run.
     pub device: DeviceSpec,
-    /// Weight, activation and KV cache dtype. On the CPU quantized GGUF weights are dequantized to
-    /// it at load (candle's quantized CPU matmul does not batch).
+    /// Weight, activation and KV cache dtype. Quantized GGUF weights are dequantized to it at load
+    /// on the CPU when the packed kernels do not keep them (candle's quantized CPU matmul does not
+    /// batch), and on CUDA with `GpuWeights::Dense` or a ggml type candle has no kernel for.
     pub dtype: DType,
     /// On the CPU with f32 activations: how projection weights are stored for the packed matmul
     /// kernels (`Native` keeps GGUF's Q4_1/Q8_0 exactly: compact, and with f32's results under f32
@@ -66,10 +70,20 @@ pub struct EngineConfig {
     /// concurrency 32 on the default model), keys and values rounded as they are stored (as
     /// llama.cpp stores them). On CUDA it must equal `dtype`.
     pub kv_cache_dtype: Option<DType>,
+    /// Off the CPU: whether GGUF-quantized projection weights stay quantized (candle's `QMatMul`
+    /// kernels) or are dequantized to `dtype` at load.
+    pub gpu_weights: GpuWeights,
+    /// Where the argmax of a plain greedy row is taken (on the device off the CPU by default).
+    pub greedy_argmax: GreedyArgmax,
     /// Tokens per KV block.
     pub block_size: usize,
-    /// Bytes of memory for the KV cache pools (all layers, K and V).
-    pub kv_cache_memory: usize,
+    /// Bytes of memory for the KV cache pools (all layers, K and V). `None`: 1 GiB on the CPU
+    /// ([`DEFAULT_CPU_KV_CACHE_MEMORY`]); on CUDA what `gpu_memory_utilization` leaves once the
+    /// weights are loaded.
+    pub kv_cache_memory: Option<usize>,
+    /// On CUDA, when `kv_cache_memory` is `None`: the share of the GPU's whole memory this engine
+    /// may fill (weights, KV cache and one step's activations), in (0, 1], as vLLM's flag.
+    pub gpu_memory_utilization: f32,
     /// Longest prompt + output; defaults to the model's trained context.
     pub max_model_len: Option<usize>,
     /// Batching and queueing.
@@ -81,7 +95,7 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    /// Defaults for `model`: CPU, f32, 16-token blocks, 1 GiB of KV cache.
+    /// Defaults for `model`: CPU, f32, 16-token blocks, the KV cache sized by the device's rule.
     pub fn new(model: impl Into<PathBuf>) -> Self {
         Self {
             model: model.into(),
@@ -90,8 +104,11 @@ impl EngineConfig {
             cpu_weights: CpuWeights::Native,
             cpu_activations: CpuActivations::Auto,
             kv_cache_dtype: None,
+            gpu_weights: GpuWeights::Quantized,
+            greedy_argmax: GreedyArgmax::Auto,
             block_size: 16,
-            kv_cache_memory: 1 << 30,
+            kv_cache_memory: None,
+            gpu_memory_utilization: 0.9,
             max_model_len: None,
             scheduler: SchedulerConfig::default(),
             seed: 0,
@@ -115,6 +132,13 @@ impl EngineConfig {
         }
         if kv != self.dtype && !(self.device == DeviceSpec::Cpu && self.dtype == DType::F32) {
             return bad("a `kv_cache_dtype` other than `dtype` needs the CPU with f32 activations");
+        }
+        let u = self.gpu_memory_utilization;
+        if !(u > 0.0 && u <= 1.0) {
+            return Err(EngineError::InvalidRequest(format!("`gpu_memory_utilization` must be in (0, 1], got {u}")));
+        }
+        if self.kv_cache_memory == Some(0) {
+            return bad("`kv_cache_memory` must be at least 1 byte");
         }
         if s.max_batch_size == 0 || s.max_num_seqs == 0 || s.max_batch_tokens == 0 || s.max_waiting == 0 {
             return bad("`max_batch_size`, `max_num_seqs`, `max_batch_tokens` and `max_waiting` must be at least 1");
@@ -159,5 +183,23 @@ mod tests {
         assert!(c.validate().is_err(), "CUDA needs the cache in the activation dtype");
         c.kv_cache_dtype = Some(DType::U8);
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn gpu_memory_utilization_and_kv_cache_memory_limits() {
+        let mut c = EngineConfig::new("model.gguf");
+        assert_eq!((c.gpu_memory_utilization, c.kv_cache_memory), (0.9, None));
+        for ok in [1.0, 0.05] {
+            c.gpu_memory_utilization = ok;
+            c.validate().unwrap();
+        }
+        for bad in [0.0, -0.5, 1.01, f32::NAN] {
+            c.gpu_memory_utilization = bad;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("`gpu_memory_utilization`"), "{bad}: {e}");
+        }
+        c.gpu_memory_utilization = 0.9;
+        c.kv_cache_memory = Some(0);
+        assert!(c.validate().unwrap_err().to_string().contains("`kv_cache_memory`"));
     }
 }

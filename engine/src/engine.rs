@@ -11,9 +11,10 @@ use tokio::sync::mpsc;
 
 use crate::breaker::BreakerState;
 use crate::chat_template::ChatTemplate;
-use crate::config::EngineConfig;
+use crate::config::{EngineConfig, DEFAULT_CPU_KV_CACHE_MEMORY};
 use crate::error::{EngineError, Result};
-use crate::model::{read_gguf, Llama, LoadOptions, ModelFormat, ModelRunner, WeightSource};
+use crate::kv_cache::{activation_reserve, gpu_memory, KvBudget};
+use crate::model::{read_gguf, GpuWeights, Llama, LoadOptions, ModelFormat, ModelRunner, WeightSource};
 use crate::request::{Prompt, Request};
 use crate::scheduler::Scheduler;
 use crate::sequence::{RequestId, Sequence};
@@ -98,11 +99,13 @@ impl Engine {
         let (mut source, tokenizer, template, name) = open_model(&config)?;
         let model_config = source.config().clone();
         tracing::info!(model = %config.model.display(), layers = model_config.num_layers, "loading weights");
+        let quantized_matmul = !device.is_cpu() && config.gpu_weights == GpuWeights::Quantized;
         let options = LoadOptions {
             dtype: config.dtype,
             device,
             cpu_weights: config.cpu_weights,
             cpu_activations: config.cpu_activations,
+            quantized_matmul,
         };
         let model = Llama::load(&mut source, &options, &|done, total| {
             tracing::info!("loading weights: layer {done}/{total}");
@@ -117,15 +120,23 @@ impl Engine {
         }
         let kv_dtype = config.kv_dtype();
         let per_block = model_config.kv_bytes_per_token(kv_dtype.size_in_bytes()) * config.block_size;
-        let num_blocks = config.kv_cache_memory / per_block;
+        let budget = kv_budget(&config, &model)?;
+        let num_blocks = budget.bytes() / per_block;
         if num_blocks == 0 {
+            let hint = match budget {
+                KvBudget::Gpu { .. } => {
+                    "; lower the other uses of the GPU, raise `gpu_memory_utilization` or set `kv_cache_memory`"
+                }
+                _ => "",
+            };
             return Err(EngineError::InvalidRequest(format!(
-                "`kv_cache_memory` of {} bytes holds no block ({per_block} bytes each)",
-                config.kv_cache_memory
+                "the KV cache holds no block ({per_block} bytes each): {budget}{hint}"
             )));
         }
+        tracing::info!(projection_bytes = model.projection_bytes(), "KV cache: {budget}");
         let vocab_size = model.vocab_size();
-        let runner = ModelRunner::new(model, num_blocks, config.block_size, kv_dtype)?;
+        let runner =
+            ModelRunner::new(model, num_blocks, config.block_size, kv_dtype)?.with_greedy_argmax(config.greedy_argmax);
         tracing::info!(
             blocks = num_blocks,
             block_size = config.block_size,
@@ -299,6 +310,20 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The KV cache's bytes: `kv_cache_memory` when given; else what `gpu_memory_utilization` leaves
+/// on a GPU, measured now that `model`'s weights are on it; else the CPU's default.
+fn kv_budget(config: &EngineConfig, model: &Llama) -> Result<KvBudget> {
+    if let Some(bytes) = config.kv_cache_memory {
+        return Ok(KvBudget::Given(bytes));
+    }
+    let Some(memory) = gpu_memory(model.device())? else {
+        return Ok(KvBudget::CpuDefault(DEFAULT_CPU_KV_CACHE_MEMORY));
+    };
+    let reserve =
+        activation_reserve(model.config(), model.vocab_size(), &config.scheduler, config.dtype.size_in_bytes());
+    Ok(KvBudget::gpu(memory, config.gpu_memory_utilization, reserve))
 }
 
 /// Opens the weights, tokenizer and chat template of the model at `config.model`.

@@ -86,13 +86,22 @@ impl Sampler {
     /// one uniform number when not greedy, so the choice is a function of the seed, the step and
     /// the logits. `params` must be the (validated) params this sampler was made with.
     pub fn sample(&mut self, logits: &[f32], params: &SamplingParams, ctx: &SampleContext) -> Sampled {
-        let token = if params.is_greedy() && !params.has_processing() && ctx.suppress.is_empty() {
+        let token = if takes_raw_argmax(params, ctx) {
             argmax_slice(logits)
         } else {
             self.sample_processed(logits, params, ctx).unwrap_or_else(|| argmax_slice(logits))
         };
         let logprob = params.logprobs.map(|n| token_logprob(logits, token, n));
         Sampled { token, logprob }
+    }
+
+    /// Whether [`Sampler::sample`] would return the raw argmax of the logits and nothing else:
+    /// greedy, with no bias, penalty, suppressed id or logprobs. Such a row's token may be taken
+    /// where the logits are (on the GPU, with the same rule: lowest id on ties, NaN as `-inf`, 0
+    /// when nothing is above `-inf`) and this sampler skipped, since that path neither draws a
+    /// random number nor touches the penalty history.
+    pub fn is_plain_argmax(params: &SamplingParams, ctx: &SampleContext) -> bool {
+        takes_raw_argmax(params, ctx) && params.logprobs.is_none()
     }
 
     /// The full pipeline; `None` when every token is masked.
@@ -196,6 +205,11 @@ impl Sampler {
             }
         }
     }
+}
+
+/// Whether the token is the raw logits' argmax: greedy, no bias, penalty or suppressed id.
+fn takes_raw_argmax(params: &SamplingParams, ctx: &SampleContext) -> bool {
+    params.is_greedy() && !params.has_processing() && ctx.suppress.is_empty()
 }
 
 /// NaN becomes `-inf` (never chosen); everything else is kept.

@@ -23,6 +23,9 @@ pub struct EngineStats {
     pub prompt_tokens: u64,
     /// Tokens generated since start.
     pub generated_tokens: u64,
+    /// Of those, tokens chosen by an argmax on the device (only their ids were copied back; see
+    /// `GreedyArgmax`).
+    pub device_argmax_tokens: u64,
     /// The circuit breaker around model execution (published as soon as it changes).
     pub breaker: BreakerState,
     /// False once the engine thread has stopped.

@@ -14,8 +14,8 @@ use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::engine::{Command, Shared};
 use crate::error::EngineError;
 use crate::metrics::{self, FinishRecord, StepRecord};
-use crate::model::{ModelRunner, StepLogits};
-use crate::sampling::{SampleContext, Sampler, SamplingParams};
+use crate::model::{ModelRunner, Readout, StepLogits};
+use crate::sampling::{SampleContext, Sampled, Sampler, SamplingParams};
 use crate::scheduler::{AddError, Batch, Scheduler};
 use crate::sequence::{RequestId, Sequence};
 use crate::stop::StopStrings;
@@ -239,7 +239,26 @@ impl Worker {
         if self.shared.take_injected_failure() {
             return Err(EngineError::Model("injected step failure".into()));
         }
-        self.runner.execute(batch, &self.scheduler)
+        let readout = self.readout(batch);
+        self.runner.execute(batch, &self.scheduler, readout)
+    }
+
+    /// [`Readout::Argmax`] when the runner takes greedy argmaxes on the device and every row
+    /// sampled in `batch` is plain greedy (so the sampler would only take the argmax); else
+    /// [`Readout::Logits`].
+    fn readout(&self, batch: &Batch) -> Readout {
+        let plain = |id: RequestId| match (self.scheduler.sequence(id), self.requests.get(&id)) {
+            (Some(seq), Some(state)) => {
+                Sampler::is_plain_argmax(&state.params, &context(seq, &state.params, &self.eos))
+            }
+            // Gone (aborted): its row is not used.
+            _ => true,
+        };
+        if self.runner.device_argmax() && batch.seqs.iter().filter(|s| s.sample).all(|s| plain(s.id)) {
+            Readout::Argmax
+        } else {
+            Readout::Logits
+        }
     }
 
     /// Runs one model step and hands out its tokens. A failed step fails the requests in it (the
@@ -267,18 +286,22 @@ impl Worker {
         if let Some(state) = self.breaker.on_success() {
             self.breaker_changed(state);
         }
-        let mut sampled = Vec::with_capacity(logits.rows.len());
-        let mut rows = logits.rows.iter();
-        for s in batch.seqs.iter().filter(|s| s.sample) {
-            let (Some(row), Some(seq), Some(state)) =
-                (rows.next(), self.scheduler.sequence(s.id), self.requests.get_mut(&s.id))
-            else {
+        let mut sampled = Vec::with_capacity(logits.len());
+        for (i, s) in batch.seqs.iter().filter(|s| s.sample).enumerate() {
+            let (Some(seq), Some(state)) = (self.scheduler.sequence(s.id), self.requests.get_mut(&s.id)) else {
                 continue;
             };
-            let suppress: &[u32] = if seq.num_output_tokens() < state.params.min_tokens { &self.eos } else { &[] };
-            let ctx =
-                SampleContext { prompt_tokens: seq.prompt_tokens(), output_tokens: seq.output_tokens(), suppress };
-            let choice = state.sampler.sample(row, &state.params, &ctx);
+            let choice = match &logits {
+                StepLogits::Rows(rows) => {
+                    let Some(row) = rows.get(i) else { continue };
+                    state.sampler.sample(row, &state.params, &context(seq, &state.params, &self.eos))
+                }
+                // Only asked for when every row is plain greedy: the argmax is the sampler's choice.
+                StepLogits::Ids(ids) => {
+                    let Some(&token) = ids.get(i) else { continue };
+                    Sampled { token, logprob: None }
+                }
+            };
             sampled.push((s.id, choice));
         }
         let pairs: Vec<(RequestId, u32)> = sampled.iter().map(|(id, c)| (*id, c.token)).collect();
@@ -287,6 +310,9 @@ impl Worker {
         if let Ok(mut s) = self.shared.stats.lock() {
             s.steps += 1;
             s.generated_tokens += pairs.len() as u64;
+            if matches!(logits, StepLogits::Ids(_)) {
+                s.device_argmax_tokens += pairs.len() as u64;
+            }
             s.prompt_tokens += (batch.num_tokens - batch.seqs.iter().filter(|s| s.len == 1 && s.sample).count()) as u64;
         }
         for (id, choice) in sampled {
@@ -405,6 +431,13 @@ impl Drop for AliveGuard {
             s.alive = false;
         }
     }
+}
+
+/// What the sampler needs to know about `seq` besides its logits: its tokens, and EOS suppressed
+/// while the output is shorter than `min_tokens`.
+fn context<'a>(seq: &'a Sequence, params: &SamplingParams, eos: &'a [u32]) -> SampleContext<'a> {
+    let suppress: &[u32] = if seq.num_output_tokens() < params.min_tokens { eos } else { &[] };
+    SampleContext { prompt_tokens: seq.prompt_tokens(), output_tokens: seq.output_tokens(), suppress }
 }
 
 fn usage(seq: &Sequence) -> Usage {

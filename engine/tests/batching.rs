@@ -50,7 +50,7 @@ fn chunked_prefill_and_preemption_keep_outputs_identical() {
     // A pool of 12 blocks of 16 tokens (192 tokens) for 16 sequences of ~40-60 tokens, and a
     // step budget of 24 tokens so prompts are prefilled in chunks.
     let tight = common::engine_with(|c| {
-        c.kv_cache_memory = 12 * 16 * 2 * 30 * 3 * 64 * 4;
+        c.kv_cache_memory = Some(12 * 16 * 2 * 30 * 3 * 64 * 4);
         c.scheduler.max_batch_tokens = 24;
     });
     assert_eq!(tight.model_info().num_kv_blocks, 12);

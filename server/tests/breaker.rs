@@ -25,7 +25,7 @@ const NO_HANG: Duration = Duration::from_secs(60);
 
 fn engine(threshold: u32, cooldown: Duration, scheduler: SchedulerConfig) -> Arc<Engine> {
     let mut config = EngineConfig::new(model_path());
-    config.kv_cache_memory = 64 << 20;
+    config.kv_cache_memory = Some(64 << 20);
     config.breaker = BreakerConfig { threshold, cooldown };
     config.scheduler = scheduler;
     Arc::new(Engine::new(config).expect("the engine loads the default model"))

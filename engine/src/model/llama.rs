@@ -17,6 +17,7 @@ use super::config::LlamaConfig;
 use super::cpu_weights::{CpuActivations, CpuWeights};
 use super::loader::{QuantizedWeight, WeightSource};
 use super::ops;
+use super::qmatmul::{GgufBlocks, QLinear};
 use crate::error::Result;
 
 /// Metadata for one step's packed tokens, as device tensors. Built by the `ModelRunner`.
@@ -57,6 +58,10 @@ pub struct LayerCache {
 ///
 /// With int8 activations (`CpuActivations`) an int8 or int4 weight runs on `QuantizedLinear`
 /// instead: integer dot products, rows still identical at every batch size.
+///
+/// On CUDA a GGUF weight of a type candle's quantized kernels cover stays quantized, on candle's
+/// `QMatMul` ([`QLinear`]), unless `GpuWeights::Dense` asks for dense weights. Those kernels take
+/// one path up to 8 rows and another above, so there a row's numbers can depend on the batch.
 pub enum Linear {
     /// Packed CPU weight.
     Packed(PackedLinear),
@@ -64,6 +69,8 @@ pub enum Linear {
     Quantized(QuantizedLinear),
     /// `[in, out]`, contiguous: x `[n, in]` · w_t → `[n, out]`.
     Dense(Tensor),
+    /// GGUF blocks on candle's quantized matmul.
+    QMatMul(QLinear),
 }
 
 impl std::fmt::Debug for Linear {
@@ -74,6 +81,7 @@ impl std::fmt::Debug for Linear {
                 write!(f, "Linear::Quantized({:?}, {}x{})", q.format(), q.out_features(), q.in_features())
             }
             Self::Dense(w) => write!(f, "Linear::Dense({:?})", w.shape()),
+            Self::QMatMul(q) => write!(f, "Linear::{q:?}"),
         }
     }
 }
@@ -95,7 +103,17 @@ impl Linear {
     /// Loads the projections `names` (Hugging Face names, one input) as one layer. On the packed
     /// CPU path `CpuWeights::Native` keeps GGUF Q4_1/Q8_0 weights as they are stored when every part
     /// has the same quantisation, and bf16 safetensors as bf16; otherwise the weight is read dense.
+    ///
+    /// With `options.quantized_matmul` every part that [`WeightSource::get_blocks`] gives keeps
+    /// its GGUF blocks on candle's `QMatMul`; if any part has no such blocks, all are read dense.
     fn load(source: &mut WeightSource, names: &[String], options: &LoadOptions) -> Result<Self> {
+        if options.quantized_matmul {
+            let parts: Option<Vec<GgufBlocks>> =
+                names.iter().map(|name| source.get_blocks(name)).collect::<Result<_>>()?;
+            if let Some(parts) = parts {
+                return Ok(Self::QMatMul(QLinear::new(parts, &options.device)?));
+            }
+        }
         let packed = options.device.is_cpu() && options.dtype == DType::F32;
         let int8 = options.cpu_activations.int8();
         let format = match (packed, options.cpu_weights) {
@@ -135,6 +153,7 @@ impl Linear {
         match self {
             Self::Packed(p) => Ok(p.forward(x)?),
             Self::Quantized(q) => Ok(q.forward(x)?),
+            Self::QMatMul(q) => q.forward(x),
             Self::Dense(w_t) => {
                 if x.dim(0)? == 1 {
                     let two = Tensor::cat(&[x, x], 0)?;
@@ -151,6 +170,7 @@ impl Linear {
             Self::Packed(p) => p.weight_bytes(),
             Self::Quantized(q) => q.weight_bytes(),
             Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Self::QMatMul(q) => q.weight_bytes(),
         }
     }
 }
@@ -191,6 +211,11 @@ pub struct LoadOptions {
     pub cpu_weights: CpuWeights,
     /// On the CPU: whether int8 and int4 weights meet f32 or int8 activations.
     pub cpu_activations: CpuActivations,
+    /// Keep GGUF-quantized projections as they are stored, on candle's `QMatMul`, wherever candle
+    /// has kernels for their type (see [`Linear`]). The engine sets it on CUDA unless
+    /// `GpuWeights::Dense` is asked for; on the CPU it works too (tests compare it there), but
+    /// candle's quantized CPU matmul is slower than the packed kernels.
+    pub quantized_matmul: bool,
 }
 
 /// A loaded Llama-family model.
@@ -304,9 +329,13 @@ impl Llama {
             x = ops::add(&x, &layer.o.forward(&attn.reshape((n, h * d))?)?)?;
 
             let normed = layer.mlp_norm.forward(&x)?;
-            let gate_up = layer.gate_up.forward(&normed)?; // [n, 2 * intermediate]
-                                                           // The exact packed path keeps the kernels' SwiGLU (its own `exp`, the same bits on every
-                                                           // instruction set); the others compute candle's expression with the C library's `expf`.
+            // [n, 2 * intermediate]
+            let gate_up = layer.gate_up.forward(&normed)?;
+            // The exact packed path keeps the kernels' SwiGLU (its own `exp`, the same bits on every
+            // instruction set); the others compute candle's expression with the C library's `expf`.
+            // (The C `expf` is ~3% of a step at concurrency 32 on the int8 path, but the kernels'
+            // SwiGLU there, last bits apart, flips the default model's near tie on "What is the
+            // capital of France?" to a French answer.)
             let act = if matches!(layer.gate_up, Linear::Packed(_)) {
                 sluice_kernels::activation::silu_mul(&gate_up)?
             } else {

@@ -16,6 +16,7 @@ use half::f16;
 use sluice_kernels::matmul::Quantized;
 
 use super::config::LlamaConfig;
+use super::qmatmul::GgufBlocks;
 use crate::error::{EngineError, Result};
 
 /// Where the model comes from.
@@ -131,6 +132,28 @@ impl WeightSource {
             weight.permute_rows(&unpermuted_row_order(n, self.config.num_kv_heads))
         } else {
             weight
+        }))
+    }
+
+    /// The weight named `hf_name` as the GGUF file's raw blocks, Q/K rows put in the Hugging Face
+    /// order as [`WeightSource::get`] does, if the file is GGUF and the tensor's ggml type is one
+    /// candle's CUDA quantized matmul covers ([`GgufBlocks::supported`]); `None` otherwise.
+    pub fn get_blocks(&mut self, hf_name: &str) -> Result<Option<GgufBlocks>> {
+        let Inner::Gguf { content, reader } = &mut self.inner else { return Ok(None) };
+        let Some(name) = gguf_name(hf_name) else { return Ok(None) };
+        let Some(info) = content.tensor_infos.get(&name) else { return Ok(None) };
+        if !GgufBlocks::supported(info.ggml_dtype) {
+            return Ok(None);
+        }
+        let q = content.tensor(reader, &name, &Device::Cpu)?;
+        let (n, k) = q.shape().dims2()?;
+        let blocks = GgufBlocks::new(q.dtype(), q.data()?.into_owned(), n, k)?;
+        Ok(Some(if hf_name.ends_with("q_proj.weight") {
+            blocks.permute_rows(&unpermuted_row_order(n, self.config.num_heads))
+        } else if hf_name.ends_with("k_proj.weight") {
+            blocks.permute_rows(&unpermuted_row_order(n, self.config.num_kv_heads))
+        } else {
+            blocks
         }))
     }
 

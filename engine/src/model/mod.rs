@@ -6,11 +6,13 @@ mod cpu_weights;
 mod llama;
 mod loader;
 mod ops;
+mod qmatmul;
 mod runner;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use cpu_weights::{CpuActivations, CpuWeights};
 pub use llama::{LayerCache, Linear, Llama, LoadOptions, StepInput};
 pub use loader::{read_gguf, ModelFormat, QuantizedWeight, WeightSource};
-pub use runner::{ModelRunner, StepLogits};
+pub use qmatmul::{GgufBlocks, GpuWeights, QLinear};
+pub use runner::{GreedyArgmax, ModelRunner, Readout, StepLogits};
 pub use sluice_kernels::matmul::{PackedLinear, Quantized, WeightFormat};

@@ -1,5 +1,5 @@
 //! `ModelRunner`: turns a scheduler `Batch` into the model's packed inputs, runs the step, and
-//! returns the logits of the rows to sample.
+//! returns the logits of the rows to sample, or only their argmax when every one is plain greedy.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -13,13 +13,57 @@ pub struct ModelRunner {
     model: Llama,
     cache: Vec<LayerCache>,
     block_size: usize,
+    // Whether a step whose rows are all plain greedy may take their argmax on the device.
+    device_argmax: bool,
+    argmax: DeviceArgmax,
 }
 
-/// Logits of one step: row `i` belongs to the `i`-th sampling sequence of the batch.
-#[derive(Debug)]
-pub struct StepLogits {
-    /// `[num_sampled, vocab]`, f32, on the host.
-    pub rows: Vec<Vec<f32>>,
+/// Where the argmax of a plain greedy row (greedy, and nothing that needs the logits on the host:
+/// no penalty, bias, suppressed id or logprobs) is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum GreedyArgmax {
+    /// On the device off the CPU (only the ids are copied back, not `vocab` floats a row); on the
+    /// host on the CPU, where reading the logits costs nothing and the host argmax is vectorised.
+    #[default]
+    Auto,
+    /// On the model's device, the CPU included (to test the GPU path on the CPU).
+    Device,
+    /// On the host: every sampled row is copied back and goes through the sampler.
+    Host,
+}
+
+/// What a step hands back for its sampled rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readout {
+    /// Every sampled row's logits, for the sampler.
+    Logits,
+    /// Only each row's argmax (ties to the lowest id, NaN as `-inf`, as the sampler's greedy
+    /// choice), computed on the device.
+    Argmax,
+}
+
+/// The outcome of one step: entry `i` belongs to the `i`-th sampling sequence of the batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepLogits {
+    /// `[num_sampled, vocab]` f32 logits, on the host ([`Readout::Logits`]).
+    Rows(Vec<Vec<f32>>),
+    /// `[num_sampled]` chosen token ids ([`Readout::Argmax`]).
+    Ids(Vec<u32>),
+}
+
+impl StepLogits {
+    /// Rows or ids held.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Rows(rows) => rows.len(),
+            Self::Ids(ids) => ids.len(),
+        }
+    }
+
+    /// Whether no row was sampled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl ModelRunner {
@@ -27,7 +71,24 @@ impl ModelRunner {
     /// per layer.
     pub fn new(model: Llama, num_blocks: usize, block_size: usize, kv_dtype: DType) -> Result<Self> {
         let cache = model.allocate_cache(num_blocks, block_size, kv_dtype)?;
-        Ok(Self { model, cache, block_size })
+        let device_argmax = !model.device().is_cpu();
+        let argmax = DeviceArgmax::new(model.vocab_size(), model.device())?;
+        Ok(Self { model, cache, block_size, device_argmax, argmax })
+    }
+
+    /// Sets where plain greedy rows take their argmax (by default as [`GreedyArgmax::Auto`]).
+    pub fn with_greedy_argmax(mut self, policy: GreedyArgmax) -> Self {
+        self.device_argmax = match policy {
+            GreedyArgmax::Auto => !self.model.device().is_cpu(),
+            GreedyArgmax::Device => true,
+            GreedyArgmax::Host => false,
+        };
+        self
+    }
+
+    /// Whether a step whose sampled rows are all plain greedy should ask for [`Readout::Argmax`].
+    pub fn device_argmax(&self) -> bool {
+        self.device_argmax
     }
 
     /// The model.
@@ -35,8 +96,9 @@ impl ModelRunner {
         &self.model
     }
 
-    /// Runs `batch` (whose sequences are in `scheduler`, with blocks for all their new tokens).
-    pub fn execute(&mut self, batch: &Batch, scheduler: &Scheduler) -> Result<StepLogits> {
+    /// Runs `batch` (whose sequences are in `scheduler`, with blocks for all their new tokens) and
+    /// reads its sampled rows back as `readout` asks (nothing when no row is sampled).
+    pub fn execute(&mut self, batch: &Batch, scheduler: &Scheduler, readout: Readout) -> Result<StepLogits> {
         let input = self.prepare(batch, scheduler)?;
         // On the CPU the step runs on a rayon worker, so that the kernels' parallel loops fork
         // inside the pool rather than each being handed over from this thread, which then sleeps
@@ -46,8 +108,13 @@ impl ModelRunner {
         } else {
             self.model.forward(&input, &self.cache)?
         };
-        let rows = if batch.seqs.iter().any(|s| s.sample) { logits.to_vec2::<f32>()? } else { Vec::new() };
-        Ok(StepLogits { rows })
+        if !batch.seqs.iter().any(|s| s.sample) {
+            return Ok(StepLogits::Rows(Vec::new()));
+        }
+        Ok(match readout {
+            Readout::Logits => StepLogits::Rows(logits.to_vec2::<f32>()?),
+            Readout::Argmax => StepLogits::Ids(self.argmax.rows(&logits)?.to_vec1::<u32>()?),
+        })
     }
 
     fn prepare(&self, batch: &Batch, scheduler: &Scheduler) -> Result<StepInput> {
@@ -103,5 +170,99 @@ impl ModelRunner {
             seq_lens: u32s(seq_lens, dev)?,
             sample_rows: u32s(sample_rows, dev)?,
         })
+    }
+}
+
+/// The argmax of each row of `[rows, vocab]` f32 logits by the sampler's greedy rule: the lowest
+/// id holding the row's largest value, NaN counting as `-inf`, and 0 for a row with nothing above
+/// `-inf`. Elementwise ops and two reductions where the logits live; only the ids are copied back.
+/// (candle's own `argmax` promises neither the lowest id on ties, which bf16 logits make common,
+/// nor a NaN rule.)
+#[derive(Debug)]
+pub struct DeviceArgmax {
+    // Uploaded once: `[vocab]` u32 ids, and scalars broadcast to each step's shape.
+    ids: Tensor,
+    neg_inf: Tensor,
+    none: Tensor,
+}
+
+impl DeviceArgmax {
+    /// The constants for a vocabulary of `vocab` on `device`.
+    pub fn new(vocab: usize, device: &Device) -> Result<Self> {
+        Ok(Self {
+            ids: Tensor::arange(0u32, vocab as u32, device)?,
+            neg_inf: Tensor::new(f32::NEG_INFINITY, device)?,
+            none: Tensor::new(u32::MAX, device)?,
+        })
+    }
+
+    /// `logits: [rows, vocab]` f32 → `[rows]` u32.
+    pub fn rows(&self, logits: &Tensor) -> Result<Tensor> {
+        let shape = logits.dims2()?;
+        let clean = logits.eq(logits)?.where_cond(logits, &self.neg_inf.broadcast_as(shape)?)?; // NaN → -inf
+        let max = clean.max_keepdim(1)?; // [rows, 1]
+        let hit = clean.broadcast_eq(&max)?; // [rows, vocab]
+        let first = hit.where_cond(&self.ids.broadcast_as(shape)?, &self.none.broadcast_as(shape)?)?.min_keepdim(1)?;
+        let found = max.broadcast_gt(&self.neg_inf)?; // [rows, 1]
+        Ok(found.where_cond(&first, &first.zeros_like()?)?.squeeze(1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::{SampleContext, Sampler, SamplingParams};
+
+    /// What the host sampler picks greedily from `row`.
+    fn host_greedy(row: &[f32]) -> u32 {
+        let params = SamplingParams::default();
+        Sampler::new(&params, 0).sample(row, &params, &SampleContext::default()).token
+    }
+
+    #[test]
+    fn device_argmax_matches_the_host_greedy_choice() -> Result<()> {
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        let vocab = 300;
+        let mut rows: Vec<Vec<f32>> = vec![
+            vec![0.0; vocab],               // all tied: id 0
+            vec![f32::NEG_INFINITY; vocab], // nothing above -inf: 0
+            vec![nan; vocab],               // all NaN: 0
+        ];
+        let mut r = vec![1.0; vocab];
+        r[7] = 5.0;
+        r[250] = 5.0; // tie across chunks: the lower id
+        r[3] = nan;
+        rows.push(r);
+        let mut r = vec![f32::NEG_INFINITY; vocab];
+        r[0] = nan;
+        r[9] = f32::NEG_INFINITY;
+        rows.push(r); // NaN and -inf only: 0
+        let mut r = vec![-1.0; vocab];
+        r[299] = inf;
+        r[100] = -0.0;
+        rows.push(r);
+        let mut r = vec![-2.0; vocab];
+        r[42] = 0.0;
+        r[41] = -0.0; // 0.0 == -0.0: the lower id
+        rows.push(r);
+        // Pseudo-random rows with a few exact ties near the top.
+        let mut x = 0x2545_f491_u32;
+        for k in 0..8 {
+            let row: Vec<f32> = (0..vocab)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    ((x % 64) as f32) * 0.25 + k as f32
+                })
+                .collect();
+            rows.push(row);
+        }
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let logits = Tensor::from_vec(flat, (rows.len(), vocab), &Device::Cpu)?;
+        let got = DeviceArgmax::new(vocab, &Device::Cpu)?.rows(&logits)?.to_vec1::<u32>()?;
+        let want: Vec<u32> = rows.iter().map(|r| host_greedy(r)).collect();
+        assert_eq!(got, want);
+        Ok(())
     }
 }

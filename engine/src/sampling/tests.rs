@@ -241,3 +241,26 @@ fn nan_logits_do_not_panic() {
         assert!(s.sample(&[f32::INFINITY, 0.0], &p, &NO_CTX).token < 2);
     }
 }
+
+#[test]
+fn plain_argmax_is_exactly_the_greedy_fast_path_without_logprobs() {
+    let none = ctx(&[], &[], &[]);
+    assert!(Sampler::is_plain_argmax(&greedy(|_| {}), &none));
+    assert!(Sampler::is_plain_argmax(&greedy(|p| p.temperature = GREEDY_TEMPERATURE / 2.0), &none));
+    // Stop conditions do not change the choice; they are applied after it.
+    assert!(Sampler::is_plain_argmax(&greedy(|p| p.ignore_eos = true), &none));
+    assert!(Sampler::is_plain_argmax(&greedy(|p| p.stop_token_ids = vec![3]), &none));
+    type Edit = fn(&mut SamplingParams);
+    let changes: [Edit; 6] = [
+        |p| p.temperature = 0.7,
+        |p| p.logprobs = Some(0),
+        |p| p.logit_bias = vec![(1, 1.0)],
+        |p| p.repetition_penalty = 1.1,
+        |p| p.presence_penalty = 0.5,
+        |p| p.frequency_penalty = -0.5,
+    ];
+    for edit in changes {
+        assert!(!Sampler::is_plain_argmax(&greedy(edit), &none));
+    }
+    assert!(!Sampler::is_plain_argmax(&greedy(|_| {}), &ctx(&[], &[], &[2])), "min_tokens suppresses EOS");
+}

@@ -22,7 +22,7 @@ pub fn shared_engine() -> &'static Engine {
 /// with a 256 MiB KV cache, plenty for these tests).
 pub fn engine_with(tweak: impl FnOnce(&mut EngineConfig)) -> Engine {
     let mut config = EngineConfig::new(model_path());
-    config.kv_cache_memory = 256 << 20;
+    config.kv_cache_memory = Some(256 << 20);
     tweak(&mut config);
     Engine::new(config).expect("engine loads the default model")
 }

@@ -63,6 +63,14 @@ pub struct Settings {
     /// the CPU only) [default: auto].
     #[arg(long, env = "SLUICE_KV_CACHE_DTYPE")]
     pub kv_cache_dtype: Option<String>,
+    /// On CUDA, GGUF weights: quantized (kept as stored, on candle's quantized kernels, for
+    /// Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K-Q6_K) or dense (dequantized to the dtype) [default: quantized].
+    #[arg(long, env = "SLUICE_GPU_WEIGHTS")]
+    pub gpu_weights: Option<String>,
+    /// On CUDA without --kv-cache-memory: the share of the GPU's memory to fill with weights, KV
+    /// cache and activations, in (0, 1] [default: 0.9].
+    #[arg(long, env = "SLUICE_GPU_MEMORY_UTILIZATION", value_name = "FRACTION")]
+    pub gpu_memory_utilization: Option<f32>,
     /// Start a batch when this many requests wait [default: 32].
     #[arg(long, env = "SLUICE_MAX_BATCH_SIZE", value_name = "N")]
     pub max_batch_size: Option<usize>,
@@ -78,7 +86,8 @@ pub struct Settings {
     /// Bound of the waiting queue; past it requests get 503 [default: 1024].
     #[arg(long, env = "SLUICE_MAX_WAITING", value_name = "N")]
     pub max_waiting: Option<usize>,
-    /// Memory for the KV cache, e.g. 512MiB or 2GiB [default: 1GiB].
+    /// Memory for the KV cache, e.g. 512MiB or 2GiB [default: 1GiB on the CPU; on CUDA what
+    /// --gpu-memory-utilization leaves].
     #[arg(long, env = "SLUICE_KV_CACHE_MEMORY", value_name = "SIZE")]
     pub kv_cache_memory: Option<ByteSize>,
     /// Tokens per KV cache block [default: 16].
@@ -123,7 +132,7 @@ pub struct Settings {
     /// Requests per minute per API key (unless its line sets `rpm=`) or, without a key, per client address; 0: unlimited [default: 0].
     #[arg(long, env = "SLUICE_RATE_LIMIT_RPM", value_name = "N")]
     pub rate_limit_rpm: Option<u32>,
-    /// Tokens per minute (prompt + `max_tokens`, unused part refunded), per key or client address; 0: unlimited [default: 0].
+    /// Tokens per minute (prompt + `max_tokens` (256 without one) up front, unused part refunded, any excess charged as generated), per key or client address; 0: unlimited [default: 0].
     #[arg(long, env = "SLUICE_RATE_LIMIT_TPM", value_name = "N")]
     pub rate_limit_tpm: Option<u64>,
     /// Behind a trusted proxy: take the client address for rate limits from `X-Forwarded-For` [default: false].
@@ -236,6 +245,8 @@ impl Settings {
             cpu_weights: self.cpu_weights.or(file.cpu_weights),
             cpu_activations: self.cpu_activations.or(file.cpu_activations),
             kv_cache_dtype: self.kv_cache_dtype.or(file.kv_cache_dtype),
+            gpu_weights: self.gpu_weights.or(file.gpu_weights),
+            gpu_memory_utilization: self.gpu_memory_utilization.or(file.gpu_memory_utilization),
             max_batch_size: self.max_batch_size.or(file.max_batch_size),
             batch_timeout: self.batch_timeout.or(file.batch_timeout),
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
@@ -341,6 +352,12 @@ fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
     if let Some(a) = &s.cpu_activations {
         config.cpu_activations = a.parse().map_err(|e| ConfigError(format!("`cpu_activations`: {e}")))?;
     }
+    if let Some(w) = &s.gpu_weights {
+        config.gpu_weights = w.parse().map_err(|e| ConfigError(format!("`gpu_weights`: {e}")))?;
+    }
+    if let Some(u) = s.gpu_memory_utilization {
+        config.gpu_memory_utilization = u;
+    }
     let defaults = SchedulerConfig::default();
     config.scheduler = SchedulerConfig {
         max_batch_size: positive("max_batch_size", s.max_batch_size, defaults.max_batch_size)?,
@@ -349,7 +366,10 @@ fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
         max_num_seqs: positive("max_num_seqs", s.max_num_seqs, defaults.max_num_seqs)?,
         max_waiting: positive("max_waiting", s.max_waiting, defaults.max_waiting)?,
     };
-    config.kv_cache_memory = positive("kv_cache_memory", s.kv_cache_memory.map(|b| b.0), config.kv_cache_memory)?;
+    config.kv_cache_memory = match s.kv_cache_memory {
+        Some(bytes) => Some(positive("kv_cache_memory", Some(bytes.0), 0)?),
+        None => None,
+    };
     config.block_size = positive("block_size", s.block_size, config.block_size)?;
     if s.max_model_len == Some(0) {
         return Err(ConfigError("`max_model_len` must be at least 1".into()));

@@ -3,6 +3,7 @@ use std::io::Write;
 use clap::Parser;
 
 use super::*;
+use sluice_engine::GpuWeights;
 
 #[derive(Parser)]
 struct Cli {
@@ -86,7 +87,7 @@ fn engine_settings_reach_the_engine_config() {
         (s.max_batch_size, s.batch_timeout, s.max_batch_tokens, s.max_waiting),
         (4, Duration::from_millis(20), 64, 7)
     );
-    assert_eq!((c.engine.kv_cache_memory, c.engine.max_model_len), (64 << 20, Some(512)));
+    assert_eq!((c.engine.kv_cache_memory, c.engine.max_model_len), (Some(64 << 20), Some(512)));
     assert_eq!(c.api.served_model_name, "smol");
 }
 
@@ -96,13 +97,17 @@ fn bad_settings_are_named() {
     let path = model.0.display().to_string();
     let typo = TempFile::new("typo.toml", "prot = 8080\n");
     let typo_path = typo.0.display().to_string();
-    let cases: [(Vec<&str>, &str); 11] = [
+    let cases: [(Vec<&str>, &str); 15] = [
         (vec!["--model", "/nonexistent/model.gguf"], "`model`"),
         (vec!["--model", &path, "--device", "tpu"], "`device`"),
         (vec!["--model", &path, "--dtype", "f8"], "`dtype`"),
         (vec!["--model", &path, "--cpu-weights", "q4"], "`cpu_weights`"),
         (vec!["--model", &path, "--cpu-activations", "q8"], "`cpu_activations`"),
         (vec!["--model", &path, "--kv-cache-dtype", "fp8"], "`kv_cache_dtype`"),
+        (vec!["--model", &path, "--gpu-weights", "q4"], "`gpu_weights`"),
+        (vec!["--model", &path, "--gpu-memory-utilization", "0"], "`gpu_memory_utilization`"),
+        (vec!["--model", &path, "--gpu-memory-utilization", "1.5"], "`gpu_memory_utilization`"),
+        (vec!["--model", &path, "--kv-cache-memory", "0"], "`kv_cache_memory`"),
         (vec!["--model", &path, "--max-batch-size", "0"], "`max_batch_size`"),
         (vec!["--model", &path, "--request-timeout", "0s"], "`request_timeout`"),
         (vec!["--model", &path, "--log-level", "info,=["], "`log_level`"),
@@ -182,4 +187,18 @@ fn cache_idempotency_and_filter_settings_parse_and_default() {
     let cli = Cli::try_parse_from(["sluice", "--model", path, "--redact", "phone"]);
     assert!(cli.is_err(), "an unknown redaction kind is refused");
     assert!(load(&["--model", path, "--response-cache-ttl", "0s"]).unwrap_err().0.contains("response_cache_ttl"));
+}
+
+#[test]
+fn gpu_settings_default_and_reach_the_engine_config() {
+    let model = TempFile::new("gpu-model.gguf", "");
+    let path = model.0.display().to_string();
+    let c = load(&["--model", &path]).unwrap();
+    let e = &c.engine;
+    assert_eq!((e.kv_cache_memory, e.gpu_memory_utilization, e.gpu_weights), (None, 0.9, GpuWeights::Quantized));
+    let file = TempFile::new("gpu.toml", "gpu_memory_utilization = 0.5\ngpu_weights = \"dense\"\n");
+    let c = load(&["--model", &path, "--config", &file.0.display().to_string()]).unwrap();
+    assert_eq!((c.engine.gpu_memory_utilization, c.engine.gpu_weights), (0.5, GpuWeights::Dense));
+    let c = load(&["--model", &path, "--gpu-memory-utilization", "0.75", "--kv-cache-memory", "2GiB"]).unwrap();
+    assert_eq!((c.engine.gpu_memory_utilization, c.engine.kv_cache_memory), (0.75, Some(2 << 30)));
 }

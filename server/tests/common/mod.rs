@@ -20,7 +20,7 @@ pub fn model_path() -> PathBuf {
 static ENGINE: LazyLock<Arc<Engine>> = LazyLock::new(|| {
     let mut config = EngineConfig::new(model_path());
     // Room for the concurrent tests (32 streams of ~60 tokens) without a gigabyte of cache.
-    config.kv_cache_memory = 256 << 20;
+    config.kv_cache_memory = Some(256 << 20);
     Arc::new(Engine::new(config).expect("the engine loads the default model"))
 });
 
