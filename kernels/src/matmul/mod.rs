@@ -166,9 +166,12 @@ impl PackedLinear {
 
     /// `x`: `[m, k]` row-major, `m * k` long. Returns `[m, n]` row-major.
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        out::by_panels(m, self.n, self.k, Vec::new, |scratch, p, out| {
+        out::by_panels(m, self.n, self.k, <(Vec<f32>, Vec<f32>)>::default, |(buf, scratch), p, mut out| {
             let job = PanelJob { x, k: self.k, w: self.weights.panel(p, self.k) };
-            self.isa.panel(&job, out, scratch);
+            // These kernels write a `[m][PANEL]` buffer, copied into `y`.
+            buf.resize(m * PANEL, 0.0);
+            self.isa.panel(&job, buf, scratch);
+            out.write(buf);
         })
     }
 }

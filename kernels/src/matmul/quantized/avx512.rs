@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Activations, PanelRef, BLOCK, INT8_GROUP, PANEL, QUAD, QUADS, VECS};
+use super::{Activations, PanelOut, PanelRef, BLOCK, INT8_GROUP, PANEL, QUAD, QUADS, VECS};
 
 /// Rows per register tile: 4 rows × 3 vectors need 12 integer and 12 float accumulators.
 const ROWS: usize = 4;
@@ -27,9 +27,9 @@ impl Vnni {
         ok.then_some(Self(()))
     }
 
-    /// Every row of `acts` through panel `w` into `out` (`[m][PANEL]`). The caller has checked
-    /// that `w` is a panel of `groups` groups and `acts` holds `out.len() / PANEL` rows of them.
-    pub(super) fn panel(self, w: PanelRef<'_>, acts: &Activations, groups: usize, out: &mut [f32]) {
+    /// Every row of `acts` through panel `w` into `out`. The caller has checked that `w` is a
+    /// panel of `groups` groups and `acts` holds `out.rows()` rows of them.
+    pub(super) fn panel(self, w: PanelRef<'_>, acts: &Activations, groups: usize, out: PanelOut<'_>) {
         // SAFETY: `self` exists only where the features were detected; the shapes were checked by
         // the caller (`Isa::panel` asserts them), and every offset below stays within them.
         unsafe { panel(w, acts, groups, out) }
@@ -109,8 +109,8 @@ impl Rows {
 
 /// See [`Vnni::panel`]. Safety: the features are available and the shapes agree.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn panel(w: PanelRef<'_>, acts: &Activations, groups: usize, out: &mut [f32]) {
-    let m = out.len() / PANEL;
+unsafe fn panel(w: PanelRef<'_>, acts: &Activations, groups: usize, mut out: PanelOut<'_>) {
+    let (m, stride) = (out.rows(), out.stride());
     let mut r = 0;
     while r < m {
         let rows = Rows {
@@ -119,7 +119,7 @@ unsafe fn panel(w: PanelRef<'_>, acts: &Activations, groups: usize, out: &mut [f
             sum: acts.sum.as_ptr().add(r * groups),
             groups,
         };
-        let o = out.as_mut_ptr().add(r * PANEL);
+        let o = Out { ptr: out.as_mut_ptr().add(r * stride), stride };
         let height = (m - r).min(ROWS);
         match (w, height) {
             (PanelRef::Int4 { q, d, m }, 1) => int4::<1>(q.as_ptr(), d.as_ptr(), m.as_ptr(), rows, o),
@@ -144,19 +144,26 @@ unsafe fn prefetch(at: *const u8) {
     }
 }
 
-/// Writes the `R × VECS` accumulators to `out` (`[R][PANEL]`).
+/// Where a tile's rows go: row `r` at `ptr + r * stride`, `PANEL` floats each.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    stride: usize,
+}
+
+/// Writes the `R × VECS` accumulators to `out`'s first `R` rows.
 #[inline(always)]
-unsafe fn store<const R: usize>(acc: &[[__m512; VECS]; R], out: *mut f32) {
+unsafe fn store<const R: usize>(acc: &[[__m512; VECS]; R], out: Out) {
     for (r, acc) in acc.iter().enumerate() {
         for (j, &a) in acc.iter().enumerate() {
-            _mm512_storeu_ps(out.add(r * PANEL + 16 * j), a);
+            _mm512_storeu_ps(out.ptr.add(r * out.stride + 16 * j), a);
         }
     }
 }
 
 /// `R` rows through an int4 panel. Codes are the unsigned operand, activations the signed one.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn int4<const R: usize>(q: *const u8, d: *const f32, mn: *const f32, x: Rows, out: *mut f32) {
+unsafe fn int4<const R: usize>(q: *const u8, d: *const f32, mn: *const f32, x: Rows, out: Out) {
     let mut acc = [[_mm512_setzero_ps(); VECS]; R];
     let low = _mm512_set1_epi8(0x0F);
     for g in 0..x.groups {
@@ -194,7 +201,7 @@ unsafe fn int4<const R: usize>(q: *const u8, d: *const f32, mn: *const f32, x: R
 /// `R` rows through an int8 panel. Activations (as `xq + 128`) are the unsigned operand, codes the
 /// signed one; `bias` takes the offset's `128 · Σ q` back off.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn int8<const R: usize>(q: *const i8, d: *const f32, bias: *const i32, x: Rows, out: *mut f32) {
+unsafe fn int8<const R: usize>(q: *const i8, d: *const f32, bias: *const i32, x: Rows, out: Out) {
     let mut acc = [[_mm512_setzero_ps(); VECS]; R];
     for g in 0..x.groups {
         let mut dot = [[_mm512_setzero_si512(); VECS]; R];

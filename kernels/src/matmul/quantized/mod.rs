@@ -41,6 +41,7 @@ mod tests;
 use candle_core::{bail, DType, Tensor};
 use rayon::prelude::*;
 
+use super::out::PanelOut;
 use super::{Quantized, WeightFormat, INT8_GROUP, PANEL};
 
 /// 16-lane vectors per panel.
@@ -364,9 +365,9 @@ impl Isa {
         }
     }
 
-    /// `out[r][j]` for every row of `acts` through panel `w` (`out`: `[m][PANEL]`).
-    fn panel(self, w: PanelRef<'_>, acts: &Activations, groups: usize, out: &mut [f32]) {
-        assert!(w.fits(groups) && acts.fits(groups, out.len() / PANEL), "quantised matmul shapes");
+    /// `out[r][j]` for every row of `acts` through panel `w` (`out`: `m` rows).
+    fn panel(self, w: PanelRef<'_>, acts: &Activations, groups: usize, out: PanelOut<'_>) {
+        assert!(w.fits(groups) && acts.fits(groups, out.rows()), "quantised matmul shapes");
         match self {
             #[cfg(target_arch = "x86_64")]
             Self::Vnni(t) => t.panel(w, acts, groups, out),
@@ -391,10 +392,10 @@ impl PanelRef<'_> {
 }
 
 /// The module docs' arithmetic, written out: the yardstick the SIMD path must equal bit for bit.
-fn portable(w: PanelRef<'_>, acts: &Activations, groups: usize, out: &mut [f32]) {
+fn portable(w: PanelRef<'_>, acts: &Activations, groups: usize, mut panel: PanelOut<'_>) {
     let width = groups * INT8_GROUP;
-    for (r, out) in out.chunks_exact_mut(PANEL).enumerate() {
-        out.fill(0.0);
+    for r in 0..panel.rows() {
+        let mut out = [0.0f32; PANEL];
         for g in 0..groups {
             let xq = &acts.q[r * width + g * INT8_GROUP..][..INT8_GROUP];
             let (s, sum) = (acts.s[r * groups + g], acts.sum[r * groups + g]);
@@ -428,5 +429,6 @@ fn portable(w: PanelRef<'_>, acts: &Activations, groups: usize, out: &mut [f32])
                 }
             }
         }
+        panel.write_row(r, &out);
     }
 }
