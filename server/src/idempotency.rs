@@ -11,7 +11,8 @@
 //!
 //! Only complete successes are stored: a 4xx/5xx answer, a stream that ended with an error event,
 //! or a client that went away mid-answer releases the key, and a retry (or a waiter) runs anew.
-//! Stored bodies are bounded in bytes ([`MAX_STORED_BYTES`]) as well as by the TTL.
+//! Stored bodies are bounded in bytes (`--idempotency-store-size`, 64 MiB by default; a longer
+//! body is not kept) as well as by the TTL.
 
 use std::fmt;
 use std::pin::Pin;
@@ -38,8 +39,6 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// Longest key accepted.
 pub const MAX_KEY_LEN: usize = 255;
-/// Most bytes of stored responses; the least recently used go first past it.
-pub const MAX_STORED_BYTES: u64 = 64 << 20;
 
 type Digest32 = [u8; 32];
 
@@ -65,6 +64,8 @@ struct Shared {
     done: moka::sync::Cache<Digest32, Arc<Stored>>,
     // Keys whose first request is running, tagged with its fingerprint.
     running: SingleFlight<Digest32, Arc<Stored>, Digest32>,
+    /// Most bytes of stored bodies, and of any one body.
+    max_bytes: u64,
 }
 
 /// The idempotency keys seen within the TTL; disabled with a TTL of 0. Cheap to share.
@@ -85,18 +86,20 @@ enum Begin {
 }
 
 impl IdempotencyStore {
-    /// A store whose keys live `ttl`; `ttl == 0` disables idempotency keys (they are ignored).
-    pub fn new(ttl: Duration) -> Self {
-        if ttl.is_zero() {
+    /// A store whose keys live `ttl` and whose responses take at most `max_bytes` (no single
+    /// response more); `ttl == 0` or `max_bytes == 0` disables idempotency keys (they are ignored).
+    pub fn new(ttl: Duration, max_bytes: usize) -> Self {
+        if ttl.is_zero() || max_bytes == 0 {
             return Self(None);
         }
+        let max_bytes = max_bytes as u64;
         let done = moka::sync::Cache::builder()
-            .max_capacity(MAX_STORED_BYTES)
+            .max_capacity(max_bytes)
             .weigher(|_: &Digest32, s: &Arc<Stored>| u32::try_from(s.body.len() + 512).unwrap_or(u32::MAX))
             .time_to_live(ttl)
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
-        Self(Some(Arc::new(Shared { done, running: SingleFlight::new() })))
+        Self(Some(Arc::new(Shared { done, running: SingleFlight::new(), max_bytes })))
     }
 
     /// Waits for a running first request with this key at most `patience`; when it fails or goes
@@ -221,7 +224,8 @@ impl http_body::Body for Capture {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    if (this.bytes.len() + data.len()) as u64 > MAX_STORED_BYTES {
+                    let limit = this.flight.as_ref().map_or(0, |(flight, ..)| flight.shared.max_bytes);
+                    if (this.bytes.len() + data.len()) as u64 > limit {
                         // Too large to keep: the key is released when this body ends.
                         this.flight = None;
                     }

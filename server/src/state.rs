@@ -40,7 +40,7 @@ impl AppState {
         Self(Arc::new(Inner {
             rate_limiter: RateLimiter::new(&config.api_keys, config.rate_limit),
             response_cache: ResponseCache::new(config.response_cache_size, config.response_cache_ttl),
-            idempotency: IdempotencyStore::new(config.idempotency_ttl),
+            idempotency: IdempotencyStore::new(config.idempotency_ttl, config.idempotency_store_size),
             config,
             engine: OnceLock::new(),
             shutdown: Arc::new(Shutdown::default()),

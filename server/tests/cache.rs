@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::RwLock;
 
 use common::{api_config, chat_body, client, ready_state, TestServer};
+use sluice_server::ApiConfig;
 
 static SERVER: LazyLock<TestServer> = LazyLock::new(|| TestServer::start(ready_state(api_config())));
 
@@ -213,6 +214,25 @@ async fn a_retry_with_the_same_idempotency_key_gets_the_first_response() {
     let (status, _, error) = send_keyed("/v1/chat/completions", &huge, &format!("{key}-huge"), None).await;
     assert_eq!(status, 413, "{error}");
     assert_eq!(json_of(&error)["error"]["code"], "request_too_large");
+}
+
+#[tokio::test]
+async fn a_response_larger_than_the_idempotency_store_is_not_kept() {
+    let _shared = ENGINE_IDLE.read().await;
+    // A chat completion's JSON alone is over 200 bytes.
+    let small = TestServer::start(ready_state(ApiConfig { idempotency_store_size: 200, ..api_config() }));
+    let body = chat_body("Invent a word.", json!({"temperature": 1.0, "max_tokens": 8}));
+    let send = || async {
+        let request = client().post(small.url("/v1/chat/completions")).json(&body).header("idempotency-key", "big");
+        let r = request.send().await.expect("request sent");
+        let replayed = r.headers().get("idempotent-replayed").is_some();
+        (r.status().as_u16(), replayed, json_of(&r.text().await.unwrap()))
+    };
+    let (status, replayed, first) = send().await;
+    assert_eq!((status, replayed), (200, false), "{first}");
+    let (status, replayed, retry) = send().await;
+    assert_eq!((status, replayed), (200, false), "not kept, so the retry runs again: {retry}");
+    assert_ne!(first["id"], retry["id"]);
 }
 
 #[tokio::test]

@@ -333,9 +333,9 @@ impl Llama {
             let gate_up = layer.gate_up.forward(&normed)?;
             // The exact packed path keeps the kernels' SwiGLU (its own `exp`, the same bits on every
             // instruction set); the others compute candle's expression with the C library's `expf`.
-            // (The C `expf` is ~3% of a step at concurrency 32 on the int8 path, but the kernels'
-            // SwiGLU there, last bits apart, flips the default model's near tie on "What is the
-            // capital of France?" to a French answer.)
+            // (This scalar SwiGLU is ~8% of a step at concurrency 32 on the int8 path, but the
+            // kernels' SwiGLU there, last bits apart, flips the default model's near tie on "What
+            // is the capital of France?" to a French answer.)
             let act = if matches!(layer.gate_up, Linear::Packed(_)) {
                 sluice_kernels::activation::silu_mul(&gate_up)?
             } else {

@@ -147,6 +147,10 @@ pub struct Settings {
     /// How long an `Idempotency-Key` is remembered; 0 ignores the header [default: 1h].
     #[arg(long, env = "SLUICE_IDEMPOTENCY_TTL", value_name = "DURATION")]
     pub idempotency_ttl: Option<HumanDuration>,
+    /// Bytes of responses kept for `Idempotency-Key` replays (LRU; a longer response is not kept,
+    /// and a retry of it runs again); 0 ignores the header [default: 64MiB].
+    #[arg(long, env = "SLUICE_IDEMPOTENCY_STORE_SIZE", value_name = "SIZE")]
+    pub idempotency_store_size: Option<ByteSize>,
     /// Instruction-override patterns in user messages: off, flag (count and log) or block (400) [default: flag].
     #[arg(long, env = "SLUICE_INJECTION_MODE", value_enum)]
     pub injection_mode: Option<InjectionMode>,
@@ -180,6 +184,8 @@ pub struct ApiConfig {
     pub response_cache_ttl: Duration,
     /// How long an idempotency key is remembered; zero: keys are ignored.
     pub idempotency_ttl: Duration,
+    /// Bytes of responses kept for idempotency replays; zero: keys are ignored.
+    pub idempotency_store_size: usize,
     /// What instruction-override patterns in user messages do.
     pub injection_mode: InjectionMode,
     /// What generated text is redacted of.
@@ -203,6 +209,7 @@ impl Default for ApiConfig {
             response_cache_size: 256 << 20,
             response_cache_ttl: Duration::from_secs(3600),
             idempotency_ttl: Duration::from_secs(3600),
+            idempotency_store_size: 64 << 20,
             injection_mode: InjectionMode::Flag,
             redact: Redaction::default(),
             body_limit: 4 << 20,
@@ -272,6 +279,7 @@ impl Settings {
             response_cache_ttl: self.response_cache_ttl.or(file.response_cache_ttl),
             response_cache_size: self.response_cache_size.or(file.response_cache_size),
             idempotency_ttl: self.idempotency_ttl.or(file.idempotency_ttl),
+            idempotency_store_size: self.idempotency_store_size.or(file.idempotency_store_size),
             injection_mode: self.injection_mode.or(file.injection_mode),
             redact: self.redact.or(file.redact),
             log_format: self.log_format.or(file.log_format),
@@ -425,6 +433,7 @@ fn api_config(s: &Settings, model: &Path) -> Result<ApiConfig, ConfigError> {
         response_cache_size: s.response_cache_size.map_or(defaults.response_cache_size, |b| b.0),
         response_cache_ttl: nonzero("response_cache_ttl", s.response_cache_ttl, defaults.response_cache_ttl)?,
         idempotency_ttl: s.idempotency_ttl.map_or(defaults.idempotency_ttl, |d| d.0),
+        idempotency_store_size: s.idempotency_store_size.map_or(defaults.idempotency_store_size, |b| b.0),
         injection_mode: s.injection_mode.unwrap_or(defaults.injection_mode),
         redact: s.redact.clone().unwrap_or(defaults.redact),
         body_limit: positive("body_limit", s.body_limit.map(|b| b.0), defaults.body_limit)?,

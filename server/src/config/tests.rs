@@ -176,14 +176,16 @@ fn cache_idempotency_and_filter_settings_parse_and_default() {
     let c = load(&["--model", path]).unwrap();
     assert_eq!((c.api.response_cache_size, c.api.response_cache_ttl), (256 << 20, Duration::from_secs(3600)));
     assert_eq!((c.api.idempotency_ttl, c.api.injection_mode), (Duration::from_secs(3600), InjectionMode::Flag));
+    assert_eq!(c.api.idempotency_store_size, 64 << 20);
     assert!(c.api.redact.is_off());
     let toml = "response_cache_ttl = \"10m\"\nredact = \"email,card\"\ninjection_mode = \"off\"\n";
     let file = TempFile::new("filters.toml", toml);
-    let flags = ["--response-cache-size", "0", "--injection-mode", "block"];
+    let flags = ["--response-cache-size", "0", "--injection-mode", "block", "--idempotency-store-size", "8MiB"];
     let args: Vec<&str> = ["--model", path, "--config", file.0.to_str().unwrap()].into_iter().chain(flags).collect();
     let c = load(&args).unwrap();
     assert_eq!((c.api.response_cache_size, c.api.response_cache_ttl), (0, Duration::from_secs(600)));
     assert_eq!((c.api.injection_mode, c.api.redact.to_string().as_str()), (InjectionMode::Block, "card,email"));
+    assert_eq!(c.api.idempotency_store_size, 8 << 20);
     let cli = Cli::try_parse_from(["sluice", "--model", path, "--redact", "phone"]);
     assert!(cli.is_err(), "an unknown redaction kind is refused");
     assert!(load(&["--model", path, "--response-cache-ttl", "0s"]).unwrap_err().0.contains("response_cache_ttl"));
