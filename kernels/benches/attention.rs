@@ -5,6 +5,9 @@
 //! - `paged_attention/decode`: one decode step of 32 sequences with 280-320 tokens of context each
 //!   (9 query heads, 3 KV heads, head dim 64, 16-token blocks scattered over the pool): the cost of
 //!   one layer's attention per step. Throughput is in context positions read (elements).
+//! - `paged_attention/decode_f16_cache`: the same step over an f16 copy of the cache (f32 queries).
+//! - `paged_attention/decode_small`: 4 sequences of 300 positions, whose K/V (1.8 MB) stay in L2:
+//!   the kernel's arithmetic with little memory traffic, against `decode`'s.
 //! - `paged_attention/prefill`: one 256-token prompt attending causally to itself.
 //! - `reshape_and_cache/decode` and `/prefill`: writing 32 (one per sequence) or 512 new tokens'
 //!   keys and values into their slots.
