@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{gguf_file, GgmlDType};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use sluice_kernels::matmul::Quantized;
@@ -117,21 +117,14 @@ impl WeightSource {
     /// The weight named `hf_name` kept as its file stores it, if the file is GGUF and the tensor is
     /// Q4_1 or Q8_0 (which the packed CPU kernels hold exactly); `None` for any other weight.
     pub fn get_quantized(&mut self, hf_name: &str) -> Result<Option<QuantizedWeight>> {
-        let Inner::Gguf { content, reader } = &mut self.inner else { return Ok(None) };
-        let Some(name) = gguf_name(hf_name) else { return Ok(None) };
-        let Some(info) = content.tensor_infos.get(&name) else { return Ok(None) };
-        if !matches!(info.ggml_dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+        let Some(q) = self.gguf_tensor(hf_name, |t| matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0))? else {
             return Ok(None);
-        }
-        let q = content.tensor(reader, &name, &Device::Cpu)?;
+        };
         let (n, k) = q.shape().dims2()?;
         let weight = QuantizedWeight { weight: decode_blocks(q.dtype(), &q.data()?, n, k)?, n, k };
-        Ok(Some(if hf_name.ends_with("q_proj.weight") {
-            weight.permute_rows(&unpermuted_row_order(n, self.config.num_heads))
-        } else if hf_name.ends_with("k_proj.weight") {
-            weight.permute_rows(&unpermuted_row_order(n, self.config.num_kv_heads))
-        } else {
-            weight
+        Ok(Some(match self.rope_heads(hf_name) {
+            Some(heads) => weight.permute_rows(&unpermuted_row_order(n, heads)),
+            None => weight,
         }))
     }
 
@@ -139,22 +132,37 @@ impl WeightSource {
     /// order as [`WeightSource::get`] does, if the file is GGUF and the tensor's ggml type is one
     /// candle's CUDA quantized matmul covers ([`GgufBlocks::supported`]); `None` otherwise.
     pub fn get_blocks(&mut self, hf_name: &str) -> Result<Option<GgufBlocks>> {
+        let Some(q) = self.gguf_tensor(hf_name, GgufBlocks::supported)? else { return Ok(None) };
+        let (n, k) = q.shape().dims2()?;
+        let blocks = GgufBlocks::new(q.dtype(), q.data()?.into_owned(), n, k)?;
+        Ok(Some(match self.rope_heads(hf_name) {
+            Some(heads) => blocks.permute_rows(&unpermuted_row_order(n, heads)),
+            None => blocks,
+        }))
+    }
+
+    /// The GGUF tensor for `hf_name` as the file stores it, if the file is GGUF, holds it, and its
+    /// ggml type is one `accept`s.
+    fn gguf_tensor(&mut self, hf_name: &str, accept: impl Fn(GgmlDType) -> bool) -> Result<Option<QTensor>> {
         let Inner::Gguf { content, reader } = &mut self.inner else { return Ok(None) };
         let Some(name) = gguf_name(hf_name) else { return Ok(None) };
         let Some(info) = content.tensor_infos.get(&name) else { return Ok(None) };
-        if !GgufBlocks::supported(info.ggml_dtype) {
+        if !accept(info.ggml_dtype) {
             return Ok(None);
         }
-        let q = content.tensor(reader, &name, &Device::Cpu)?;
-        let (n, k) = q.shape().dims2()?;
-        let blocks = GgufBlocks::new(q.dtype(), q.data()?.into_owned(), n, k)?;
-        Ok(Some(if hf_name.ends_with("q_proj.weight") {
-            blocks.permute_rows(&unpermuted_row_order(n, self.config.num_heads))
+        Ok(Some(content.tensor(reader, &name, &Device::Cpu)?))
+    }
+
+    /// The heads whose rows GGUF permuted for its rope layout in weight `hf_name` (the Q and K
+    /// projections), `None` for any other weight.
+    fn rope_heads(&self, hf_name: &str) -> Option<usize> {
+        if hf_name.ends_with("q_proj.weight") {
+            Some(self.config.num_heads)
         } else if hf_name.ends_with("k_proj.weight") {
-            blocks.permute_rows(&unpermuted_row_order(n, self.config.num_kv_heads))
+            Some(self.config.num_kv_heads)
         } else {
-            blocks
-        }))
+            None
+        }
     }
 
     /// The dtype a weight is stored in, where the file says so without converting (safetensors).
@@ -176,12 +184,9 @@ impl WeightSource {
                 }
                 let q = content.tensor(reader, &name, &Device::Cpu)?;
                 let dense = q.dequantize(&Device::Cpu)?;
-                if hf_name.ends_with("q_proj.weight") {
-                    unpermute_rope_rows(&dense, self.config.num_heads)?
-                } else if hf_name.ends_with("k_proj.weight") {
-                    unpermute_rope_rows(&dense, self.config.num_kv_heads)?
-                } else {
-                    dense
+                match self.rope_heads(hf_name) {
+                    Some(heads) => unpermute_rope_rows(&dense, heads)?,
+                    None => dense,
                 }
             }
             // Cloning shares the storage; a tied embedding is read twice (as itself and the head).
