@@ -1,8 +1,8 @@
 //! Greedy continuations of token-id prompts with their top logprobs, one JSON object per line, to
 //! compare the engine with a reference implementation (step 2 of the GPU proof, `benches/GPU.md`).
 //!
-//! `greedy_logprobs MODEL DEVICE DTYPE MAX_TOKENS < prompts.jsonl`, each input line a JSON array of
-//! token ids; each output line `{"tokens": [..], "logprobs": [..], "top": [[[id, logprob], ..], ..]}`.
+//! `greedy_logprobs MODEL DEVICE DTYPE MAX_TOKENS [GPU_WEIGHTS] < prompts.jsonl`, each input line a
+//! JSON array of token ids (`GPU_WEIGHTS`: quantized or dense, for a GGUF model on CUDA); each output line `{"tokens": [..], "logprobs": [..], "top": [[[id, logprob], ..], ..]}`.
 //! Prompts run one at a time, so the result is the batch-1 path.
 
 use std::io::BufRead;
@@ -15,8 +15,10 @@ const TOP: usize = 5;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [model, device, dtype, max_tokens] = args.as_slice() else {
-        anyhow::bail!("usage: greedy_logprobs MODEL DEVICE DTYPE MAX_TOKENS < prompts.jsonl")
+    let (model, device, dtype, max_tokens, gpu_weights) = match args.as_slice() {
+        [m, d, t, n] => (m, d, t, n, "quantized"),
+        [m, d, t, n, w] => (m, d, t, n, w.as_str()),
+        _ => anyhow::bail!("usage: greedy_logprobs MODEL DEVICE DTYPE MAX_TOKENS [GPU_WEIGHTS] < prompts.jsonl"),
     };
     let mut config = EngineConfig::new(model);
     config.device = DeviceSpec::parse(device)?;
@@ -26,6 +28,7 @@ fn main() -> anyhow::Result<()> {
         "bf16" => DType::BF16,
         other => anyhow::bail!("DTYPE must be f32, f16 or bf16, got {other}"),
     };
+    config.gpu_weights = gpu_weights.parse().map_err(anyhow::Error::msg)?;
     let engine = Engine::new(config).with_context(|| format!("loading {model}"))?;
     let params = SamplingParams {
         max_tokens: max_tokens.parse().context("MAX_TOKENS")?,

@@ -262,6 +262,11 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
         println!("{}", summary.table());
         runs.push((summary, results));
     }
+    let stats = engine.stats();
+    println!(
+        "engine: {} steps, {} prompt and {} generated tokens, {} of them chosen by the device argmax, {} preemptions",
+        stats.steps, stats.prompt_tokens, stats.generated_tokens, stats.device_argmax_tokens, stats.preemptions
+    );
     write_outputs(&args.output, &runs)
 }
 
