@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use sluice_kernels::paged_attention;
+use sluice_kernels::{paged_attention, paged_attention_per_head};
 
 /// One measured shape: `batch` sequences, each `q_len` new rows over a `context`-long context.
 #[derive(Clone, Copy, Debug)]
@@ -48,19 +48,25 @@ fn main() -> Result<()> {
     };
     let copy_gbs = copy_bandwidth(&dev, dtype, if on_gpu { 1 << 30 } else { 1 << 24 })?;
     println!("device {dev:?}, dtype {dtype:?}: device-to-device copy {copy_gbs:.0} GB/s (bytes read + written)");
-    println!("{:>6} {:>6} {:>8} {:>10} {:>10} {:>8}", "batch", "q_len", "context", "median_us", "GB/s", "of_copy");
+    println!(
+        "{:>9} {:>6} {:>6} {:>8} {:>10} {:>10} {:>8}",
+        "kernel", "batch", "q_len", "context", "median_us", "GB/s", "of_copy"
+    );
     for &shape in shapes {
-        let (secs, bytes) = time_attention(&dev, dtype, shape)?;
-        let gbs = bytes as f64 / secs / 1e9;
-        println!(
-            "{:>6} {:>6} {:>8} {:>10.1} {:>10.0} {:>7.0}%",
-            shape.batch,
-            shape.q_len,
-            shape.context,
-            secs * 1e6,
-            gbs,
-            100.0 * gbs / copy_gbs
-        );
+        for per_head in [false, true] {
+            let (secs, bytes) = time_attention(&dev, dtype, shape, per_head)?;
+            let gbs = bytes as f64 / secs / 1e9;
+            println!(
+                "{:>9} {:>6} {:>6} {:>8} {:>10.1} {:>10.0} {:>7.0}%",
+                if per_head { "per-head" } else { "default" },
+                shape.batch,
+                shape.q_len,
+                shape.context,
+                secs * 1e6,
+                gbs,
+                100.0 * gbs / copy_gbs
+            );
+        }
     }
     Ok(())
 }
@@ -82,15 +88,26 @@ fn median_secs(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> 
     Ok(times[reps / 2])
 }
 
-/// GB/s of copying a `bytes`-byte tensor, counting bytes read plus bytes written.
+/// GB/s of copying `bytes` of random data into an existing buffer, counting bytes read plus bytes
+/// written: a device-to-device `memcpy` on CUDA (no allocation inside the timed call).
 fn copy_bandwidth(dev: &Device, dtype: DType, bytes: usize) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = dev {
+        let host: Vec<u8> = (0..bytes).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let src = cuda.clone_htod(&host)?;
+        let mut dst = cuda.alloc_zeros::<u8>(bytes)?;
+        let secs = median_secs(dev, 20, || cuda.memcpy_dtod(&src, &mut dst))?;
+        return Ok(2.0 * bytes as f64 / secs / 1e9);
+    }
+    // The CPU smoke test: a tensor copy, allocation included.
     let src = Tensor::rand(-1f32, 1f32, bytes / dtype.size_in_bytes(), dev)?.to_dtype(dtype)?;
     let secs = median_secs(dev, 20, || src.copy().map(drop))?;
     Ok(2.0 * bytes as f64 / secs / 1e9)
 }
 
-/// Median seconds of one `paged_attention` call for `shape`, and the bytes it must move.
-fn time_attention(dev: &Device, dtype: DType, shape: Shape) -> Result<(f64, usize)> {
+/// Median seconds of one `paged_attention` call for `shape` (the per-head CUDA kernel if asked,
+/// else the one `paged_attention` picks: grouped for this GQA shape), and the bytes it must move.
+fn time_attention(dev: &Device, dtype: DType, shape: Shape, per_head: bool) -> Result<(f64, usize)> {
     let Shape { batch, q_len, context } = shape;
     let blocks_per_seq = context.div_ceil(BLOCK_SIZE);
     let num_blocks = batch * blocks_per_seq;
@@ -106,9 +123,9 @@ fn time_attention(dev: &Device, dtype: DType, shape: Shape) -> Result<(f64, usiz
     let cu_seqlens_q = Tensor::new(cu, dev)?;
     let seq_lens = Tensor::new(vec![context as u32; batch], dev)?;
     let scale = 1.0 / (HEAD_DIM as f32).sqrt();
-    let secs = median_secs(dev, 50, || {
-        paged_attention(&q, &k_cache, &v_cache, &block_tables, &cu_seqlens_q, &seq_lens, scale).map(drop)
-    })?;
+    let op = if per_head { paged_attention_per_head } else { paged_attention };
+    let secs =
+        median_secs(dev, 50, || op(&q, &k_cache, &v_cache, &block_tables, &cu_seqlens_q, &seq_lens, scale).map(drop))?;
     let elem = dtype.size_in_bytes();
     let kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * elem;
     let q_out_bytes = 2 * q.elem_count() * elem;

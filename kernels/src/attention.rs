@@ -48,7 +48,10 @@ use crate::storage::{contiguous_slice, cpu};
 /// A row's reduction is never split across threads, so the output is bit-identical across batch
 /// compositions. The CUDA body keeps the same guarantee with its own fixed order (a row's positions
 /// split over four warps by position alone, merged in warp order), so CUDA and CPU agree to f32
-/// rounding, not bit for bit.
+/// rounding, not bit for bit. On CUDA, when `num_heads / num_kv_heads` is 2, 3, 4 or 8 and
+/// `head_dim <= 128`, one block serves all the query heads of a kv head (each K/V row read once for
+/// the group); otherwise one block serves one head. The choice depends on the shapes alone, so a
+/// model always runs the same kernel.
 ///
 /// # Errors
 ///
@@ -64,6 +67,35 @@ pub fn paged_attention(
     cu_seqlens_q: &Tensor,
     seq_lens: &Tensor,
     scale: f32,
+) -> candle_core::Result<Tensor> {
+    checked_op(q, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, scale, true)
+}
+
+/// [`paged_attention`] with the CUDA kernel that serves one query head per block whatever the
+/// shapes: for benchmarks that compare it with the grouped kernel. On the CPU it is the same op.
+pub fn paged_attention_per_head(
+    q: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    block_tables: &Tensor,
+    cu_seqlens_q: &Tensor,
+    seq_lens: &Tensor,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    checked_op(q, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, scale, false)
+}
+
+/// Checks the operands and applies the op; `grouped` allows the grouped CUDA kernel.
+#[allow(clippy::too_many_arguments)]
+fn checked_op(
+    q: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    block_tables: &Tensor,
+    cu_seqlens_q: &Tensor,
+    seq_lens: &Tensor,
+    scale: f32,
+    grouped: bool,
 ) -> candle_core::Result<Tensor> {
     check_cache_pair(key_cache, value_cache)?;
     let (_, block_size, num_kv_heads, head_dim) = key_cache.dims4()?;
@@ -107,6 +139,7 @@ pub fn paged_attention(
         cu_seqlens_q: cu_seqlens_q.contiguous()?,
         seq_lens: seq_lens.contiguous()?,
         scale,
+        grouped,
     };
     q.contiguous()?.apply_op1_no_bwd(&op)
 }
@@ -198,6 +231,9 @@ struct PagedAttention {
     /// `(num_seqs,)` U32, contiguous
     seq_lens: Tensor,
     scale: f32,
+    /// On CUDA: the grouped kernel where the shapes allow it.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    grouped: bool,
 }
 
 impl CustomOp1 for PagedAttention {

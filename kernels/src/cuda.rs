@@ -4,8 +4,8 @@
 //! Kernels are named `<op>_<dtype>` and loaded once per device through candle's
 //! [`CudaDevice::get_or_load_custom_func`], which caches the module.
 //!
-//! Written and compiled without a GPU at hand: CI builds this with `make check-cuda`, and the tests
-//! that compare it with the CPU bodies run only on a machine with one (`benches/GPU.md`).
+//! CI compiles this with `make check-cuda` (no GPU there); the tests that compare it with the CPU
+//! bodies run on a GPU through `scripts/gpu-proof.sh` (`benches/GPU.md`: passed on an H200).
 
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
@@ -25,6 +25,10 @@ pub(crate) const RESHAPE_AND_CACHE: Module =
 /// `kernels/cuda/paged_attention.cu`.
 pub(crate) const PAGED_ATTENTION: Module =
     Module { name: "sluice_paged_attention", ptx: include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx")) };
+
+/// `kernels/cuda/fused.cu`.
+pub(crate) const FUSED: Module =
+    Module { name: "sluice_fused", ptx: include_str!(concat!(env!("OUT_DIR"), "/fused.ptx")) };
 
 /// Loads kernel `<op>_<dtype>` of `module` on `dev` (compiled by the driver on first use).
 pub(crate) fn load(

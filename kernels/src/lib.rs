@@ -12,6 +12,8 @@
 //!   int4 (the last two also straight from GGUF's Q8_0/Q4_1 blocks, keeping their values exactly),
 //!   with SIMD kernels (AVX-512, AVX2+FMA, portable) whose rows are bit-identical at any batch size.
 //! - [`activation`]: `silu_mul`, the SwiGLU activation in one pass on the CPU.
+//! - [`fused`]: `qkv_rope` and `swiglu`, a layer's elementwise steps in one launch each (for CUDA,
+//!   where the engine's small-batch decode step is bound by launches).
 //! - `elem`: the element types the ops accept (f32, f16, bf16) and their widening to f32.
 //! - `storage`: borrowing a tensor's CPU storage as a typed slice.
 //! - `cuda` (`cuda` feature): the PTX built from `kernels/cuda/*.cu` and the helpers the ops'
@@ -25,8 +27,8 @@
 //! so the pool is also a `(num_slots, num_kv_heads, head_dim)` array indexed by slot.
 //!
 //! Each op is a candle custom op with a CPU body and, behind the `cuda` feature, a CUDA body
-//! (`cuda_fwd`) with the same layouts. The CUDA bodies compile in CI (`make check-cuda`) but have not
-//! yet run on a GPU; `benches/GPU.md` lists the steps that will check them.
+//! (`cuda_fwd`) with the same layouts. The CUDA bodies compile in CI (`make check-cuda`); their tests
+//! run on a GPU through `scripts/gpu-proof.sh` (`benches/GPU.md`).
 
 pub mod activation;
 pub mod attention;
@@ -34,11 +36,12 @@ pub mod cache;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod elem;
+pub mod fused;
 pub mod matmul;
 mod storage;
 #[cfg(test)]
 mod test_util;
 
-pub use attention::paged_attention;
+pub use attention::{paged_attention, paged_attention_per_head};
 pub use cache::reshape_and_cache;
 pub use matmul::{PackedLinear, WeightFormat};

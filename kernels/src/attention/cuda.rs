@@ -1,8 +1,8 @@
 //! The CUDA body of `paged_attention`: launches `kernels/cuda/paged_attention.cu`.
 //!
 //! One thread block of four warps per (query row, head); see the `.cu` file for the algorithm and
-//! why its results do not depend on the batch. Written without a GPU at hand: it compiles in CI, and
-//! `attention::tests` compares it with the CPU body wherever a GPU is present.
+//! why its results do not depend on the batch. `attention::tests` compares it with the CPU body
+//! wherever a GPU is present (`benches/GPU.md`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -16,8 +16,12 @@ use crate::cuda::{contiguous_view, cuda, load, to_u32, PAGED_ATTENTION};
 const WARPS: u32 = 4;
 /// Largest `head_dim` the kernel holds in registers (`kMaxHeadDim` in `paged_attention.cu`).
 const MAX_HEAD_DIM: usize = 256;
-/// Heads run along the grid's y axis, which holds at most this many blocks.
-const MAX_GRID_Y: usize = 65_535;
+/// Largest `head_dim` of the grouped kernel (`kGroupMaxHeadDim`).
+const MAX_GROUPED_HEAD_DIM: usize = 128;
+/// Query heads per kv head that the grouped kernel is built for (`paged_attention_g<G>_<dtype>`).
+const GROUPS: [usize; 4] = [2, 3, 4, 8];
+/// The grid is one block per (row, head) along x, which holds at most this many blocks.
+const MAX_GRID_X: usize = i32::MAX as usize;
 
 /// The kernel's operands as device views, all contiguous.
 struct Views<'a, T> {
@@ -74,8 +78,8 @@ fn run<T: CudaDType + DeviceRepr>(
     if head_dim > MAX_HEAD_DIM {
         bail!("`head_dim` = {head_dim}: the CUDA paged attention supports at most {MAX_HEAD_DIM}")
     }
-    if num_heads > MAX_GRID_Y {
-        bail!("`num_heads` = {num_heads}: the CUDA paged attention supports at most {MAX_GRID_Y}")
+    if num_tokens.saturating_mul(num_heads) > MAX_GRID_X {
+        bail!("{num_tokens} rows of {num_heads} heads: the CUDA paged attention supports at most {MAX_GRID_X} in all")
     }
     let geo = Geometry { num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale: op.scale };
     // The value checks read the metadata back to the host, which waits for the GPU; release builds
@@ -86,8 +90,16 @@ fn run<T: CudaDType + DeviceRepr>(
         let sl = dev.clone_dtoh(&views.seq_lens)?;
         Batch::new(&bt, &cu, &sl, num_tokens, &geo)?;
     }
+    // One block per (row, kv head) for the whole group where a grouped kernel exists.
+    let group = num_heads / num_kv_heads;
+    let grouped = op.grouped && GROUPS.contains(&group) && head_dim <= MAX_GROUPED_HEAD_DIM;
+    let (kernel, blocks_per_row) = if grouped {
+        (format!("paged_attention_g{group}"), num_kv_heads)
+    } else {
+        ("paged_attention".into(), num_heads)
+    };
     let sizes = Sizes {
-        num_tokens: to_u32(num_tokens, "num_tokens")?,
+        blocks: to_u32(num_tokens * blocks_per_row, "num_tokens")?,
         args: [
             to_u32(sl_l.shape().elem_count(), "num_seqs")?,
             to_u32(num_heads, "num_heads")?,
@@ -105,30 +117,32 @@ fn run<T: CudaDType + DeviceRepr>(
     // an empty allocation valid lies outside the output's layout and is never read.
     let mut out = unsafe { dev.alloc::<T>(len.max(1))? };
     if len > 0 {
-        launch(dev, &views, &mut out, &sizes, q.dtype())?;
+        launch(dev, &kernel, &views, &mut out, &sizes, q.dtype())?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
 /// The kernel's scalar arguments.
 struct Sizes {
-    /// Rows of `q`: the grid's x axis.
-    num_tokens: u32,
+    /// The grid: `num_tokens * num_heads` blocks, or `num_tokens * num_kv_heads` for the grouped
+    /// kernel (checked to fit).
+    blocks: u32,
     /// `num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks_per_seq`,
-    /// in the kernel's parameter order; `num_heads` is also the grid's y axis.
+    /// in the kernel's parameter order.
     args: [u32; 7],
     scale: f32,
 }
 
-/// Launches `paged_attention_<dtype>` over a `(num_tokens, num_heads)` grid.
+/// Launches `<kernel>_<dtype>` over `sizes.blocks` blocks, a row's heads (or kv heads) adjacent.
 fn launch<T: DeviceRepr>(
     dev: &CudaDevice,
+    kernel: &str,
     views: &Views<'_, T>,
     out: &mut CudaSlice<T>,
     sizes: &Sizes,
     dtype: DType,
 ) -> candle_core::Result<()> {
-    let func = load(dev, &PAGED_ATTENTION, "paged_attention", dtype)?;
+    let func = load(dev, &PAGED_ATTENTION, kernel, dtype)?;
     let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&func);
     builder.arg(out).arg(&views.q).arg(&views.k).arg(&views.v);
@@ -137,12 +151,10 @@ fn launch<T: DeviceRepr>(
         builder.arg(arg);
     }
     builder.arg(&sizes.scale);
-    let cfg = LaunchConfig {
-        grid_dim: (sizes.num_tokens, sizes.args[1], 1),
-        block_dim: (WARPS * 32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the arguments match `paged_attention_<T>` in `paged_attention.cu`: four pointers to
+    let cfg = LaunchConfig { grid_dim: (sizes.blocks, 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the arguments match `paged_attention_<T>` and `paged_attention_g<G>_<T>` in
+    // `paged_attention.cu` (the grouped kernel only for num_heads = G * num_kv_heads and head_dim
+    // <= 128, as `run` chose it): four pointers to
     // `T`, three to u32, seven u32 and an f32. The views cover exactly the shapes the kernel indexes
     // (`q` and `out` are `(num_tokens, num_heads, head_dim)`, the caches `(num_blocks, block_size,
     // num_kv_heads, head_dim)`, checked by `paged_attention`), `head_dim <= MAX_HEAD_DIM` and

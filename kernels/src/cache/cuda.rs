@@ -1,7 +1,7 @@
 //! The CUDA body of `reshape_and_cache`: launches `kernels/cuda/reshape_and_cache.cu`.
 //!
-//! Written without a GPU at hand: it compiles in CI, and `cache::tests` checks it bit for bit
-//! wherever a GPU is present.
+//! It compiles in CI, and `cache::tests` checks it bit for bit wherever a GPU is present
+//! (`benches/GPU.md`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};

@@ -1,0 +1,433 @@
+//! Elementwise steps of a Llama layer fused into one op each, for devices where every separate
+//! candle op costs a kernel launch (CUDA): on the GPU the engine's decode step at small batches is
+//! bound by launches, not by memory.
+//!
+//! - [`qkv_rope`]: split the fused QKV projection into q, k and v and rotate q and k (candle's
+//!   `rope_thd`: half-split pairs), in one pass instead of three copies and two rotary ops.
+//! - [`swiglu`]: `silu(gate) * up` from the fused gate/up projection, in one pass instead of two
+//!   narrows, a `silu` and a product.
+//! - [`add_rms_norm`]: the residual add and the next RMS norm, in one pass instead of two.
+//!
+//! Both compute in f32 and round once to the element type (f32, f16 or bf16), on the CPU and in
+//! `kernels/cuda/fused.cu`; candle's expressions round after each step, so the two agree to the
+//! element type's rounding, not bit for bit. The CPU bodies exist to test the CUDA ones against the
+//! same arithmetic; the engine's CPU path has its own (`sluice_engine`'s `ops`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
+
+use crate::elem::Elem;
+use crate::storage::contiguous_slice;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+/// `qkv: (n, (heads + 2 * kv_heads) * head_dim)`, `cos`, `sin`: `(n, head_dim / 2)`, one dtype
+/// (f32, f16 or bf16) on one device → q `(n, heads, head_dim)`, k and v `(n, kv_heads, head_dim)`,
+/// each contiguous (three planes of one buffer).
+pub fn qkv_rope(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let n = qkv.dim(0)?;
+    let width = (heads + 2 * kv_heads) * head_dim;
+    if qkv.dims() != [n, width] {
+        bail!("`qkv` must be (n, {width}) for {heads} + 2 × {kv_heads} heads of {head_dim}, got {:?}", qkv.dims())
+    }
+    if !head_dim.is_multiple_of(2) {
+        bail!("`head_dim` must be even, got {head_dim}")
+    }
+    for (name, t) in [("cos", cos), ("sin", sin)] {
+        if t.dims() != [n, head_dim / 2] {
+            bail!("`{name}` must be (n, head_dim / 2) = ({n}, {}), got {:?}", head_dim / 2, t.dims())
+        }
+        if t.dtype() != qkv.dtype() || !t.device().same_device(qkv.device()) {
+            bail!("`{name}` must have `qkv`'s dtype and device")
+        }
+    }
+    let op = QkvRope { heads, kv_heads, head_dim };
+    let flat = qkv.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)?;
+    let (q_len, kv_len) = (n * heads * head_dim, n * kv_heads * head_dim);
+    let q = flat.narrow(0, 0, q_len)?.reshape((n, heads, head_dim))?;
+    let k = flat.narrow(0, q_len, kv_len)?.reshape((n, kv_heads, head_dim))?;
+    let v = flat.narrow(0, q_len + kv_len, kv_len)?.reshape((n, kv_heads, head_dim))?;
+    Ok((q, k, v))
+}
+
+/// `x`, `y`: `(n, hidden)`, `weight`: `(hidden,)`, one dtype (f32, f16 or bf16) on one device →
+/// the residual sum `s = x + y` (rounded to the dtype, as a separate add stores it) and
+/// `rms_norm(s) * weight` (`s / sqrt(mean(s²) + eps)`, in f32, rounded once), both `(n, hidden)`
+/// and contiguous (two planes of one buffer): candle's add and candle-nn's `rms_norm` in one pass.
+pub fn add_rms_norm(x: &Tensor, y: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<(Tensor, Tensor)> {
+    let (n, hidden) = x.dims2()?;
+    if y.dims() != x.dims() || weight.dims() != [hidden] {
+        bail!(
+            "add_rms_norm: `y` must be {:?} and `weight` ({hidden},), got {:?} and {:?}",
+            x.dims(),
+            y.dims(),
+            weight.dims()
+        )
+    }
+    for (name, t) in [("y", y), ("weight", weight)] {
+        if t.dtype() != x.dtype() || !t.device().same_device(x.device()) {
+            bail!("add_rms_norm: `{name}` must have `x`'s dtype and device")
+        }
+    }
+    let flat = x.contiguous()?.apply_op3_no_bwd(&y.contiguous()?, &weight.contiguous()?, &AddRmsNorm { eps })?;
+    let sum = flat.narrow(0, 0, n * hidden)?.reshape((n, hidden))?;
+    let normed = flat.narrow(0, n * hidden, n * hidden)?.reshape((n, hidden))?;
+    Ok((sum, normed))
+}
+
+/// `gate_up: (n, 2 * inter)` (gate, then up, per row; f32, f16 or bf16) → `(n, inter)` of
+/// `silu(gate) * up`.
+pub fn swiglu(gate_up: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, width) = gate_up.dims2()?;
+    if !width.is_multiple_of(2) {
+        bail!("`gate_up` must have an even width, got {width}")
+    }
+    gate_up.contiguous()?.apply_op1_no_bwd(&Swiglu)
+}
+
+struct QkvRope {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl QkvRope {
+    /// The CPU body over one element type: the kernel's arithmetic, row by row.
+    fn cpu<T: Elem>(&self, qkv: &[T], cos: &[T], sin: &[T], n: usize) -> Vec<T> {
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let (half, width) = (d / 2, (h + 2 * kv) * d);
+        let mut out = vec![T::from_f64(0.0); n * width];
+        let (q_out, rest) = out.split_at_mut(n * h * d);
+        let (k_out, v_out) = rest.split_at_mut(n * kv * d);
+        for r in 0..n {
+            let x = &qkv[r * width..(r + 1) * width];
+            let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+            for head in 0..h + kv {
+                let src = &x[head * d..(head + 1) * d];
+                let dst = if head < h {
+                    &mut q_out[(r * h + head) * d..(r * h + head + 1) * d]
+                } else {
+                    &mut k_out[(r * kv + head - h) * d..(r * kv + head - h + 1) * d]
+                };
+                for i in 0..half {
+                    let (x1, x2) = (src[i].widen1(), src[i + half].widen1());
+                    let (cc, ss) = (c[i].widen1(), s[i].widen1());
+                    dst[i] = T::from_f64((x1 * cc - x2 * ss) as f64);
+                    dst[i + half] = T::from_f64((x2 * cc + x1 * ss) as f64);
+                }
+            }
+            v_out[r * kv * d..(r + 1) * kv * d].copy_from_slice(&x[(h + kv) * d..]);
+        }
+        out
+    }
+}
+
+impl CustomOp3 for QkvRope {
+    fn name(&self) -> &'static str {
+        "sluice-qkv-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qkv: &CpuStorage,
+        qkv_l: &Layout,
+        cos: &CpuStorage,
+        cos_l: &Layout,
+        sin: &CpuStorage,
+        sin_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = qkv_l.dims()[0];
+        let shape = Shape::from(n * (self.heads + 2 * self.kv_heads) * self.head_dim);
+        macro_rules! body {
+            ($t:ty) => {{
+                let out = self.cpu::<$t>(
+                    contiguous_slice(qkv, qkv_l, "qkv")?,
+                    contiguous_slice(cos, cos_l, "cos")?,
+                    contiguous_slice(sin, sin_l, "sin")?,
+                    n,
+                );
+                Ok((<$t as candle_core::WithDType>::to_cpu_storage_owned(out), shape))
+            }};
+        }
+        match qkv.dtype() {
+            DType::F32 => body!(f32),
+            DType::F16 => body!(half::f16),
+            DType::BF16 => body!(half::bf16),
+            other => bail!("qkv_rope: `qkv` must be f32, f16 or bf16, got {other:?}"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qkv: &candle_core::CudaStorage,
+        qkv_l: &Layout,
+        cos: &candle_core::CudaStorage,
+        cos_l: &Layout,
+        sin: &candle_core::CudaStorage,
+        sin_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::qkv_rope(self, (qkv, qkv_l), (cos, cos_l), (sin, sin_l))
+    }
+}
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl AddRmsNorm {
+    /// The CPU body over one element type: the kernel's arithmetic, row by row.
+    fn cpu<T: Elem>(&self, x: &[T], y: &[T], weight: &[T], n: usize, hidden: usize) -> Vec<T> {
+        let mut out = vec![T::from_f64(0.0); 2 * n * hidden];
+        let (sums, normed) = out.split_at_mut(n * hidden);
+        for r in 0..n {
+            let row = r * hidden..(r + 1) * hidden;
+            let sum = &mut sums[row.clone()];
+            for ((s, a), b) in sum.iter_mut().zip(&x[row.clone()]).zip(&y[row.clone()]) {
+                *s = T::from_f64((a.widen1() + b.widen1()) as f64);
+            }
+            let squares: f32 = sum.iter().map(|s| s.widen1() * s.widen1()).sum();
+            let scale = 1.0 / (squares / hidden as f32 + self.eps).sqrt();
+            for ((o, s), w) in normed[row].iter_mut().zip(sum.iter()).zip(weight) {
+                *o = T::from_f64((scale * s.widen1() * w.widen1()) as f64);
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "sluice-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        y: &CpuStorage,
+        y_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, hidden) = x_l.shape().dims2()?;
+        let shape = Shape::from(2 * n * hidden);
+        macro_rules! body {
+            ($t:ty) => {{
+                let out = self.cpu::<$t>(
+                    contiguous_slice(x, x_l, "x")?,
+                    contiguous_slice(y, y_l, "y")?,
+                    contiguous_slice(w, w_l, "weight")?,
+                    n,
+                    hidden,
+                );
+                Ok((<$t as candle_core::WithDType>::to_cpu_storage_owned(out), shape))
+            }};
+        }
+        match x.dtype() {
+            DType::F32 => body!(f32),
+            DType::F16 => body!(half::f16),
+            DType::BF16 => body!(half::bf16),
+            other => bail!("add_rms_norm: `x` must be f32, f16 or bf16, got {other:?}"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        y: &candle_core::CudaStorage,
+        y_l: &Layout,
+        w: &candle_core::CudaStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::add_rms_norm(self.eps, (x, x_l), (y, y_l), (w, w_l))
+    }
+}
+
+struct Swiglu;
+
+/// One output element of [`swiglu`], in f32.
+#[inline]
+fn swiglu1(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
+}
+
+impl CustomOp1 for Swiglu {
+    fn name(&self) -> &'static str {
+        "sluice-swiglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, width) = l.shape().dims2()?;
+        let inter = width / 2;
+        macro_rules! body {
+            ($t:ty) => {{
+                let xs = contiguous_slice::<$t>(s, l, "gate_up")?;
+                let mut out = Vec::with_capacity(n * inter);
+                for row in xs.chunks_exact(width.max(1)).take(n) {
+                    let (gate, up) = row.split_at(inter);
+                    out.extend(gate.iter().zip(up).map(|(g, u)| {
+                        <$t as candle_core::WithDType>::from_f64(swiglu1(g.widen1(), u.widen1()) as f64)
+                    }));
+                }
+                Ok((<$t as candle_core::WithDType>::to_cpu_storage_owned(out), Shape::from((n, inter))))
+            }};
+        }
+        match s.dtype() {
+            DType::F32 => body!(f32),
+            DType::F16 => body!(half::f16),
+            DType::BF16 => body!(half::bf16),
+            other => bail!("swiglu: `gate_up` must be f32, f16 or bf16, got {other:?}"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::swiglu(s, l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Result, Tensor, D};
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::test_util::{test_device, uniform};
+
+    /// Largest |a - b| over all elements, in f32.
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(D::Minus1)?.to_scalar::<f32>()
+    }
+
+    /// Half a unit in the last place of values near 1, with room for candle rounding each step.
+    fn tolerance(dtype: DType) -> f32 {
+        match dtype {
+            DType::F32 => 1e-5,
+            DType::F16 => 4e-3,
+            _ => 3e-2,
+        }
+    }
+
+    /// Against candle's split (narrow + contiguous) and the rotation written out, for the three
+    /// dtypes and a few shapes.
+    fn qkv_rope_matches_candle(dev: &Device) -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(7);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (n, h, kv, d) in [(1, 9, 3, 64), (5, 4, 2, 8), (33, 32, 8, 64), (3, 2, 1, 128)] {
+                let qkv = uniform(&mut rng, &[n, (h + 2 * kv) * d], dtype, dev)?;
+                let cos = uniform(&mut rng, &[n, d / 2], dtype, dev)?;
+                let sin = uniform(&mut rng, &[n, d / 2], dtype, dev)?;
+                let (q, k, v) = qkv_rope(&qkv, &cos, &sin, h, kv, d)?;
+                assert_eq!((q.dims(), k.dims(), v.dims()), (&[n, h, d][..], &[n, kv, d][..], &[n, kv, d][..]));
+                let want_q = qkv.narrow(1, 0, h * d)?.reshape((1, n, h, d))?.contiguous()?;
+                let want_k = qkv.narrow(1, h * d, kv * d)?.reshape((1, n, kv, d))?.contiguous()?;
+                let want_q = rope_reference(&want_q, &cos, &sin)?.reshape((n, h, d))?;
+                let want_k = rope_reference(&want_k, &cos, &sin)?.reshape((n, kv, d))?;
+                let want_v = qkv.narrow(1, (h + kv) * d, kv * d)?.reshape((n, kv, d))?;
+                let tol = tolerance(dtype);
+                for (name, got, want) in [("q", &q, &want_q), ("k", &k, &want_k)] {
+                    let diff = max_diff(got, want)?;
+                    assert!(diff <= tol, "{dtype:?} {name} ({n}, {h}, {kv}, {d}): off by {diff}");
+                }
+                // v is copied, bit for bit.
+                assert_eq!(max_diff(&v, &want_v)?, 0.0, "{dtype:?} v");
+            }
+        }
+        Ok(())
+    }
+    test_device!(qkv_rope_matches_candle);
+
+    /// What candle-nn's `rope_thd` computes over `(b, t, h, d)` with `(t, d / 2)` tables, written
+    /// out in f32 tensor ops (this crate does not depend on candle-nn): pairs (i, i + d/2) rotated.
+    /// The engine-level check against candle-nn and transformers is the GPU proof's logits step.
+    fn rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (_, t, _, d) = x.dims4()?;
+        let half = d / 2;
+        let x = x.to_dtype(DType::F32)?;
+        let cos = cos.to_dtype(DType::F32)?.reshape((1, t, 1, half))?;
+        let sin = sin.to_dtype(DType::F32)?.reshape((1, t, 1, half))?;
+        let (x1, x2) = (x.narrow(3, 0, half)?, x.narrow(3, half, half)?);
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Tensor::cat(&[r1, r2], 3)
+    }
+
+    /// Against `silu(gate) * up` computed in f32 by candle's ops.
+    fn swiglu_matches_candle(dev: &Device) -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(8);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (n, inter) in [(1, 1536), (7, 40), (64, 8192)] {
+                let gate_up = (uniform(&mut rng, &[n, 2 * inter], dtype, dev)? * 6.0)?;
+                let got = swiglu(&gate_up)?;
+                assert_eq!(got.dims(), [n, inter]);
+                let x = gate_up.to_dtype(DType::F32)?;
+                let (g, u) = (x.narrow(1, 0, inter)?, x.narrow(1, inter, inter)?);
+                let want = ((&g / (g.neg()?.exp()? + 1.0)?)? * &u)?;
+                let diff = max_diff(&got, &want)?;
+                // Outputs reach |6 * 6|: the element type's relative rounding at that size.
+                let tol = 40.0 * tolerance(dtype);
+                assert!(diff <= tol, "{dtype:?} ({n}, {inter}): off by {diff}");
+            }
+        }
+        Ok(())
+    }
+    test_device!(swiglu_matches_candle);
+
+    /// Against candle's add, then candle-nn's `rms_norm` written out in f32 (as `rms_norm_slow`).
+    fn add_rms_norm_matches_candle(dev: &Device) -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(9);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (n, hidden) in [(1, 2048), (5, 576), (37, 64), (2, 3000)] {
+                let x = (uniform(&mut rng, &[n, hidden], dtype, dev)? * 4.0)?;
+                let y = uniform(&mut rng, &[n, hidden], dtype, dev)?;
+                let w = uniform(&mut rng, &[hidden], dtype, dev)?;
+                let (sum, normed) = add_rms_norm(&x, &y, &w, 1e-5)?;
+                let want_sum = (&x + &y)?;
+                assert_eq!(max_diff(&sum, &want_sum)?, 0.0, "{dtype:?} ({n}, {hidden}) sum");
+                let s = want_sum.to_dtype(DType::F32)?;
+                let mean = (s.sqr()?.sum_keepdim(1)? / hidden as f64)?;
+                let want = s.broadcast_div(&(mean + 1e-5)?.sqrt()?)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+                let diff = max_diff(&normed, &want)?;
+                // Normed values reach a few units: the dtype's rounding there.
+                let tol = 4.0 * tolerance(dtype);
+                assert!(diff <= tol, "{dtype:?} ({n}, {hidden}): off by {diff}");
+            }
+        }
+        Ok(())
+    }
+    test_device!(add_rms_norm_matches_candle);
+
+    fn bad_arguments_are_errors(dev: &Device) -> Result<()> {
+        let x = Tensor::zeros((2, 5 * 8), DType::F32, dev)?;
+        let cs = Tensor::zeros((2, 4), DType::F32, dev)?;
+        assert!(qkv_rope(&x, &cs, &cs, 4, 1, 8).is_err(), "width");
+        assert!(qkv_rope(&x, &cs.to_dtype(DType::F16)?, &cs, 3, 1, 8).is_err(), "dtype");
+        assert!(qkv_rope(&x, &cs.narrow(1, 0, 2)?, &cs, 3, 1, 8).is_err(), "cos shape");
+        assert!(swiglu(&Tensor::zeros((2, 7), DType::F32, dev)?).is_err(), "odd width");
+        let w = Tensor::zeros(40, DType::F32, dev)?;
+        assert!(add_rms_norm(&x, &x, &w.narrow(0, 0, 39)?, 1e-5).is_err(), "weight length");
+        assert!(add_rms_norm(&x, &x.to_dtype(DType::F16)?, &w, 1e-5).is_err(), "dtype");
+        assert!(swiglu(&Tensor::zeros((2, 8), DType::U32, dev)?).is_err(), "dtype");
+        // No rows: an empty result, nothing launched.
+        let empty = Tensor::zeros((1, 8), DType::F32, dev)?.narrow(0, 0, 0)?;
+        assert_eq!(swiglu(&empty)?.dims(), [0, 4]);
+        Ok(())
+    }
+    test_device!(bad_arguments_are_errors);
+}
