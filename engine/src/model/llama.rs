@@ -155,7 +155,10 @@ impl Linear {
             Self::Quantized(q) => Ok(q.forward(x)?),
             Self::QMatMul(q) => q.forward(x),
             Self::Dense(w_t) => {
-                if x.dim(0)? == 1 {
+                // On the CPU a single row goes through gemm as two, so that it takes the same
+                // kernel as when batched; a GPU's BLAS promises no such thing, and there it would
+                // cost two more launches per projection.
+                if x.dim(0)? == 1 && x.device().is_cpu() {
                     let two = Tensor::cat(&[x, x], 0)?;
                     return Ok(two.matmul(w_t)?.narrow(0, 0, 1)?);
                 }
@@ -184,6 +187,24 @@ struct RmsNorm {
 impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+
+    /// Adds the branch output `y` (if any) to the residual stream `x` in place, then normalises
+    /// it. Off the CPU the two are one launch (`sluice_kernels::fused::add_rms_norm`); on the CPU
+    /// they stay the separate ops whose bits the CPU path keeps.
+    fn add_forward(&self, x: &mut Tensor, y: Option<Tensor>) -> Result<Tensor> {
+        match y {
+            None => self.forward(x),
+            Some(y) if !x.device().is_cpu() && y.dtype() == x.dtype() && self.weight.dtype() == x.dtype() => {
+                let (sum, normed) = sluice_kernels::fused::add_rms_norm(x, &y, &self.weight, self.eps)?;
+                *x = sum;
+                Ok(normed)
+            }
+            Some(y) => {
+                *x = ops::add(x, &y)?;
+                self.forward(x)
+            }
+        }
     }
 }
 
@@ -311,8 +332,11 @@ impl Llama {
         let sin = self.sin.index_select(&input.positions, 0)?; // [n, d/2]
 
         let mut x = self.embed.index_select(&input.token_ids, 0)?; // [n, hidden]
+                                                                   // The last layer's MLP output, still to be added to `x`: off the CPU the add is fused with
+                                                                   // the next RMS norm (the next layer's, or the final one on the sampled rows only).
+        let mut pending: Option<Tensor> = None;
         for (layer, lc) in self.layers.iter().zip(cache) {
-            let normed = layer.attn_norm.forward(&x)?;
+            let normed = layer.attn_norm.add_forward(&mut x, pending.take())?;
             let qkv = layer.qkv.forward(&normed)?; // [n, (h + 2kv) * d]
             let (q, k, v) = ops::qkv_rope(&qkv, &cos, &sin, (h, kv, d))?; // [n, h | kv, d]
             let (k, v) = (k.to_dtype(lc.k.dtype())?, v.to_dtype(lc.v.dtype())?);
@@ -326,9 +350,8 @@ impl Llama {
                 &input.seq_lens,
                 scale,
             )?; // [n, h, d]
-            x = ops::add(&x, &layer.o.forward(&attn.reshape((n, h * d))?)?)?;
-
-            let normed = layer.mlp_norm.forward(&x)?;
+            let attn_out = layer.o.forward(&attn.reshape((n, h * d))?)?;
+            let normed = layer.mlp_norm.add_forward(&mut x, Some(attn_out))?;
             // [n, 2 * intermediate]
             let gate_up = layer.gate_up.forward(&normed)?;
             // The exact packed path keeps the kernels' SwiGLU (its own `exp`, the same bits on every
@@ -341,10 +364,16 @@ impl Llama {
             } else {
                 ops::silu_mul(&gate_up, c.intermediate_size)?
             };
-            x = ops::add(&x, &layer.down.forward(&act)?)?;
+            let mlp_out = layer.down.forward(&act)?;
+            if x.device().is_cpu() {
+                x = ops::add(&x, &mlp_out)?;
+            } else {
+                pending = Some(mlp_out);
+            }
         }
-        let last = x.index_select(&input.sample_rows, 0)?; // [num_sampled, hidden]
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?; // [num_sampled, vocab]
+        let mut last = x.index_select(&input.sample_rows, 0)?; // [num_sampled, hidden]
+        let pending = pending.map(|p| p.index_select(&input.sample_rows, 0)).transpose()?;
+        let logits = self.lm_head.forward(&self.norm.add_forward(&mut last, pending)?)?; // [num_sampled, vocab]
         Ok(logits.to_dtype(DType::F32)?)
     }
 
