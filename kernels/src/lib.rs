@@ -17,7 +17,7 @@
 //! - `elem`: the element types the ops accept (f32, f16, bf16) and their widening to f32.
 //! - `storage`: borrowing a tensor's CPU storage as a typed slice.
 //! - `cuda` (`cuda` feature): the PTX built from `kernels/cuda/*.cu` and the helpers the ops'
-//!   CUDA bodies (`cache::cuda`, `attention::cuda`) share.
+//!   CUDA bodies (`cache::cuda`, `attention::cuda`, `fused::cuda`) share.
 //! - `test_util` (tests only): the `test_device!` macro and random tensor helpers.
 //!
 //! # The KV cache
