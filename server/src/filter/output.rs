@@ -7,9 +7,10 @@
 //! secret can cross it: before a key's head (`sk-`, `AKIA`, …) rather than inside the key, outside
 //! an address (its `@`, the domain after it and a local part of up to 64 bytes before it), outside
 //! a chain of digit groups, between two groups that the card search has passed, or inside a group
-//! too long for a card. Only a run with no such place in [`MAX_RUN`] bytes (a long word of letters,
-//! a key longer than that) is cut blindly there, so an address whose local part crosses such a cut
-//! loses the part before it. Where a cut falls depends only on the bytes from the previous cut to
+//! too long for a card. A long word of letters or digits is cut at least 64 bytes before the end of
+//! what has been seen of it, since an `@` may still follow. Only a run with no such place in
+//! [`MAX_RUN`] bytes (a key longer than that, text dense with `@`s) is cut blindly there, so an
+//! address whose local part crosses such a cut loses the part before it. Where a cut falls depends only on the bytes from the previous cut to
 //! at most one past [`MAX_RUN`] (see [`RedactKind::piece`]). That makes streaming exact: a stream
 //! holds back only the trailing run of each class (a word that may still grow into a match), less
 //! the pieces already cut off it, and sends the rest, and the text a stream sends adds up to what

@@ -28,11 +28,11 @@ pub(super) fn plan(kind: RedactKind, window: &[u8]) -> Cuts {
                 let end = at + 1 + domain;
                 cuts.cross(start, if end == window.len() { usize::MAX } else { end });
             }
-            // A local part at the end, whose `@` may follow.
-            let start = local_start(window, window.len());
-            if window.len() - start <= MAX_LOCAL {
-                cuts.cross(start, usize::MAX);
-            }
+            // A local part at the end, whose `@` may follow: no cut in it, or, when the run of
+            // local-part bytes is longer than a local part can be, none in its last MAX_LOCAL
+            // bytes (a cut there would send the start of an address before its `@` arrives).
+            let start = local_start(window, window.len()).max(window.len().saturating_sub(MAX_LOCAL));
+            cuts.cross(start, usize::MAX);
         }
     }
     cuts
