@@ -10,7 +10,7 @@
 //   `rms_norm(s) * weight`, as two contiguous planes of one buffer: s, then the normed rows.
 //
 // The CUDA bodies of `sluice_kernels::fused` (`kernels/src/fused.rs`); arithmetic in f32, one
-// rounding to the element type at the end (the CPU bodies there do the same).
+// rounding to the element type at the end (the CPU bodies there compute the same formulas).
 
 #include <math.h>
 

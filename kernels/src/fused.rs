@@ -8,10 +8,11 @@
 //!   narrows, a `silu` and a product.
 //! - [`add_rms_norm`]: the residual add and the next RMS norm, in one pass instead of two.
 //!
-//! Both compute in f32 and round once to the element type (f32, f16 or bf16), on the CPU and in
-//! `kernels/cuda/fused.cu`; candle's expressions round after each step, so the two agree to the
-//! element type's rounding, not bit for bit. The CPU bodies exist to test the CUDA ones against the
-//! same arithmetic; the engine's CPU path has its own (`sluice_engine`'s `ops`).
+//! All compute in f32 and round once to the element type (f32, f16 or bf16), on the CPU and in
+//! `kernels/cuda/fused.cu`; candle's expressions round after each step, so they agree to the
+//! element type's rounding, not bit for bit. The CPU bodies compute the same formulas as the CUDA
+//! ones (which may contract to FMAs, use `rsqrtf` and sum in another order: equal to rounding); they
+//! exist to test them. The engine uses these ops on CUDA only; its CPU path has its own ops.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
@@ -100,7 +101,7 @@ struct QkvRope {
 }
 
 impl QkvRope {
-    /// The CPU body over one element type: the kernel's arithmetic, row by row.
+    /// The CPU body over one element type: the kernel's formula, row by row.
     fn cpu<T: Elem>(&self, qkv: &[T], cos: &[T], sin: &[T], n: usize) -> Vec<T> {
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
         let (half, width) = (d / 2, (h + 2 * kv) * d);
@@ -184,7 +185,7 @@ struct AddRmsNorm {
 }
 
 impl AddRmsNorm {
-    /// The CPU body over one element type: the kernel's arithmetic, row by row.
+    /// The CPU body over one element type: the kernel's formula, row by row.
     fn cpu<T: Elem>(&self, x: &[T], y: &[T], weight: &[T], n: usize, hidden: usize) -> Vec<T> {
         let mut out = vec![T::from_f64(0.0); 2 * n * hidden];
         let (sums, normed) = out.split_at_mut(n * hidden);

@@ -190,12 +190,12 @@ impl RmsNorm {
     }
 
     /// Adds the branch output `y` (if any) to the residual stream `x` in place, then normalises
-    /// it. Off the CPU the two are one launch (`sluice_kernels::fused::add_rms_norm`); on the CPU
-    /// they stay the separate ops whose bits the CPU path keeps.
+    /// it. On CUDA the two are one launch (`sluice_kernels::fused::add_rms_norm`); elsewhere they
+    /// stay the separate ops (whose bits the CPU path keeps).
     fn add_forward(&self, x: &mut Tensor, y: Option<Tensor>) -> Result<Tensor> {
         match y {
             None => self.forward(x),
-            Some(y) if !x.device().is_cpu() && y.dtype() == x.dtype() && self.weight.dtype() == x.dtype() => {
+            Some(y) if x.device().is_cuda() && y.dtype() == x.dtype() && self.weight.dtype() == x.dtype() => {
                 let (sum, normed) = sluice_kernels::fused::add_rms_norm(x, &y, &self.weight, self.eps)?;
                 *x = sum;
                 Ok(normed)
@@ -365,10 +365,10 @@ impl Llama {
                 ops::silu_mul(&gate_up, c.intermediate_size)?
             };
             let mlp_out = layer.down.forward(&act)?;
-            if x.device().is_cpu() {
-                x = ops::add(&x, &mlp_out)?;
-            } else {
+            if x.device().is_cuda() {
                 pending = Some(mlp_out);
+            } else {
+                x = ops::add(&x, &mlp_out)?;
             }
         }
         let mut last = x.index_select(&input.sample_rows, 0)?; // [num_sampled, hidden]

@@ -32,7 +32,7 @@ fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
 /// Splits `qkv: [n, (heads + 2 kv_heads) * head_dim]` into `q: [n, heads, head_dim]`,
 /// `k: [n, kv_heads, head_dim]` (both rotated by `cos`/`sin: [n, head_dim / 2]`, half-split layout)
 /// and `v: [n, kv_heads, head_dim]`. On the CPU (f32) the same bits as `narrow` + `contiguous` +
-/// `rope_thd`; on a GPU one fused launch (`sluice_kernels::fused::qkv_rope`, rounded once, so within
+/// `rope_thd`; on CUDA one fused launch (`sluice_kernels::fused::qkv_rope`, rounded once, so within
 /// the dtype's rounding of `rope_thd`, which rounds after each step) instead of five.
 pub(crate) fn qkv_rope(
     qkv: &Tensor,
@@ -42,7 +42,7 @@ pub(crate) fn qkv_rope(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let n = qkv.dim(0)?;
     let (h, kv, d) = (heads, kv_heads, head_dim);
-    if !qkv.device().is_cpu() && d.is_multiple_of(2) && cos.dtype() == qkv.dtype() && sin.dtype() == qkv.dtype() {
+    if qkv.device().is_cuda() && d.is_multiple_of(2) && cos.dtype() == qkv.dtype() && sin.dtype() == qkv.dtype() {
         return Ok(sluice_kernels::fused::qkv_rope(qkv, cos, sin, h, kv, d)?);
     }
     let fused = cpu_f32(qkv) && cpu_f32(cos) && cpu_f32(sin) && d.is_multiple_of(2);
@@ -105,10 +105,10 @@ fn rope_head(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
 /// `gate_up: [n, 2 * intermediate]` (gate, then up, per row) → `silu(gate) * up: [n, intermediate]`
 /// with candle's `silu` expression (`x / (1 + exp(-x))`, the C library's `expf`): the same bits as
 /// `Activation::Silu` on the gate followed by `*` with the up half, in one pass, rows split over
-/// rayon for large batches. On a GPU, `sluice_kernels::fused::swiglu` (one launch, rounded once).
+/// rayon for large batches. On CUDA, `sluice_kernels::fused::swiglu` (one launch, rounded once).
 pub(crate) fn silu_mul(gate_up: &Tensor, intermediate: usize) -> Result<Tensor> {
     let i = intermediate;
-    if !gate_up.device().is_cpu() && gate_up.dim(1)? == 2 * i {
+    if gate_up.device().is_cuda() && gate_up.dim(1)? == 2 * i {
         // One launch instead of two narrows, a `silu` and a product.
         return Ok(sluice_kernels::fused::swiglu(gate_up)?);
     }

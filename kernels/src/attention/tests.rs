@@ -33,12 +33,15 @@ fn run(sc: &Scenario, q: &Tensor, seqs: &[usize], q_lens: &[usize], seq_lens: &[
 
 /// A random batch: some decodes, whole prompts, prompt chunks, and idle sequences, packed together.
 fn random_case(rng: &mut StdRng, dtype: DType, dev: &Device) -> Result<()> {
-    let (num_heads, num_kv_heads) = [(4, 4), (8, 2), (6, 1), (12, 4)][rng.random_range(0..4)];
-    let head_dim = [64, 12, 8, 40][rng.random_range(0..4)];
+    // Query heads per kv head 1, 4, 6, 3, 2 and 8 (on CUDA: per-head and grouped kernels).
+    let (num_heads, num_kv_heads) = [(4, 4), (8, 2), (6, 1), (12, 4), (4, 2), (16, 2)][rng.random_range(0..6)];
+    // Vectorised rows or not, and up to the CUDA kernels' limits (128 grouped, 256 per head).
+    let head_dim = [64, 12, 8, 40, 6, 128, 256][rng.random_range(0..7)];
     let block_size = [1, 4, 16][rng.random_range(0..3)];
     let (mut seq_lens, mut q_lens) = (Vec::new(), Vec::new());
     for _ in 0..rng.random_range(1..6) {
-        let seq_len = rng.random_range(1..70);
+        // Now and then a long one: more 32-position tiles than the CUDA kernels have warps.
+        let seq_len = if rng.random_range(0..4) == 0 { rng.random_range(130..400) } else { rng.random_range(1..70) };
         let q_len = match rng.random_range(0..4) {
             0 => 1,
             1 => seq_len,
