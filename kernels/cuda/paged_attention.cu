@@ -110,6 +110,22 @@ __device__ Row find_row(const Params& p, uint32_t token) {
     return row;
 }
 
+// Lane `lane`'s position in tile `t` of `row`: whether its key/value rows are readable, and their
+// offset from the kv head's first row (0 when not readable).
+struct Slot {
+    bool valid;
+    unsigned long long offset;
+};
+
+__device__ __forceinline__ Slot lane_slot(const Params& p, const Row& row, uint32_t t, int lane, size_t slot_stride) {
+    const uint32_t pos = t * kTile + lane;
+    const uint32_t block = pos < row.len ? row.blocks[pos / p.block_size] : p.num_blocks;
+    const bool valid = block < p.num_blocks;
+    const unsigned long long offset =
+        valid ? (static_cast<unsigned long long>(block) * p.block_size + pos % p.block_size) * slot_stride : 0;
+    return {valid, offset};
+}
+
 // q . k for one key row, in a fixed order: `kLen` running partial sums over 16-byte chunks where
 // the row is aligned for them, else one sum element by element.
 template <typename T, int kHeadDim>
@@ -209,11 +225,7 @@ __device__ void paged_attention(
     const uint32_t num_tiles = (row.len + kTile - 1) / kTile;
     for (uint32_t t = warp; t < num_tiles; t += kWarps) {
         // This lane's position: its key row's offset and its score.
-        const uint32_t pos = t * kTile + lane;
-        const uint32_t block = pos < row.len ? row.blocks[pos / p.block_size] : p.num_blocks;
-        const bool valid = block < p.num_blocks;
-        const unsigned long long offset =
-            valid ? (static_cast<unsigned long long>(block) * p.block_size + pos % p.block_size) * slot_stride : 0;
+        const auto [valid, offset] = lane_slot(p, row, t, lane, slot_stride);
         const float score = valid ? p.scale * dot_row<T, kHeadDim>(q_row, k_head + offset, head_dim, vectorised) : kNegInf;
 
         float tile_max = score;
@@ -352,11 +364,7 @@ __device__ void paged_attention_grouped(
     }
     const uint32_t num_tiles = (row.len + kTile - 1) / kTile;
     for (uint32_t t = warp; t < num_tiles; t += kWarps) {
-        const uint32_t pos = t * kTile + lane;
-        const uint32_t block = pos < row.len ? row.blocks[pos / p.block_size] : p.num_blocks;
-        const bool valid = block < p.num_blocks;
-        const unsigned long long offset =
-            valid ? (static_cast<unsigned long long>(block) * p.block_size + pos % p.block_size) * slot_stride : 0;
+        const auto [valid, offset] = lane_slot(p, row, t, lane, slot_stride);
         // This lane's key row against every head of the group, read once.
         float score[kGroup];
         {

@@ -52,7 +52,7 @@ for run, files in (("bf16 safetensors", "bench-bf16-*.json"), ("GGUF q4_1, quant
 print("\nTargets: batch-1 decode >= 60% of the floor; batch 256 >= 25x batch 1.\n")
 for title, name in (("Steps", "steps.txt"), ("Kernel tests (step 1)", "kernels.log"),
                     ("Logits against transformers (step 2)", "compare.log"),
-                    ("Paged attention bandwidth (step 4)", "attention.log"), ("Server (step 5)", "serve.log.txt"),
+                    ("Paged attention bandwidth (step 4)", "attention.log"), ("Server (step 5)", "serve.log"),
                     ("GGUF quantized against dense (step 6)", "gguf-compare.log")):
     text = read(name)
     if name == "kernels.log":

@@ -18,8 +18,9 @@ const WARPS: u32 = 4;
 const MAX_HEAD_DIM: usize = 256;
 /// Largest `head_dim` of the grouped kernel (`kGroupMaxHeadDim`).
 const MAX_GROUPED_HEAD_DIM: usize = 128;
-/// Query heads per kv head that the grouped kernel is built for (`paged_attention_g<G>_<dtype>`).
-const GROUPS: [usize; 4] = [2, 3, 4, 8];
+/// The grouped kernels (`paged_attention_g<G>_<dtype>`) by their G, query heads per kv head.
+const GROUPED: [(usize, &str); 4] =
+    [(2, "paged_attention_g2"), (3, "paged_attention_g3"), (4, "paged_attention_g4"), (8, "paged_attention_g8")];
 /// The grid is one block per (row, head) along x, which holds at most this many blocks.
 const MAX_GRID_X: usize = i32::MAX as usize;
 
@@ -92,11 +93,10 @@ fn run<T: CudaDType + DeviceRepr>(
     }
     // One block per (row, kv head) for the whole group where a grouped kernel exists.
     let group = num_heads / num_kv_heads;
-    let grouped = op.grouped && GROUPS.contains(&group) && head_dim <= MAX_GROUPED_HEAD_DIM;
-    let (kernel, blocks_per_row) = if grouped {
-        (format!("paged_attention_g{group}"), num_kv_heads)
-    } else {
-        ("paged_attention".into(), num_heads)
+    let grouped_kernel = GROUPED.iter().find(|&&(g, _)| g == group).map(|&(_, name)| name);
+    let (kernel, blocks_per_row) = match grouped_kernel {
+        Some(name) if op.grouped && head_dim <= MAX_GROUPED_HEAD_DIM => (name, num_kv_heads),
+        _ => ("paged_attention", num_heads),
     };
     let sizes = Sizes {
         blocks: to_u32(num_tokens * blocks_per_row, "num_tokens")?,
@@ -117,7 +117,7 @@ fn run<T: CudaDType + DeviceRepr>(
     // an empty allocation valid lies outside the output's layout and is never read.
     let mut out = unsafe { dev.alloc::<T>(len.max(1))? };
     if len > 0 {
-        launch(dev, &kernel, &views, &mut out, &sizes, q.dtype())?;
+        launch(dev, kernel, &views, &mut out, &sizes, q.dtype())?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
