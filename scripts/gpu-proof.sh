@@ -6,6 +6,8 @@
 #
 # `run` expects python3 with torch, transformers and the NVIDIA CUDA 13 wheels (the GPU machine's
 # image has them), and no network. It writes logs and RESULTS.md under $OUT (or /tmp/gpu-proof/out).
+# GPU_PROOF_BUDGET caps the run's seconds (default 540); GPU_PROOF_STEPS, an extended regex, runs only
+# the steps whose names match it (e.g. '^(model|ours|ours-graphs|graphs-exact|bench-(graphs-)?bf16-1)$').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,6 +53,9 @@ for line in sys.stdin:
 step() {
     local name=$1 limit=$2 rc=0 t0=$SECONDS left
     shift 2
+    if [[ -n ${GPU_PROOF_STEPS:-} && ! $name =~ $GPU_PROOF_STEPS ]]; then
+        return 0
+    fi
     left=$((BUDGET - SECONDS))
     if ((left < 15)); then
         echo "$name: skipped, the run's ${BUDGET}s budget is spent" | tee -a "$LOGS/steps.txt"
@@ -91,11 +96,27 @@ print(":".join(sorted(dirs)))') || libs=""
     step model 120 python3 scripts/gpu_proof/make_model.py "$model" "$CARRY/tokenizer" "$work/prompts.jsonl"
     step ours 90 sh -c "\"$bin/greedy_logprobs\" $model cuda bf16 32 <$work/prompts.jsonl >$LOGS/ours.jsonl"
     step compare 90 python3 scripts/gpu_proof/compare.py "$model" "$work/prompts.jsonl" "$LOGS/ours.jsonl"
+    # Decode steps replayed as CUDA graphs. One prompt at a time a replay runs the eager step's
+    # kernels on the same inputs: the same bits. All prompts at once, a step is padded to its bucket,
+    # and cuBLAS may take other kernels for another row count: bf16 noise, no more.
+    local g="$bin/greedy_logprobs $model cuda bf16 32"
+    step ours-graphs 90 sh -c "$g --cuda-graphs <$work/prompts.jsonl >$LOGS/ours-graphs.jsonl"
+    step graphs-exact 30 python3 scripts/gpu_proof/same_weights.py "$LOGS/ours.jsonl" "$LOGS/ours-graphs.jsonl" \
+        "graphs vs eager, one at a time" 0
+    step ours-together 90 sh -c "$g --together <$work/prompts.jsonl >$LOGS/ours-together.jsonl"
+    step ours-graphs-together 90 sh -c "$g --cuda-graphs --together <$work/prompts.jsonl >$LOGS/ours-graphs-together.jsonl"
+    step graphs-together 30 python3 scripts/gpu_proof/same_weights.py "$LOGS/ours-together.jsonl" \
+        "$LOGS/ours-graphs-together.jsonl" "graphs vs eager, all at once" 0.25
     local c
     for c in 1 64 256; do
         step "bench-bf16-$c" 90 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
             --concurrency "$c" --num-requests $((c == 1 ? 8 : 2 * c)) --max-tokens 128 --max-num-seqs 256 \
             --kv-cache-mib 16384 --json "$LOGS/bench-bf16-$c.json"
+    done
+    for c in 1 64 256; do
+        step "bench-graphs-bf16-$c" 90 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
+            --concurrency "$c" --num-requests $((c == 1 ? 8 : 2 * c)) --max-tokens 128 --max-num-seqs 256 \
+            --kv-cache-mib 16384 --cuda-graphs --json "$LOGS/bench-graphs-bf16-$c.json"
     done
     # Once more, to see the run-to-run spread of the two timings above.
     step bench-bf16-1-again 60 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \

@@ -123,6 +123,9 @@ struct EngineArgs {
     /// On CUDA, GGUF weights: quantized (candle's quantized kernels) or dense (dequantized).
     #[arg(long, default_value = "quantized")]
     gpu_weights: String,
+    /// On CUDA: replay decode steps as CUDA graphs (one per padded batch size).
+    #[arg(long)]
+    cuda_graphs: bool,
     #[command(flatten)]
     output: Output,
 }
@@ -228,6 +231,7 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     config.kv_cache_memory = args.kv_cache_mib.map(|mib| mib << 20);
     config.gpu_memory_utilization = args.gpu_memory_utilization;
     config.gpu_weights = args.gpu_weights.parse().map_err(anyhow::Error::msg)?;
+    config.cuda_graphs = args.cuda_graphs;
     config.cpu_weights = args.cpu_weights.parse().map_err(anyhow::Error::msg)?;
     config.cpu_activations = args.cpu_activations.parse().map_err(anyhow::Error::msg)?;
     config.kv_cache_dtype = match args.kv_cache_dtype.as_str() {
@@ -267,6 +271,13 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
         "engine: {} steps, {} prompt and {} generated tokens, {} of them chosen by the device argmax, {} preemptions",
         stats.steps, stats.prompt_tokens, stats.generated_tokens, stats.device_argmax_tokens, stats.preemptions
     );
+    if args.cuda_graphs {
+        let g = stats.decode_graphs;
+        println!(
+            "decode graphs: {} buckets captured, {} steps replayed, {} padded steps run eagerly",
+            g.captured, g.replayed, g.eager
+        );
+    }
     write_outputs(&args.output, &runs)
 }
 

@@ -75,6 +75,11 @@ pub struct EngineConfig {
     pub gpu_weights: GpuWeights,
     /// Where the argmax of a plain greedy row is taken (on the device off the CPU by default).
     pub greedy_argmax: GreedyArgmax,
+    /// Decode steps (every sequence one token) padded to fixed batch sizes and, on CUDA, captured
+    /// once per size as a CUDA graph and replayed: one launch a step instead of hundreds. If a
+    /// capture fails the engine says so in its log and runs steps eagerly. On the CPU the padded
+    /// steps run eagerly, which only serves to test the padding. Off by default.
+    pub cuda_graphs: bool,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Bytes of memory for the KV cache pools (all layers, K and V). `None`: 1 GiB on the CPU
@@ -106,6 +111,7 @@ impl EngineConfig {
             kv_cache_dtype: None,
             gpu_weights: GpuWeights::Quantized,
             greedy_argmax: GreedyArgmax::Auto,
+            cuda_graphs: false,
             block_size: 16,
             kv_cache_memory: None,
             gpu_memory_utilization: 0.9,

@@ -135,8 +135,12 @@ impl Engine {
         }
         tracing::info!(projection_bytes = model.projection_bytes(), "KV cache: {budget}");
         let vocab_size = model.vocab_size();
-        let runner =
+        let mut runner =
             ModelRunner::new(model, num_blocks, config.block_size, kv_dtype)?.with_greedy_argmax(config.greedy_argmax);
+        if config.cuda_graphs {
+            let max_blocks_per_seq = max_model_len.div_ceil(config.block_size);
+            runner = runner.with_decode_graphs(config.scheduler.max_num_seqs, max_blocks_per_seq)?;
+        }
         tracing::info!(
             blocks = num_blocks,
             block_size = config.block_size,

@@ -1,6 +1,7 @@
 //! `EngineStats`: a snapshot of the engine's state, updated by the engine thread every step.
 
 use crate::breaker::BreakerState;
+use crate::model::GraphCounts;
 
 /// What the engine is doing, as of its last step.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -26,6 +27,9 @@ pub struct EngineStats {
     /// Of those, tokens chosen by an argmax on the device (only their ids were copied back; see
     /// `GreedyArgmax`).
     pub device_argmax_tokens: u64,
+    /// The decode-graph path (`EngineConfig::cuda_graphs`): buckets captured, steps replayed, padded
+    /// steps run eagerly. All zeros when it is off.
+    pub decode_graphs: GraphCounts,
     /// The circuit breaker around model execution (published as soon as it changes).
     pub breaker: BreakerState,
     /// False once the engine thread has stopped.

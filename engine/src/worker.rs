@@ -313,6 +313,7 @@ impl Worker {
             if matches!(logits, StepLogits::Ids(_)) {
                 s.device_argmax_tokens += pairs.len() as u64;
             }
+            s.decode_graphs = self.runner.graph_counts();
             s.prompt_tokens += (batch.num_tokens - batch.seqs.iter().filter(|s| s.len == 1 && s.sample).count()) as u64;
         }
         for (id, choice) in sampled {

@@ -12,8 +12,8 @@ use sluice_engine::sampling::{SampleContext, Sampler};
 use sluice_engine::scheduler::Scheduler;
 use sluice_engine::sequence::Sequence;
 use sluice_engine::{
-    CpuActivations, CpuWeights, Engine, FinishReason, GreedyArgmax, Request, SamplingParams, SchedulerConfig,
-    Tokenizer, WeightFormat,
+    CpuActivations, CpuWeights, Engine, FinishReason, GraphCounts, GreedyArgmax, Request, SamplingParams,
+    SchedulerConfig, Tokenizer, WeightFormat,
 };
 
 /// Every kind of request, submitted at once so that steps mix plain greedy rows with rows that
@@ -70,6 +70,29 @@ fn device_argmax_generates_exactly_what_host_sampling_does() {
         after.device_argmax_tokens - before.device_argmax_tokens,
         after.generated_tokens - before.generated_tokens
     );
+}
+
+/// Decode steps padded to fixed batch sizes (the CUDA-graph path, run eagerly on the CPU) generate
+/// exactly what unpadded steps do, whether the rows come back as logits or as device argmaxes.
+#[test]
+fn padded_decode_steps_generate_exactly_what_plain_steps_do() {
+    let plain = common::engine_with(|c| c.greedy_argmax = GreedyArgmax::Host);
+    let first = common::tokens_alone(&plain, &common::prompts()[0], 64);
+    let stop_id = first[first.len() / 2];
+    let want = mixed_requests(&plain, stop_id);
+    assert_eq!(plain.stats().decode_graphs, GraphCounts::default(), "off unless asked for");
+    for argmax in [GreedyArgmax::Host, GreedyArgmax::Device] {
+        let padded = common::engine_with(|c| {
+            c.greedy_argmax = argmax;
+            c.cuda_graphs = true;
+        });
+        assert_eq!(mixed_requests(&padded, stop_id), want, "{argmax:?}");
+        // 1 to 9 sequences decode at once: buckets 1 to 16, with and without padding rows.
+        let counts = padded.stats().decode_graphs;
+        assert!(counts.eager > 20, "{argmax:?}: {counts:?}");
+        assert_eq!((counts.captured, counts.replayed), (0, 0), "nothing to capture on the CPU");
+        common::wait_for_empty_pool(&padded);
+    }
 }
 
 /// The default model loaded on the CPU, exact f32 (dense reference) or with GGUF weights on

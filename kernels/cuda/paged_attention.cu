@@ -44,6 +44,10 @@ constexpr int kMaxPerLane = 8;                         // output elements per la
 constexpr int kMaxHeadDim = kMaxPerLane * kWarpSize;   // 256; the host checks it
 constexpr float kNegInf = -INFINITY;
 
+// The larger of `a` and `b`, NaN if either is (`fmaxf` would drop a NaN score, and with it the
+// NaN the CPU body and every reference give for that row).
+__device__ __forceinline__ float max_nan(float a, float b) { return a != a ? a : (b != b ? b : fmaxf(a, b)); }
+
 // Elements of T in one 16-byte load.
 template <typename T> struct Vec16 { static constexpr int kLen = 16 / sizeof(T); };
 
@@ -231,13 +235,13 @@ __device__ void paged_attention(
         float tile_max = score;
 #pragma unroll
         for (int o = kWarpSize / 2; o > 0; o /= 2) {
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, o));
+            tile_max = max_nan(tile_max, __shfl_xor_sync(kFullMask, tile_max, o));
         }
         if (tile_max == kNegInf) {
             continue;  // no readable position in this tile (only with out-of-range block ids)
         }
         // Rescale the running state to the new max, then add the tile in position order.
-        const float m_new = fmaxf(m, tile_max);
+        const float m_new = max_nan(m, tile_max);
         const float alpha = expf(m - m_new);  // 0 on the first tile, where m = -inf
         const float w = valid ? expf(score - m_new) : 0.f;
         l = l * alpha + warp_sum(w);
@@ -280,7 +284,7 @@ __device__ void paged_attention(
     __syncthreads();
     float max_all = kNegInf;
     for (int w = 0; w < kWarps; ++w) {
-        max_all = fmaxf(max_all, part_m[w]);
+        max_all = max_nan(max_all, part_m[w]);
     }
     float weight[kWarps], sum = 0.f;
     for (int w = 0; w < kWarps; ++w) {
@@ -292,7 +296,9 @@ __device__ void paged_attention(
         for (int w = 0; w < kWarps; ++w) {
             o += part_acc[w][d] * weight[w];
         }
-        out_row[d] = from_f32<T>(sum > 0.f ? o / sum : 0.f);
+        // `sum` is 0 only when no position was readable (a malformed row: zeros); a NaN score makes
+        // it NaN, which must reach the output as on the CPU, not turn into zeros.
+        out_row[d] = from_f32<T>(sum != 0.f ? o / sum : 0.f);
     }
 }
 
@@ -415,10 +421,10 @@ __device__ void paged_attention_grouped(
             float tile_max = score[g];
 #pragma unroll
             for (int o = kWarpSize / 2; o > 0; o /= 2) {
-                tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, o));
+                tile_max = max_nan(tile_max, __shfl_xor_sync(kFullMask, tile_max, o));
             }
             // Rescale the head's running state to the new max, then weigh the tile's positions.
-            const float m_new = fmaxf(m[g], tile_max);
+            const float m_new = max_nan(m[g], tile_max);
             const float alpha = m_new == kNegInf ? 1.f : expf(m[g] - m_new);  // 0 on a first tile
             w[g] = valid && m_new != kNegInf ? expf(score[g] - m_new) : 0.f;
             l[g] = l[g] * alpha + warp_sum(w[g]);
@@ -476,7 +482,7 @@ __device__ void paged_attention_grouped(
         const uint32_t g = e / head_dim, d = e % head_dim;
         float max_all = kNegInf;
         for (int wi = 0; wi < kWarps; ++wi) {
-            max_all = fmaxf(max_all, sh.part_m[wi][g]);
+            max_all = max_nan(max_all, sh.part_m[wi][g]);
         }
         float o = 0.f, sum = 0.f;
         for (int wi = 0; wi < kWarps; ++wi) {
@@ -484,7 +490,7 @@ __device__ void paged_attention_grouped(
             sum += sh.part_l[wi][g] * weight;
             o += sh.part_acc[wi][g][d] * weight;
         }
-        out_rows[e] = from_f32<T>(sum > 0.f ? o / sum : 0.f);
+        out_rows[e] = from_f32<T>(sum != 0.f ? o / sum : 0.f);  // NaN stays NaN (see above)
     }
 }
 

@@ -4,6 +4,8 @@
 // cache pool. One thread block per token copies that token's `num_kv_heads * head_dim` elements;
 // there is no arithmetic, so the result is bit-identical to the CPU body.
 //
+// A token whose slot is the padding slot (`PAD_SLOT`, 0xffffffff) is not written.
+//
 // Bounds: the host has checked the shapes and (in debug builds) every slot. The kernel still skips
 // a token whose slot is out of range, so a bad `slot_mapping` can never write outside the pool.
 
@@ -23,8 +25,9 @@ __device__ void reshape_and_cache(
     size_t head_stride                      // elements between heads of `src`; `head_dim` is dense
 ) {
     const size_t token = blockIdx.x;
-    const size_t slot = slots[token];
-    if (slot >= num_slots) {
+    const uint32_t raw = slots[token];
+    const size_t slot = raw;
+    if (raw == 0xffffffffu || slot >= num_slots) {
         return;
     }
     const uint32_t row = num_kv_heads * head_dim;

@@ -1,7 +1,8 @@
 //! `reshape_and_cache`: scatter this step's keys and values into their paged-cache slots.
 //!
-//! The same op as vLLM's `reshape_and_cache` (`csrc/cache_kernels.cu`), without the
-//! padding-slot convention: every token here has a real slot.
+//! The same op as vLLM's `reshape_and_cache` (`csrc/cache_kernels.cu`), with its padding-slot
+//! convention: a token whose slot is [`PAD_SLOT`] is not written (the padding rows of a decode
+//! step run at a fixed batch size, as a CUDA graph replays it).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, InplaceOp3, Layout, Tensor};
@@ -11,14 +12,17 @@ use crate::storage::contiguous_slice;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+/// The slot of a token whose key and value are not to be stored (vLLM's `-1` as a `u32`).
+pub const PAD_SLOT: u32 = u32::MAX;
+
 /// Writes each token's key and value into its slot of the layer's caches, in place.
 ///
 /// - `key`, `value`: `(num_tokens, num_kv_heads, head_dim)`, the cache's dtype; any strides.
 /// - `key_cache`, `value_cache`: `(num_blocks, block_size, num_kv_heads, head_dim)`, contiguous,
 ///   f32, f16 or bf16, same shape and dtype.
 /// - `slot_mapping`: `(num_tokens,)` U32; token `i` goes to slot `slot_mapping[i]`, where a slot is
-///   `block * block_size + offset`. Slots should be distinct; if one repeats, the later token wins
-///   (on CUDA, either may).
+///   `block * block_size + offset`, or nowhere when it is [`PAD_SLOT`]. Slots should be distinct;
+///   if one repeats, the later token wins (on CUDA, either may).
 ///
 /// All tensors must be on one device. Every slot is checked against `num_blocks * block_size`
 /// before anything is written, so an error leaves both caches untouched. On CUDA that check reads
@@ -149,9 +153,9 @@ impl InplaceOp3 for ReshapeAndCache {
     }
 }
 
-/// Checks that every slot lies in a cache of `num_slots` slots.
+/// Checks that every slot lies in a cache of `num_slots` slots or is [`PAD_SLOT`].
 fn check_slots(slots: &[u32], num_slots: usize) -> candle_core::Result<()> {
-    if let Some((i, slot)) = slots.iter().enumerate().find(|(_, &s)| s as usize >= num_slots) {
+    if let Some((i, slot)) = slots.iter().enumerate().find(|(_, &s)| s != PAD_SLOT && s as usize >= num_slots) {
         bail!("`slot_mapping[{i}]` = {slot} is out of range: the cache has {num_slots} slots")
     }
     Ok(())
@@ -177,7 +181,7 @@ fn scatter<T: Copy>(
     check_slots(slots, num_blocks * block_size)?;
     let row = num_kv_heads * head_dim;
     // (num_slots, num_kv_heads * head_dim)
-    for (i, &slot) in slots.iter().enumerate() {
+    for (i, &slot) in slots.iter().enumerate().filter(|(_, &s)| s != PAD_SLOT) {
         let dst = &mut cache[slot as usize * row..][..row];
         for (h, dst) in dst.chunks_exact_mut(head_dim).enumerate() {
             let from = src_l.start_offset() + i * tok_stride + h * head_stride;
@@ -197,7 +201,7 @@ mod tests {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
 
-    use super::reshape_and_cache;
+    use super::{reshape_and_cache, PAD_SLOT};
     use crate::test_util::{bits, test_device, u32s, uniform};
 
     /// `cache` with row `slots[i]` of its `(num_slots, num_kv_heads, head_dim)` view replaced by
@@ -260,6 +264,33 @@ mod tests {
         Ok(())
     }
     test_device!(writes_into_a_view_with_offset);
+
+    /// Tokens whose slot is `PAD_SLOT` are skipped; the others land where they belong.
+    fn padding_slots_write_nothing(dev: &Device) -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(11);
+        let cache_dims = [3, 4, 2, 8];
+        for dtype in [DType::F32, DType::BF16] {
+            let (k_cache, v_cache) =
+                (uniform(&mut rng, &cache_dims, dtype, dev)?, uniform(&mut rng, &cache_dims, dtype, dev)?);
+            let (k_before, v_before) = (k_cache.copy()?, v_cache.copy()?);
+            let key = uniform(&mut rng, &[4, 2, 8], dtype, dev)?;
+            let value = uniform(&mut rng, &[4, 2, 8], dtype, dev)?;
+            let pad = PAD_SLOT as usize;
+            reshape_and_cache(&key, &value, &k_cache, &v_cache, &u32s(&[pad, 5, pad, 11], dev)?)?;
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+            let real =
+                |t: &Tensor| -> Result<Tensor> { Tensor::stack(&[t.i(1)?, t.i(3)?], 0)?.to_device(&Device::Cpu) };
+            let want_k = expected(&cpu(&k_before)?, &real(&key)?, &[5, 11])?;
+            let want_v = expected(&cpu(&v_before)?, &real(&value)?, &[5, 11])?;
+            assert_eq!(bits(&k_cache)?, bits(&want_k)?, "{dtype:?} keys");
+            assert_eq!(bits(&v_cache)?, bits(&want_v)?, "{dtype:?} values");
+            // Padding only: nothing changes.
+            reshape_and_cache(&key.narrow(0, 0, 1)?, &value.narrow(0, 0, 1)?, &k_cache, &v_cache, &u32s(&[pad], dev)?)?;
+            assert_eq!(bits(&k_cache)?, bits(&want_k)?, "{dtype:?} keys after padding only");
+        }
+        Ok(())
+    }
+    test_device!(padding_slots_write_nothing);
 
     /// Every malformed argument is an `Err`, never a panic, and leaves the caches untouched.
     fn bad_arguments_are_errors(dev: &Device) -> Result<()> {

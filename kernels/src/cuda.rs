@@ -67,6 +67,13 @@ pub(crate) fn contiguous_view<'a, T: CudaDType + DeviceRepr>(
     }
 }
 
+/// Whether `dev`'s stream is recording a CUDA graph: then nothing may be read back to the host,
+/// so the debug builds' value checks are skipped (the kernels bound their indices in any build).
+pub(crate) fn capturing(dev: &CudaDevice) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
+    !matches!(dev.cuda_stream().capture_status(), Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE))
+}
+
 /// `n` as the `uint32_t` a kernel takes, or an error naming `what`.
 pub(crate) fn to_u32(n: usize, what: &str) -> candle_core::Result<u32> {
     match u32::try_from(n) {

@@ -43,5 +43,5 @@ mod storage;
 mod test_util;
 
 pub use attention::{paged_attention, paged_attention_per_head};
-pub use cache::reshape_and_cache;
+pub use cache::{reshape_and_cache, PAD_SLOT};
 pub use matmul::{PackedLinear, WeightFormat};

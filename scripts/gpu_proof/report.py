@@ -41,7 +41,8 @@ print(f"Copy bandwidth measured here: {bw / 1e12:.2f} TB/s. Decode step floor: {
       f"= {1e3 / floor_ms:.0f} tok/s at batch 1.\n")
 print("| run | batch | output tok/s | median TPOT ms | floor / TPOT | vs batch 1 |")
 print("| --- | --- | --- | --- | --- | --- |")
-for run, files in (("bf16 safetensors", "bench-bf16-*.json"), ("GGUF q4_1, quantized", "bench-q4-quantized-*.json"),
+for run, files in (("bf16 safetensors", "bench-bf16-*.json"), ("bf16, CUDA graphs", "bench-graphs-bf16-*.json"),
+                   ("GGUF q4_1, quantized", "bench-q4-quantized-*.json"),
                    ("GGUF q4_1, dense bf16", "bench-q4-dense-*.json")):
     base = None
     for path in sorted(glob.glob(os.path.join(logs, files)), key=lambda p: int(p.rsplit("-", 1)[1][:-5])):
@@ -52,6 +53,7 @@ for run, files in (("bf16 safetensors", "bench-bf16-*.json"), ("GGUF q4_1, quant
 print("\nTargets: batch-1 decode >= 60% of the floor; batch 256 >= 25x batch 1.\n")
 for title, name in (("Steps", "steps.txt"), ("Kernel tests (step 1)", "kernels.log"),
                     ("Logits against transformers (step 2)", "compare.log"),
+                    ("CUDA graphs against eager steps", "graphs-exact.log"), ("...all prompts at once", "graphs-together.log"),
                     ("Paged attention bandwidth (step 4)", "attention.log"), ("Server (step 5)", "serve.log"),
                     ("GGUF quantized against dense (step 6)", "gguf-compare.log")):
     text = read(name)

@@ -1,7 +1,10 @@
 """Two runs of greedy_logprobs on the same prompts (e.g. quantized and dense weights, or the GPU and
 the CPU): how far their top-5 logprobs are apart where both report a token, and where greedy parts.
 
-    python3 same_weights.py A_JSONL B_JSONL LABEL
+    python3 same_weights.py A_JSONL B_JSONL LABEL [MAX_NATS]
+
+With MAX_NATS it exits 1 when any compared logprob is further apart than that (0: bit for bit, as
+for the same kernels on the same inputs).
 """
 import json
 import sys
@@ -22,3 +25,9 @@ for k, (x, y) in enumerate(zip(a, b)):
                 worst, total, n = max(worst, d), total + d, n + 1
     print(f"{label}: prompt {k}: greedy tokens agree for {same}/{len(x['tokens'])}")
 print(f"{label}: top-5 logprobs apart: max {worst:.4f}, mean {total / max(n, 1):.4f} nats over {n}")
+if len(sys.argv) > 4:
+    limit = float(sys.argv[4])
+    if worst > limit or n == 0:
+        print(f"{label}: FAILED: max {worst} over the limit {limit} (or nothing compared)")
+        sys.exit(1)
+    print(f"{label}: within {limit}")

@@ -3,6 +3,7 @@
 
 mod config;
 mod cpu_weights;
+mod graphs;
 mod llama;
 mod loader;
 mod ops;
@@ -11,6 +12,7 @@ mod runner;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use cpu_weights::{CpuActivations, CpuWeights};
+pub use graphs::{bucket_for, DecodeGraphs, GraphCounts, MAX_GRAPH_BATCH};
 pub use llama::{LayerCache, Linear, Llama, LoadOptions, StepInput};
 pub use loader::{read_gguf, ModelFormat, QuantizedWeight, WeightSource};
 pub use qmatmul::{GgufBlocks, GpuWeights, QLinear};

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::graphs::{DecodeGraphs, GraphCounts};
 use super::llama::{LayerCache, Llama, StepInput};
 use crate::error::{EngineError, Result};
 use crate::scheduler::{Batch, Scheduler};
@@ -16,6 +17,10 @@ pub struct ModelRunner {
     // Whether a step whose rows are all plain greedy may take their argmax on the device.
     device_argmax: bool,
     argmax: DeviceArgmax,
+    // Decode steps at fixed batch sizes, replayed as CUDA graphs (see `graphs`), when asked for.
+    graphs: Option<DecodeGraphs>,
+    // What `graphs` had done when it was dropped after a failed capture.
+    graph_counts: GraphCounts,
 }
 
 /// Where the argmax of a plain greedy row (greedy, and nothing that needs the logits on the host:
@@ -73,7 +78,20 @@ impl ModelRunner {
         let cache = model.allocate_cache(num_blocks, block_size, kv_dtype)?;
         let device_argmax = !model.device().is_cpu();
         let argmax = DeviceArgmax::new(model.vocab_size(), model.device())?;
-        Ok(Self { model, cache, block_size, device_argmax, argmax })
+        Ok(Self { model, cache, block_size, device_argmax, argmax, graphs: None, graph_counts: GraphCounts::default() })
+    }
+
+    /// Runs decode steps of up to `max_num_seqs` sequences (whose block tables hold at most
+    /// `max_blocks_per_seq` blocks) padded to fixed batch sizes, replayed as CUDA graphs on CUDA;
+    /// on the CPU the padded steps run eagerly (which only tests the padding).
+    pub fn with_decode_graphs(mut self, max_num_seqs: usize, max_blocks_per_seq: usize) -> Result<Self> {
+        self.graphs = Some(DecodeGraphs::new(&self.model, max_num_seqs, max_blocks_per_seq, self.block_size)?);
+        Ok(self)
+    }
+
+    /// What the decode-graph path has done (all zeros when it is off).
+    pub fn graph_counts(&self) -> GraphCounts {
+        self.graphs.as_ref().map_or(self.graph_counts, DecodeGraphs::counts)
     }
 
     /// Sets where plain greedy rows take their argmax (by default as [`GreedyArgmax::Auto`]).
@@ -99,6 +117,15 @@ impl ModelRunner {
     /// Runs `batch` (whose sequences are in `scheduler`, with blocks for all their new tokens) and
     /// reads its sampled rows back as `readout` asks (nothing when no row is sampled).
     pub fn execute(&mut self, batch: &Batch, scheduler: &Scheduler, readout: Readout) -> Result<StepLogits> {
+        if let Some(graphs) = self.graphs.as_mut().filter(|g| g.fits(batch, scheduler)) {
+            let out = graphs.run(&self.model, &self.cache, &self.argmax, batch, scheduler, readout);
+            if graphs.failed() {
+                // Padded eager steps only cost more than the plain ones.
+                self.graph_counts = graphs.counts();
+                self.graphs = None;
+            }
+            return out;
+        }
         let input = self.prepare(batch, scheduler)?;
         // On the CPU the step runs on a rayon worker, so that the kernels' parallel loops fork
         // inside the pool rather than each being handed over from this thread, which then sleeps

@@ -10,7 +10,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Shape};
 
 use super::{Batch, Geometry, PagedAttention};
-use crate::cuda::{contiguous_view, cuda, load, to_u32, PAGED_ATTENTION};
+use crate::cuda::{capturing, contiguous_view, cuda, load, to_u32, PAGED_ATTENTION};
 
 /// Warps per (row, head) block; must equal `kWarps` in `paged_attention.cu`.
 const WARPS: u32 = 4;
@@ -84,8 +84,9 @@ fn run<T: CudaDType + DeviceRepr>(
     }
     let geo = Geometry { num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale: op.scale };
     // The value checks read the metadata back to the host, which waits for the GPU; release builds
-    // skip them, and the kernel bounds every index it derives from the metadata itself.
-    if cfg!(debug_assertions) {
+    // skip them (as does a graph capture), and the kernel bounds every index it derives from the
+    // metadata itself.
+    if cfg!(debug_assertions) && !capturing(dev) {
         let bt = dev.clone_dtoh(&views.block_tables)?;
         let cu = dev.clone_dtoh(&views.cu_seqlens_q)?;
         let sl = dev.clone_dtoh(&views.seq_lens)?;

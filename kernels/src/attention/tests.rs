@@ -139,6 +139,39 @@ fn bit_identical_across_chunking(dev: &Device) -> Result<()> {
 }
 test_device!(bit_identical_across_chunking);
 
+/// A NaN in one query row of one head makes that (row, head)'s output NaN, on every kernel, and
+/// leaves the other rows and heads as they were: a broken activation shows instead of passing as
+/// zeros or a plausible value.
+fn nan_queries_give_nan_rows(dev: &Device) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(19);
+    // One head per kv head (the per-head kernel on CUDA), then four (the grouped one).
+    for (num_heads, num_kv_heads) in [(4, 4), (8, 2)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let cfg = Config { num_heads, num_kv_heads, head_dim: 64, block_size: 4, num_blocks: 32 };
+            let (seq_lens, q_lens) = ([40, 9], [1, 9]);
+            let sc = Scenario::new(&mut rng, cfg, &seq_lens, 10, dtype, dev)?;
+            let clean = run(&sc, &sc.q, &[0, 1], &q_lens, &seq_lens)?;
+            let (row, head) = (4, 1);
+            let mut q = sc.q.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec3::<f32>()?;
+            q[row][head][7] = f32::NAN;
+            let q = Tensor::new(q, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
+            let out = run(&sc, &q, &[0, 1], &q_lens, &seq_lens)?.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+            let clean = clean.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+            for (r, (got, want)) in out.iter().zip(&clean).enumerate() {
+                for (h, (got, want)) in got.iter().zip(want).enumerate() {
+                    if (r, h) == (row, head) {
+                        assert!(got.iter().all(|x| x.is_nan()), "{dtype:?} {cfg:?}: row {r} head {h}: {got:?}");
+                    } else {
+                        assert_eq!(got, want, "{dtype:?} {cfg:?}: row {r} head {h} changed");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+test_device!(nan_queries_give_nan_rows);
+
 /// An empty batch and a batch of idle sequences give an empty output.
 fn empty_batches(dev: &Device) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(17);

@@ -71,6 +71,10 @@ pub struct Settings {
     /// cache and activations, in (0, 1] [default: 0.9].
     #[arg(long, env = "SLUICE_GPU_MEMORY_UTILIZATION", value_name = "FRACTION")]
     pub gpu_memory_utilization: Option<f32>,
+    /// On CUDA: capture decode steps as CUDA graphs (one per padded batch size, replayed with one
+    /// launch); a failed capture is logged and steps run eagerly [default: false].
+    #[arg(long, env = "SLUICE_CUDA_GRAPHS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub cuda_graphs: Option<bool>,
     /// Start a batch when this many requests wait [default: 32].
     #[arg(long, env = "SLUICE_MAX_BATCH_SIZE", value_name = "N")]
     pub max_batch_size: Option<usize>,
@@ -254,6 +258,7 @@ impl Settings {
             kv_cache_dtype: self.kv_cache_dtype.or(file.kv_cache_dtype),
             gpu_weights: self.gpu_weights.or(file.gpu_weights),
             gpu_memory_utilization: self.gpu_memory_utilization.or(file.gpu_memory_utilization),
+            cuda_graphs: self.cuda_graphs.or(file.cuda_graphs),
             max_batch_size: self.max_batch_size.or(file.max_batch_size),
             batch_timeout: self.batch_timeout.or(file.batch_timeout),
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
@@ -366,6 +371,7 @@ fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
     if let Some(u) = s.gpu_memory_utilization {
         config.gpu_memory_utilization = u;
     }
+    config.cuda_graphs = s.cuda_graphs.unwrap_or(false);
     let defaults = SchedulerConfig::default();
     config.scheduler = SchedulerConfig {
         max_batch_size: positive("max_batch_size", s.max_batch_size, defaults.max_batch_size)?,

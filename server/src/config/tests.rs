@@ -198,9 +198,14 @@ fn gpu_settings_default_and_reach_the_engine_config() {
     let c = load(&["--model", &path]).unwrap();
     let e = &c.engine;
     assert_eq!((e.kv_cache_memory, e.gpu_memory_utilization, e.gpu_weights), (None, 0.9, GpuWeights::Quantized));
-    let file = TempFile::new("gpu.toml", "gpu_memory_utilization = 0.5\ngpu_weights = \"dense\"\n");
+    assert!(!e.cuda_graphs);
+    let file = TempFile::new("gpu.toml", "gpu_memory_utilization = 0.5\ngpu_weights = \"dense\"\ncuda_graphs = true\n");
     let c = load(&["--model", &path, "--config", &file.0.display().to_string()]).unwrap();
     assert_eq!((c.engine.gpu_memory_utilization, c.engine.gpu_weights), (0.5, GpuWeights::Dense));
+    assert!(c.engine.cuda_graphs, "from the file");
+    let c = load(&["--model", &path, "--config", &file.0.display().to_string(), "--cuda-graphs", "false"]).unwrap();
+    assert!(!c.engine.cuda_graphs, "the flag beats the file");
+    assert!(load(&["--model", &path, "--cuda-graphs"]).unwrap().engine.cuda_graphs);
     let c = load(&["--model", &path, "--gpu-memory-utilization", "0.75", "--kv-cache-memory", "2GiB"]).unwrap();
     assert_eq!((c.engine.gpu_memory_utilization, c.engine.kv_cache_memory), (0.75, Some(2 << 30)));
 }

@@ -1,0 +1,363 @@
+//! Decode steps at fixed batch sizes, replayed on CUDA as graphs.
+//!
+//! At small batch a decode step is bound by the host, not the GPU: a few hundred kernel launches,
+//! each with candle's bookkeeping around it, take longer to issue than the GPU takes to run them.
+//! A CUDA graph records a step's launches once and replays them with one call, as vLLM does
+//! (`vllm/worker/model_runner.py`, `CUDAGraphRunner`). That needs a step whose shapes and device
+//! addresses never change, so here a decode step (every sequence runs one token and samples) is
+//! padded to a *bucket* batch size ([`bucket_for`]) and its inputs live in buffers allocated once:
+//!
+//! - `meta` holds the bucket's token ids, positions, slots, context lengths, sampled rows and
+//!   `cu_seqlens_q` back to back; `tables` the block tables, as wide as the longest sequence the
+//!   engine admits. Each step writes them before the replay (two small copies).
+//! - Padding rows run token 0 at position 0 with the padding slot ([`sluice_kernels::PAD_SLOT`]:
+//!   nothing is stored) over one position of block 0; their logits are never read.
+//! - The step writes its logits and their argmax into `logits` and `ids`, which outlive it; every
+//!   tensor made during the step is freed inside the graph.
+//!
+//! The first step of a bucket runs eagerly (loading kernels and filling candle's cache of layout
+//! uploads, which a capture may not do) and its result is used; the bucket is then captured, and
+//! its later steps replay. If a capture fails, graphs are turned off and steps run as before.
+//!
+//! On the CPU there is nothing to capture: the same padded steps run eagerly, which tests the
+//! padding and the buffers (the CPU kernels give a row the same bits at any batch size, so the
+//! tokens must be exactly those of the unpadded path).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+use sluice_kernels::PAD_SLOT;
+
+use super::llama::{LayerCache, Llama, StepInput};
+use super::runner::{DeviceArgmax, Readout, StepLogits};
+use crate::error::{EngineError, Result};
+use crate::scheduler::{Batch, Scheduler};
+
+/// The largest bucket; larger decode steps run eagerly (and are bound by the GPU, not launches).
+pub const MAX_GRAPH_BATCH: usize = 512;
+
+/// The bucket a decode step of `n` sequences is padded to: 1, 2 or 4, then a multiple of 8 (as
+/// vLLM's capture sizes), so a step has at most 7 padding rows.
+pub fn bucket_for(n: usize) -> usize {
+    if n <= 4 {
+        n.next_power_of_two()
+    } else {
+        n.div_ceil(8) * 8
+    }
+}
+
+/// Counters of the decode-graph path, for stats and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphCounts {
+    /// Buckets captured as graphs.
+    pub captured: u64,
+    /// Steps replayed from a graph.
+    pub replayed: u64,
+    /// Padded steps run eagerly (each bucket's first step; every step on the CPU).
+    pub eager: u64,
+}
+
+/// The padded decode path: its buffers, one graph per captured bucket, and its counters.
+#[derive(Debug)]
+pub struct DecodeGraphs {
+    /// Largest bucket served.
+    max_batch: usize,
+    /// Columns of the block tables.
+    width: usize,
+    /// Tokens per KV block.
+    block_size: usize,
+    /// `[6 * max_batch + 1]` u32: see [`DecodeGraphs::step_input`].
+    meta: Tensor,
+    /// `[max_batch * width]` u32: the block tables, `width` per row.
+    tables: Tensor,
+    /// `[max_batch, vocab]` f32: a replayed step's logits.
+    logits: Tensor,
+    /// `[max_batch]` u32: a replayed step's argmax.
+    ids: Tensor,
+    graphs: HashMap<usize, capture::Graph>,
+    /// Whether buckets are captured (on CUDA, until a capture fails).
+    capture: bool,
+    capture_failed: bool,
+    counts: GraphCounts,
+}
+
+impl DecodeGraphs {
+    /// Buffers for decode steps of up to `max_num_seqs` sequences (capped at [`MAX_GRAPH_BATCH`])
+    /// over block tables of up to `max_blocks_per_seq` blocks of `block_size` tokens, on `model`'s
+    /// device.
+    pub fn new(model: &Llama, max_num_seqs: usize, max_blocks_per_seq: usize, block_size: usize) -> Result<Self> {
+        let max_batch = bucket_for(max_num_seqs.clamp(1, MAX_GRAPH_BATCH));
+        let width = max_blocks_per_seq.max(1);
+        let dev = model.device();
+        Ok(Self {
+            max_batch,
+            width,
+            block_size,
+            meta: Tensor::zeros(6 * max_batch + 1, DType::U32, dev)?,
+            tables: Tensor::zeros(max_batch * width, DType::U32, dev)?,
+            logits: Tensor::zeros((max_batch, model.vocab_size()), DType::F32, dev)?,
+            ids: Tensor::zeros(max_batch, DType::U32, dev)?,
+            graphs: HashMap::new(),
+            capture: model.device().is_cuda(),
+            capture_failed: false,
+            counts: GraphCounts::default(),
+        })
+    }
+
+    /// What the path has done so far.
+    pub fn counts(&self) -> GraphCounts {
+        self.counts
+    }
+
+    /// Whether a capture failed (graphs are then off; the runner stops using this path on CUDA).
+    pub fn failed(&self) -> bool {
+        self.capture_failed
+    }
+
+    /// Whether `batch` is a decode step this path serves: every sequence runs one token and samples
+    /// it, there are at most `max_batch` of them, and every block table fits.
+    pub fn fits(&self, batch: &Batch, scheduler: &Scheduler) -> bool {
+        !batch.seqs.is_empty()
+            && batch.seqs.len() <= self.max_batch
+            && batch.seqs.iter().all(|s| {
+                s.len == 1
+                    && s.sample
+                    && scheduler.sequence(s.id).is_some_and(|seq| seq.block_table.len() <= self.width)
+            })
+    }
+
+    /// Runs `batch` (which [`DecodeGraphs::fits`]) padded to its bucket: replays the bucket's graph,
+    /// or runs the step eagerly and then captures it. Returns the batch's rows as `readout` asks.
+    pub fn run(
+        &mut self,
+        model: &Llama,
+        cache: &[LayerCache],
+        argmax: &DeviceArgmax,
+        batch: &Batch,
+        scheduler: &Scheduler,
+        readout: Readout,
+    ) -> Result<StepLogits> {
+        let n = batch.seqs.len();
+        let bucket = bucket_for(n);
+        self.write_inputs(batch, scheduler, bucket)?;
+        if let Some(graph) = self.graphs.get(&bucket) {
+            graph.launch()?;
+            self.counts.replayed += 1;
+            return Ok(match readout {
+                Readout::Logits => StepLogits::Rows(self.logits.narrow(0, 0, n)?.to_vec2::<f32>()?),
+                Readout::Argmax => StepLogits::Ids(self.ids.narrow(0, 0, n)?.to_vec1::<u32>()?),
+            });
+        }
+        // Eagerly, with candle's layout uploads cached so that the capture below finds them (the
+        // argmax too when a capture follows, since the graph takes it).
+        let (logits, ids) = {
+            let _uploads = capture::cache_uploads(model.device());
+            let input = self.step_input(bucket)?;
+            let logits = model.forward(&input, cache)?;
+            let ids = if readout == Readout::Argmax || self.capture { Some(argmax.rows(&logits)?) } else { None };
+            (logits, ids)
+        };
+        self.counts.eager += 1;
+        let out = match (readout, ids) {
+            (Readout::Argmax, Some(ids)) => StepLogits::Ids(ids.narrow(0, 0, n)?.to_vec1::<u32>()?),
+            _ => StepLogits::Rows(logits.narrow(0, 0, n)?.to_vec2::<f32>()?),
+        };
+        if self.capture {
+            match self.record(model, cache, argmax, bucket) {
+                Ok(graph) => {
+                    tracing::info!(bucket, "decode step captured as a CUDA graph");
+                    self.graphs.insert(bucket, graph);
+                    self.counts.captured += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(bucket, error = %e, "CUDA graph capture failed; decode steps run eagerly from now on");
+                    self.capture = false;
+                    self.capture_failed = true;
+                    self.graphs.clear();
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Captures the bucket's step: the forward on the fixed inputs, its logits and argmax copied
+    /// into the buffers that outlive it.
+    fn record(
+        &self,
+        model: &Llama,
+        cache: &[LayerCache],
+        argmax: &DeviceArgmax,
+        bucket: usize,
+    ) -> Result<capture::Graph> {
+        let input = self.step_input(bucket)?;
+        capture::record(model.device(), || {
+            let logits = model.forward(&input, cache)?;
+            self.logits.slice_set(&logits, 0, 0)?;
+            self.ids.slice_set(&argmax.rows(&logits)?, 0, 0)?;
+            Ok(())
+        })
+    }
+
+    /// The bucket's inputs as views into the buffers. `meta` holds, `bucket` entries each: token
+    /// ids, positions, slots, context lengths, sampled rows; then `cu_seqlens_q` (`bucket + 1`).
+    fn step_input(&self, bucket: usize) -> Result<StepInput> {
+        let part = |i: usize, len: usize| self.meta.narrow(0, i * bucket, len);
+        Ok(StepInput {
+            token_ids: part(0, bucket)?,
+            positions: part(1, bucket)?,
+            slot_mapping: part(2, bucket)?,
+            seq_lens: part(3, bucket)?,
+            sample_rows: part(4, bucket)?,
+            cu_seqlens_q: part(5, bucket + 1)?,
+            block_tables: self.tables.narrow(0, 0, bucket * self.width)?.reshape((bucket, self.width))?,
+        })
+    }
+
+    /// Writes `batch`'s rows, then padding, into the bucket's inputs: one copy for `meta` and one
+    /// for as many table columns as the longest sequence uses.
+    fn write_inputs(&self, batch: &Batch, scheduler: &Scheduler, bucket: usize) -> Result<()> {
+        let n = batch.seqs.len();
+        let mut meta = vec![0u32; 6 * bucket + 1];
+        let mut tables: Vec<&[u32]> = Vec::with_capacity(n);
+        for (i, s) in batch.seqs.iter().enumerate() {
+            let seq = scheduler
+                .sequence(s.id)
+                .ok_or_else(|| EngineError::Model(format!("scheduled sequence {} is unknown", s.id)))?;
+            let pos = s.start;
+            let token = *seq
+                .token_ids
+                .get(pos)
+                .ok_or_else(|| EngineError::Model(format!("sequence {} has no token at {pos}", s.id)))?;
+            let slot = seq
+                .block_table
+                .slot(pos, self.block_size)
+                .ok_or_else(|| EngineError::Model(format!("sequence {} has no block for position {pos}", s.id)))?;
+            meta[i] = token;
+            meta[bucket + i] = pos as u32;
+            meta[2 * bucket + i] = slot;
+            meta[3 * bucket + i] = pos as u32 + 1;
+            tables.push(seq.block_table.blocks());
+        }
+        for i in 0..bucket {
+            if i >= n {
+                // Padding: token 0 at position 0, stored nowhere, attending to block 0's first slot.
+                meta[2 * bucket + i] = PAD_SLOT;
+                meta[3 * bucket + i] = 1;
+            }
+            meta[4 * bucket + i] = i as u32;
+            meta[5 * bucket + i + 1] = i as u32 + 1;
+        }
+        let used = tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+        if used > self.width {
+            return Err(EngineError::Model(format!("a block table of {used} blocks is wider than {}", self.width)));
+        }
+        let mut rows = vec![0u32; bucket * used];
+        for (row, t) in rows.chunks_mut(used).zip(&tables) {
+            row[..t.len()].copy_from_slice(t);
+        }
+        let dev = self.meta.device();
+        let len = meta.len();
+        self.meta.narrow(0, 0, len)?.slice_set(&Tensor::from_vec(meta, len, dev)?, 0, 0)?;
+        let target = self.tables.narrow(0, 0, bucket * self.width)?.reshape((bucket, self.width))?;
+        target.slice_set(&Tensor::from_vec(rows, (bucket, used), dev)?, 1, 0)?;
+        Ok(())
+    }
+}
+
+/// Graph capture on CUDA; without the `cuda` feature there is nothing to capture (and the runner
+/// never asks, since the device is then the CPU).
+#[cfg(feature = "cuda")]
+mod capture {
+    use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use candle_core::cuda_backend::cudarc::driver::CudaGraph;
+    use candle_core::Device;
+
+    use crate::error::{EngineError, Result};
+
+    /// A captured step.
+    pub struct Graph(CudaGraph);
+
+    // SAFETY: a CUDA graph may be used from any thread as long as no two threads use it at once
+    // (the driver's graph thread-safety rules); `Graph` has no shared handle to it, so whoever owns
+    // the `Graph` is its only user. It is captured and replayed on the engine thread.
+    unsafe impl Send for Graph {}
+
+    impl std::fmt::Debug for Graph {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Graph")
+        }
+    }
+
+    impl Graph {
+        /// Replays the step on its stream (asynchronously).
+        pub fn launch(&self) -> Result<()> {
+            self.0.launch().map_err(|e| EngineError::Model(format!("CUDA graph launch: {e}")))
+        }
+    }
+
+    /// While the guard lives, candle keeps the small uploads its ops make (layouts) and reuses
+    /// them, so a capture that follows the same ops finds them on the device.
+    pub fn cache_uploads(device: &Device) -> Option<impl Sized> {
+        device.as_cuda_device().ok().map(|d| d.enable_cuda_graph_htod_cache())
+    }
+
+    /// Records what `step` launches on `device`'s stream as a graph, without running it.
+    pub fn record(device: &Device, step: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        let dev = device.as_cuda_device()?;
+        let _uploads = dev.enable_cuda_graph_htod_cache();
+        let stream = dev.cuda_stream();
+        let err = |what: &str, e: &dyn std::fmt::Display| EngineError::Model(format!("CUDA graph {what}: {e}"));
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| err("capture", &e))?;
+        let recorded = step();
+        // Ending the capture also ends a failed one, so the stream is usable again either way.
+        let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        recorded?;
+        let graph = graph.map_err(|e| err("instantiation", &e))?.ok_or_else(|| err("capture", &"nothing recorded"))?;
+        graph.upload().map_err(|e| err("upload", &e))?;
+        Ok(Graph(graph))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod capture {
+    use candle_core::Device;
+
+    use crate::error::{EngineError, Result};
+
+    /// Never made: there is no graph without CUDA.
+    #[derive(Debug)]
+    pub enum Graph {}
+
+    impl Graph {
+        pub fn launch(&self) -> Result<()> {
+            match *self {}
+        }
+    }
+
+    pub fn cache_uploads(_device: &Device) -> Option<impl Sized> {
+        None::<()>
+    }
+
+    pub fn record(_device: &Device, _step: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        Err(EngineError::Model("CUDA graphs need the `cuda` feature".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_cover_every_size_with_little_padding() {
+        assert_eq!((1..=9).map(bucket_for).collect::<Vec<_>>(), [1, 2, 4, 4, 8, 8, 8, 8, 16]);
+        assert_eq!([17, 24, 25, 64, 65, 257, 512].map(bucket_for), [24, 24, 32, 64, 72, 264, 512]);
+        for n in 1..=MAX_GRAPH_BATCH {
+            let b = bucket_for(n);
+            assert!(b >= n && b - n < 8 && bucket_for(b) == b, "{n} -> {b}");
+        }
+        let sizes: std::collections::BTreeSet<usize> = (1..=MAX_GRAPH_BATCH).map(bucket_for).collect();
+        assert_eq!(sizes.len(), 3 + MAX_GRAPH_BATCH / 8, "1, 2, 4 and every multiple of 8");
+    }
+}
