@@ -118,6 +118,18 @@ print(":".join(sorted(dirs)))') || libs=""
             --concurrency "$c" --num-requests $((c == 1 ? 8 : 2 * c)) --max-tokens 128 --max-num-seqs 256 \
             --kv-cache-mib 16384 --cuda-graphs --json "$LOGS/bench-graphs-bf16-$c.json"
     done
+    # Sampled requests (top-p 0.95), rows read as heads from the device against whole rows. The random
+    # model's raw logits are flat (std ~0.9): at temperature 0.1 its distributions are as peaked as
+    # a trained model's and heads settle almost every draw; at 1.0 they are flat, most rows are
+    # fetched whole, and this measures what that costs.
+    local t ds
+    for t in 0.1 1.0; do
+        for ds in auto host; do
+            step "bench-sampled-t$t-$ds-64" 60 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
+                --concurrency 64 --num-requests 128 --max-tokens 128 --max-num-seqs 256 --kv-cache-mib 16384 \
+                --temperature "$t" --top-p 0.95 --device-sampling "$ds" --json "$LOGS/bench-sampled-t$t-$ds-64.json"
+        done
+    done
     # Once more, to see the run-to-run spread of the two timings above.
     step bench-bf16-1-again 60 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
         --concurrency 1 --num-requests 8 --max-tokens 128 --kv-cache-mib 16384

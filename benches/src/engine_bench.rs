@@ -9,21 +9,27 @@ use sluice_engine::{Engine, Request, SamplingParams, StreamEvent};
 use crate::report::RequestResult;
 use crate::workload::WorkItem;
 
-/// Runs `items` through `engine` with `concurrency` requests in flight (closed loop). Returns each
-/// request's measurements and the wall time.
-pub fn run(engine: &Arc<Engine>, items: &[WorkItem], concurrency: usize) -> (Vec<RequestResult>, Duration) {
+/// Runs `items` through `engine` with `concurrency` requests in flight (closed loop), each with
+/// `sampling` (its `max_tokens` set per item, EOS ignored). Returns each request's measurements and
+/// the wall time.
+pub fn run(
+    engine: &Arc<Engine>,
+    items: &[WorkItem],
+    concurrency: usize,
+    sampling: &SamplingParams,
+) -> (Vec<RequestResult>, Duration) {
     let next = Arc::new(AtomicUsize::new(0));
     let items: Arc<Vec<WorkItem>> = Arc::new(items.to_vec());
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency.max(1))
         .map(|_| {
-            let (engine, next, items) = (engine.clone(), next.clone(), items.clone());
+            let (engine, next, items, sampling) = (engine.clone(), next.clone(), items.clone(), sampling.clone());
             std::thread::spawn(move || {
                 let mut out = Vec::new();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = items.get(i) else { break };
-                    out.push(one(&engine, item));
+                    out.push(one(&engine, item, &sampling));
                 }
                 out
             })
@@ -34,8 +40,8 @@ pub fn run(engine: &Arc<Engine>, items: &[WorkItem], concurrency: usize) -> (Vec
 }
 
 /// One request, measured from submission.
-fn one(engine: &Engine, item: &WorkItem) -> RequestResult {
-    let params = SamplingParams { max_tokens: item.max_tokens, ignore_eos: true, ..SamplingParams::default() };
+fn one(engine: &Engine, item: &WorkItem, sampling: &SamplingParams) -> RequestResult {
+    let params = SamplingParams { max_tokens: item.max_tokens, ignore_eos: true, ..sampling.clone() };
     let sent = Instant::now();
     let mut r = RequestResult::default();
     let stream = match engine.submit(Request::user(item.prompt.as_str()).with_params(params)) {

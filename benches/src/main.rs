@@ -29,7 +29,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sluice_engine::{DType, DeviceSpec, Engine, EngineConfig, Request};
+use sluice_engine::{DType, DeviceSpec, Engine, EngineConfig, Request, SamplingParams};
 
 use crate::client::{Endpoint, RetryPolicy, Target};
 use crate::plot::Run;
@@ -126,6 +126,16 @@ struct EngineArgs {
     /// On CUDA: replay decode steps as CUDA graphs (one per padded batch size).
     #[arg(long)]
     cuda_graphs: bool,
+    /// Where sampled rows are read: auto (from the device off the CPU: argmaxes, heads of the
+    /// distribution), device or host (every row copied whole).
+    #[arg(long, default_value = "auto")]
+    device_sampling: String,
+    /// Sampling temperature of every request (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling of every request, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
     #[command(flatten)]
     output: Output,
 }
@@ -232,6 +242,10 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     config.gpu_memory_utilization = args.gpu_memory_utilization;
     config.gpu_weights = args.gpu_weights.parse().map_err(anyhow::Error::msg)?;
     config.cuda_graphs = args.cuda_graphs;
+    config.device_sampling = args.device_sampling.parse().map_err(anyhow::Error::msg)?;
+    // Requests carry no seed: each gets the engine's seed plus its id, so a sampled run repeats.
+    let sampling = SamplingParams { temperature: args.temperature, top_p: args.top_p, ..SamplingParams::default() };
+    sampling.validate(usize::MAX).map_err(anyhow::Error::msg)?;
     config.cpu_weights = args.cpu_weights.parse().map_err(anyhow::Error::msg)?;
     config.cpu_activations = args.cpu_activations.parse().map_err(anyhow::Error::msg)?;
     config.kv_cache_dtype = match args.kv_cache_dtype.as_str() {
@@ -254,7 +268,7 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     let items = workload::synthetic(args.num_requests, lengths, args.max_tokens, args.seed, &count);
     let mut runs = Vec::new();
     for concurrency in levels {
-        let (results, wall) = engine_bench::run(&engine, &items, concurrency);
+        let (results, wall) = engine_bench::run(&engine, &items, concurrency, &sampling);
         let setup = Setup {
             mode: "engine".into(),
             model: args.model.display().to_string(),
@@ -271,6 +285,12 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
         "engine: {} steps, {} prompt and {} generated tokens, {} of them chosen by the device argmax, {} preemptions",
         stats.steps, stats.prompt_tokens, stats.generated_tokens, stats.device_argmax_tokens, stats.preemptions
     );
+    if stats.head_tokens > 0 {
+        println!(
+            "device sampling: {} tokens from heads of the distribution, {} rows copied whole",
+            stats.head_tokens, stats.fetched_rows
+        );
+    }
     if args.cuda_graphs {
         let g = stats.decode_graphs;
         println!(

@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 
 use crate::breaker::BreakerConfig;
 use crate::error::{EngineError, Result};
-use crate::model::{CpuActivations, CpuWeights, GpuWeights, GreedyArgmax};
+use crate::model::{CpuActivations, CpuWeights, DeviceSampling, GpuWeights};
 use crate::scheduler::SchedulerConfig;
 
 /// The KV cache's size on the CPU when `kv_cache_memory` is not given: 1 GiB.
@@ -74,7 +74,7 @@ pub struct EngineConfig {
     /// kernels) or are dequantized to `dtype` at load.
     pub gpu_weights: GpuWeights,
     /// Where the argmax of a plain greedy row is taken (on the device off the CPU by default).
-    pub greedy_argmax: GreedyArgmax,
+    pub device_sampling: DeviceSampling,
     /// Decode steps (every sequence one token) padded to fixed batch sizes and, on CUDA, captured
     /// once per size as a CUDA graph and replayed: one launch a step instead of hundreds. If a
     /// capture fails the engine says so in its log and runs steps eagerly. On the CPU the padded
@@ -110,7 +110,7 @@ impl EngineConfig {
             cpu_activations: CpuActivations::Auto,
             kv_cache_dtype: None,
             gpu_weights: GpuWeights::Quantized,
-            greedy_argmax: GreedyArgmax::Auto,
+            device_sampling: DeviceSampling::Auto,
             cuda_graphs: false,
             block_size: 16,
             kv_cache_memory: None,

@@ -13,8 +13,10 @@ use crate::breaker::BreakerState;
 use crate::chat_template::ChatTemplate;
 use crate::config::{EngineConfig, DEFAULT_CPU_KV_CACHE_MEMORY};
 use crate::error::{EngineError, Result};
-use crate::kv_cache::{activation_reserve, gpu_memory, KvBudget};
-use crate::model::{read_gguf, GpuWeights, Llama, LoadOptions, ModelFormat, ModelRunner, WeightSource};
+use crate::kv_cache::{activation_reserve, gpu_memory, graph_reserve, KvBudget};
+use crate::model::{
+    bucket_for, read_gguf, GpuWeights, Llama, LoadOptions, ModelFormat, ModelRunner, WeightSource, MAX_GRAPH_BATCH,
+};
 use crate::request::{Prompt, Request};
 use crate::scheduler::Scheduler;
 use crate::sequence::{RequestId, Sequence};
@@ -135,12 +137,15 @@ impl Engine {
         }
         tracing::info!(projection_bytes = model.projection_bytes(), "KV cache: {budget}");
         let vocab_size = model.vocab_size();
-        let mut runner =
-            ModelRunner::new(model, num_blocks, config.block_size, kv_dtype)?.with_greedy_argmax(config.greedy_argmax);
+        let mut runner = ModelRunner::new(model, num_blocks, config.block_size, kv_dtype)?
+            .with_device_sampling(config.device_sampling);
         if config.cuda_graphs {
             let max_blocks_per_seq = max_model_len.div_ceil(config.block_size);
             runner = runner.with_decode_graphs(config.scheduler.max_num_seqs, max_blocks_per_seq)?;
         }
+        // The pools and buffers were filled on this thread's stream; the engine thread runs on
+        // its own, which does not wait for this one.
+        runner.model().device().synchronize()?;
         tracing::info!(
             blocks = num_blocks,
             block_size = config.block_size,
@@ -325,8 +330,12 @@ fn kv_budget(config: &EngineConfig, model: &Llama) -> Result<KvBudget> {
     let Some(memory) = gpu_memory(model.device())? else {
         return Ok(KvBudget::CpuDefault(DEFAULT_CPU_KV_CACHE_MEMORY));
     };
-    let reserve =
-        activation_reserve(model.config(), model.vocab_size(), &config.scheduler, config.dtype.size_in_bytes());
+    let (vocab, dtype_size) = (model.vocab_size(), config.dtype.size_in_bytes());
+    let mut reserve = activation_reserve(model.config(), vocab, &config.scheduler, dtype_size);
+    if config.cuda_graphs {
+        let max_batch = bucket_for(config.scheduler.max_num_seqs.clamp(1, MAX_GRAPH_BATCH));
+        reserve += graph_reserve(model.config(), vocab, max_batch, dtype_size);
+    }
     Ok(KvBudget::gpu(memory, config.gpu_memory_utilization, reserve))
 }
 

@@ -38,7 +38,7 @@ pub use chat_template::ChatMessage;
 pub use config::{DeviceSpec, EngineConfig};
 pub use engine::{Engine, ModelInfo};
 pub use error::{EngineError, Result};
-pub use model::{CpuActivations, CpuWeights, GpuWeights, GraphCounts, GreedyArgmax, WeightFormat};
+pub use model::{CpuActivations, CpuWeights, DeviceSampling, GpuWeights, GraphCounts, WeightFormat};
 pub use request::{Prompt, Request};
 pub use sampling::{SamplingParams, TokenLogprob};
 pub use scheduler::SchedulerConfig;

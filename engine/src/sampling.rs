@@ -11,6 +11,7 @@
 //! vectorised passes that allocate nothing (logprobs, when asked for, add three passes and `n`
 //! entries). NaN logits are treated as `-inf`.
 
+mod head;
 mod params;
 
 use std::cmp::Ordering;
@@ -19,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+pub use head::RowHead;
 pub use params::{SamplingParams, GREEDY_TEMPERATURE, MAX_LOGPROBS, MAX_STOP_STRINGS};
 
 /// What the sampler needs to know about the sequence besides its logits.
@@ -69,6 +71,9 @@ pub struct Sampler {
     seen: Option<HashSet<u32>>,
     /// How many of `output_tokens` are already in `counts` and `seen`.
     counted: usize,
+    /// A uniform number drawn for a walk over a row's head that fell past it, for the walk over
+    /// the whole row to continue with (`head.rs`).
+    pending_draw: Option<f32>,
 }
 
 impl Sampler {
@@ -79,6 +84,7 @@ impl Sampler {
             counts: HashMap::new(),
             seen: None,
             counted: 0,
+            pending_draw: None,
         }
     }
 

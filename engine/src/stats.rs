@@ -25,8 +25,14 @@ pub struct EngineStats {
     /// Tokens generated since start.
     pub generated_tokens: u64,
     /// Of those, tokens chosen by an argmax on the device (only their ids were copied back; see
-    /// `GreedyArgmax`).
+    /// `DeviceSampling`).
     pub device_argmax_tokens: u64,
+    /// Of those, tokens sampled on the device-sampling path from a row's head (only its most
+    /// likely tokens and two sums were copied back; see `DeviceSampling`).
+    pub head_tokens: u64,
+    /// Rows of such steps copied back whole: the head did not settle the choice, or the request's
+    /// parameters (logit bias, penalties) need the whole row.
+    pub fetched_rows: u64,
     /// The decode-graph path (`EngineConfig::cuda_graphs`): buckets captured, steps replayed, padded
     /// steps run eagerly. All zeros when it is off.
     pub decode_graphs: GraphCounts,

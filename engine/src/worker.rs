@@ -14,8 +14,8 @@ use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::engine::{Command, Shared};
 use crate::error::EngineError;
 use crate::metrics::{self, FinishRecord, StepRecord};
-use crate::model::{ModelRunner, Readout, StepLogits};
-use crate::sampling::{SampleContext, Sampled, Sampler, SamplingParams};
+use crate::model::{readable, ModelRunner, Readout, StepLogits};
+use crate::sampling::{RowHead, SampleContext, Sampled, Sampler, SamplingParams};
 use crate::scheduler::{AddError, Batch, Scheduler};
 use crate::sequence::{RequestId, Sequence};
 use crate::stop::StopStrings;
@@ -243,22 +243,38 @@ impl Worker {
         self.runner.execute(batch, &self.scheduler, readout)
     }
 
-    /// [`Readout::Argmax`] when the runner takes greedy argmaxes on the device and every row
-    /// sampled in `batch` is plain greedy (so the sampler would only take the argmax); else
-    /// [`Readout::Logits`].
+    /// With device sampling: [`Readout::Argmax`] when every row sampled in `batch` is plain greedy
+    /// (so the sampler would only take the argmax), else [`Readout::Heads`] (when the runner's
+    /// check of heads passed). Otherwise [`Readout::Logits`].
     fn readout(&self, batch: &Batch) -> Readout {
-        let plain = |id: RequestId| match (self.scheduler.sequence(id), self.requests.get(&id)) {
-            (Some(seq), Some(state)) => {
-                Sampler::is_plain_argmax(&state.params, &context(seq, &state.params, &self.eos))
-            }
-            // Gone (aborted): its row is not used.
-            _ => true,
-        };
-        if self.runner.device_argmax() && batch.seqs.iter().filter(|s| s.sample).all(|s| plain(s.id)) {
-            Readout::Argmax
-        } else {
-            Readout::Logits
+        if !self.runner.device_sampling() {
+            return Readout::Logits;
         }
+        let rows: Vec<_> = batch
+            .seqs
+            .iter()
+            .filter(|s| s.sample)
+            // Gone (aborted): its row is not used.
+            .map(|s| self.scheduler.sequence(s.id).zip(self.requests.get(&s.id)))
+            .collect();
+        let plain = |row: &Option<(&Sequence, &RequestState)>| match row {
+            Some((seq, state)) => Sampler::is_plain_argmax(&state.params, &context(seq, &state.params, &self.eos)),
+            None => true,
+        };
+        if rows.iter().all(plain) {
+            return Readout::Argmax;
+        }
+        if !self.runner.device_heads() {
+            return Readout::Logits;
+        }
+        let inv_temps = rows
+            .iter()
+            .map(|row| match row {
+                Some((_, state)) if !state.params.is_greedy() => 1.0 / state.params.temperature,
+                _ => 1.0,
+            })
+            .collect();
+        Readout::Heads { k: self.runner.head_size(), inv_temps }
     }
 
     /// Runs one model step and hands out its tokens. A failed step fails the requests in it (the
@@ -287,19 +303,32 @@ impl Worker {
             self.breaker_changed(state);
         }
         let mut sampled = Vec::with_capacity(logits.len());
+        // Rows copied whole from the device this step, and requests whose row could not be.
+        let (mut fetched, mut failed) = (0u64, Vec::new());
         for (i, s) in batch.seqs.iter().filter(|s| s.sample).enumerate() {
             let (Some(seq), Some(state)) = (self.scheduler.sequence(s.id), self.requests.get_mut(&s.id)) else {
                 continue;
             };
+            let ctx = context(seq, &state.params, &self.eos);
             let choice = match &logits {
                 StepLogits::Rows(rows) => {
                     let Some(row) = rows.get(i) else { continue };
-                    state.sampler.sample(row, &state.params, &context(seq, &state.params, &self.eos))
+                    state.sampler.sample(row, &state.params, &ctx)
                 }
                 // Only asked for when every row is plain greedy: the argmax is the sampler's choice.
                 StepLogits::Ids(ids) => {
                     let Some(&token) = ids.get(i) else { continue };
                     Sampled { token, logprob: None }
+                }
+                StepLogits::Heads { heads, logits } => {
+                    let Some(head) = heads.get(i) else { continue };
+                    match sample_from_head(state, head, logits, i, &ctx, &mut fetched) {
+                        Ok(choice) => choice,
+                        Err(e) => {
+                            failed.push((s.id, e));
+                            continue;
+                        }
+                    }
                 }
             };
             sampled.push((s.id, choice));
@@ -310,14 +339,23 @@ impl Worker {
         if let Ok(mut s) = self.shared.stats.lock() {
             s.steps += 1;
             s.generated_tokens += pairs.len() as u64;
-            if matches!(logits, StepLogits::Ids(_)) {
-                s.device_argmax_tokens += pairs.len() as u64;
+            match &logits {
+                StepLogits::Ids(_) => s.device_argmax_tokens += pairs.len() as u64,
+                StepLogits::Heads { .. } => {
+                    s.head_tokens += pairs.len() as u64;
+                    s.fetched_rows += fetched;
+                }
+                StepLogits::Rows(_) => {}
             }
             s.decode_graphs = self.runner.graph_counts();
             s.prompt_tokens += (batch.num_tokens - batch.seqs.iter().filter(|s| s.len == 1 && s.sample).count()) as u64;
         }
         for (id, choice) in sampled {
             self.emit(id, choice.token, choice.logprob);
+        }
+        for (id, e) in failed {
+            tracing::error!(error = %e, request = id, "reading a sampled row back failed");
+            self.fail(id, EngineError::Model(format!("reading the step's logits failed: {e}")));
         }
     }
 
@@ -436,6 +474,37 @@ impl Drop for AliveGuard {
 
 /// What the sampler needs to know about `seq` besides its logits: its tokens, and EOS suppressed
 /// while the output is shorter than `min_tokens`.
+/// The token of sampled row `i` of a [`StepLogits::Heads`] step: a plain greedy row's is the head's
+/// first token (the sampler untouched, as for [`StepLogits::Ids`]); a row the head can serve is
+/// sampled from it, and from its whole row (`logits[i]`, copied back) when the head does not
+/// settle it; any other row goes through the host sampler on its whole row. `fetched` counts the
+/// rows copied.
+fn sample_from_head(
+    state: &mut RequestState,
+    head: &RowHead,
+    logits: &candle_core::Tensor,
+    i: usize,
+    ctx: &SampleContext,
+    fetched: &mut u64,
+) -> crate::error::Result<Sampled> {
+    let params = &state.params;
+    if Sampler::is_plain_argmax(params, ctx) {
+        let token = head.top.first().filter(|c| c.1 > f32::NEG_INFINITY).map_or(0, |c| c.0);
+        return Ok(Sampled { token, logprob: None });
+    }
+    let mut row = || -> crate::error::Result<Vec<f32>> {
+        *fetched += 1;
+        Ok(readable(&logits.get(i)?)?.to_vec1::<f32>()?)
+    };
+    if !Sampler::samples_from_head(params, head.top.len()) {
+        return Ok(state.sampler.sample(&row()?, params, ctx));
+    }
+    match state.sampler.sample_head(head, params, ctx) {
+        Some(choice) => Ok(choice),
+        None => Ok(state.sampler.sample_sorted_row(&row()?, params, ctx)),
+    }
+}
+
 fn context<'a>(seq: &'a Sequence, params: &SamplingParams, eos: &'a [u32]) -> SampleContext<'a> {
     let suppress: &[u32] = if seq.num_output_tokens() < params.min_tokens { eos } else { &[] };
     SampleContext { prompt_tokens: seq.prompt_tokens(), output_tokens: seq.output_tokens(), suppress }

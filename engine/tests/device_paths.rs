@@ -1,6 +1,8 @@
-//! The CUDA path's two departures from the CPU path, run on the CPU with the real model: greedy
-//! argmax taken on the device (only ids copied back), and GGUF weights kept quantized on candle's
-//! `QMatMul`. Neither has run on a GPU yet; these tests pin down what they compute.
+//! The CUDA path's departures from the CPU path, run on the CPU with the real model: sampled rows
+//! read from the device (greedy argmaxes, heads of the distribution, whole rows only when needed),
+//! decode steps padded to fixed batch sizes (the CUDA-graph path), and GGUF weights kept quantized
+//! on candle's `QMatMul`. These tests pin down what each computes; on a GPU the proof in
+//! `benches/GPU.md` runs them there.
 
 mod common;
 
@@ -12,7 +14,7 @@ use sluice_engine::sampling::{SampleContext, Sampler};
 use sluice_engine::scheduler::Scheduler;
 use sluice_engine::sequence::Sequence;
 use sluice_engine::{
-    CpuActivations, CpuWeights, Engine, FinishReason, GraphCounts, GreedyArgmax, Request, SamplingParams,
+    CpuActivations, CpuWeights, DeviceSampling, Engine, FinishReason, GraphCounts, Request, SamplingParams,
     SchedulerConfig, Tokenizer, WeightFormat,
 };
 
@@ -45,23 +47,47 @@ fn mixed_requests(engine: &Engine, stop_id: u32) -> Vec<(Vec<u32>, String, Finis
         .collect()
 }
 
+/// The index in `mixed_requests` of the one sampled (temperature > 0) request.
+const SAMPLED: usize = 7;
+
+/// Device sampling (argmaxes and heads read from the device, rows copied only when needed) gives
+/// every greedy request exactly the host's tokens, logprobs within f32 rounding of the host's, and
+/// the sampled request tokens that depend on its seed only, not on the batch around it.
 #[test]
-fn device_argmax_generates_exactly_what_host_sampling_does() {
-    let host = common::engine_with(|c| c.greedy_argmax = GreedyArgmax::Host);
-    let device = common::engine_with(|c| c.greedy_argmax = GreedyArgmax::Device);
+fn device_sampling_generates_what_host_sampling_does() {
+    let host = common::engine_with(|c| c.device_sampling = DeviceSampling::Host);
+    let device = common::engine_with(|c| c.device_sampling = DeviceSampling::Device);
     // A token the first greedy answer produces, as a stop id that must end it at the same place.
     let first = common::tokens_alone(&host, &common::prompts()[0], 64);
     let stop_id = first[first.len() / 2];
     let want = mixed_requests(&host, stop_id);
-    let got = mixed_requests(&device, stop_id);
-    assert_eq!(got, want);
+    let mut got = mixed_requests(&device, stop_id);
     assert!(want.iter().any(|(ids, _, _)| ids.contains(&stop_id) || ids.len() < 64), "no request stopped early");
     assert!(want.iter().filter(|w| w.2 == FinishReason::Stop).count() >= 3, "EOS, stop id and stop string: {want:?}");
-    // Only plain greedy steps went to the device, and some did.
-    assert_eq!(host.stats().device_argmax_tokens, 0);
-    let on_device = device.stats().device_argmax_tokens;
-    assert!(on_device > 0 && on_device < device.stats().generated_tokens, "{on_device} tokens on the device");
-    // A batch of plain greedy requests alone takes every token on the device.
+    let sampled = got.remove(SAMPLED);
+    assert_eq!(got, [&want[..SAMPLED], &want[SAMPLED + 1..]].concat(), "greedy requests");
+    // The sampled request, alone: the same tokens as in the batch.
+    let params = SamplingParams { temperature: 0.8, seed: Some(7), max_tokens: 24, ..SamplingParams::default() };
+    let alone = device.generate(Request::user(common::prompts()[3].as_str()).with_params(params)).unwrap();
+    assert_eq!((alone.token_ids, alone.text), (sampled.0, sampled.1), "seeded sampling on the device path");
+    // Steps of plain greedy rows took argmaxes, the others heads; some rows were copied whole
+    // (the `min_tokens` request suppresses EOS, which is not always in the head), not most.
+    let s = device.stats();
+    assert_eq!(host.stats().device_argmax_tokens + host.stats().head_tokens, 0);
+    assert!(s.device_argmax_tokens > 0 && s.head_tokens > 0, "{s:?}");
+    assert!(s.fetched_rows * 4 < s.head_tokens, "{s:?}");
+    // Logprobs from a head: the host's ids, values within f32 rounding.
+    let params = SamplingParams { logprobs: Some(5), max_tokens: 12, ..SamplingParams::default() };
+    let request = || Request::user(common::prompts()[5].as_str()).with_params(params.clone());
+    let (a, b) = (host.generate(request()).unwrap(), device.generate(request()).unwrap());
+    assert_eq!(a.token_ids, b.token_ids);
+    for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+        assert_eq!(x.top.iter().map(|t| t.0).collect::<Vec<_>>(), y.top.iter().map(|t| t.0).collect::<Vec<_>>());
+        for (p, q) in x.top.iter().zip(&y.top).chain([(&(x.token, x.logprob), &(y.token, y.logprob))]) {
+            assert!((p.1 - q.1).abs() < 1e-4, "{p:?} vs {q:?}");
+        }
+    }
+    // A batch of plain greedy requests alone takes every token from the device argmax.
     let before = device.stats();
     let alone = common::tokens_alone(&device, &common::prompts()[2], 16);
     assert_eq!(alone, common::tokens_alone(&host, &common::prompts()[2], 16));
@@ -73,23 +99,23 @@ fn device_argmax_generates_exactly_what_host_sampling_does() {
 }
 
 /// Decode steps padded to fixed batch sizes (the CUDA-graph path, run eagerly on the CPU) generate
-/// exactly what unpadded steps do, whether the rows come back as logits or as device argmaxes.
+/// exactly what unpadded steps do, whether the rows come back as logits, argmaxes or heads.
 #[test]
 fn padded_decode_steps_generate_exactly_what_plain_steps_do() {
-    let plain = common::engine_with(|c| c.greedy_argmax = GreedyArgmax::Host);
-    let first = common::tokens_alone(&plain, &common::prompts()[0], 64);
-    let stop_id = first[first.len() / 2];
-    let want = mixed_requests(&plain, stop_id);
-    assert_eq!(plain.stats().decode_graphs, GraphCounts::default(), "off unless asked for");
-    for argmax in [GreedyArgmax::Host, GreedyArgmax::Device] {
+    for sampling in [DeviceSampling::Host, DeviceSampling::Device] {
+        let plain = common::engine_with(|c| c.device_sampling = sampling);
+        let first = common::tokens_alone(&plain, &common::prompts()[0], 64);
+        let stop_id = first[first.len() / 2];
+        let want = mixed_requests(&plain, stop_id);
+        assert_eq!(plain.stats().decode_graphs, GraphCounts::default(), "off unless asked for");
         let padded = common::engine_with(|c| {
-            c.greedy_argmax = argmax;
+            c.device_sampling = sampling;
             c.cuda_graphs = true;
         });
-        assert_eq!(mixed_requests(&padded, stop_id), want, "{argmax:?}");
+        assert_eq!(mixed_requests(&padded, stop_id), want, "{sampling:?}");
         // 1 to 9 sequences decode at once: buckets 1 to 16, with and without padding rows.
         let counts = padded.stats().decode_graphs;
-        assert!(counts.eager > 20, "{argmax:?}: {counts:?}");
+        assert!(counts.eager > 20, "{sampling:?}: {counts:?}");
         assert_eq!((counts.captured, counts.replayed), (0, 0), "nothing to capture on the CPU");
         common::wait_for_empty_pool(&padded);
     }

@@ -30,6 +30,10 @@ pub(crate) const PAGED_ATTENTION: Module =
 pub(crate) const FUSED: Module =
     Module { name: "sluice_fused", ptx: include_str!(concat!(env!("OUT_DIR"), "/fused.ptx")) };
 
+/// `kernels/cuda/sampling.cu`.
+pub(crate) const SAMPLING: Module =
+    Module { name: "sluice_sampling", ptx: include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx")) };
+
 /// Loads kernel `<op>_<dtype>` of `module` on `dev` (compiled by the driver on first use).
 pub(crate) fn load(
     dev: &CudaDevice,

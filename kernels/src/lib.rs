@@ -11,6 +11,8 @@
 //! - [`matmul`]: `PackedLinear`, `y = x · Wᵀ` against a weight packed once as f32, bf16, int8 or
 //!   int4 (the last two also straight from GGUF's Q8_0/Q4_1 blocks, keeping their values exactly),
 //!   with SIMD kernels (AVX-512, AVX2+FMA, portable) whose rows are bit-identical at any batch size.
+//! - [`sampling`]: `top_candidates`, each row's most likely tokens and softmax sums, so that a
+//!   sampler on the host needs a few hundred floats of a row instead of the whole vocabulary.
 //! - [`activation`]: `silu_mul`, the SwiGLU activation in one pass on the CPU.
 //! - [`fused`]: `qkv_rope` and `swiglu`, a layer's elementwise steps in one launch each (for CUDA,
 //!   where the engine's small-batch decode step is bound by launches).
@@ -38,6 +40,7 @@ mod cuda;
 mod elem;
 pub mod fused;
 pub mod matmul;
+pub mod sampling;
 mod storage;
 #[cfg(test)]
 mod test_util;

@@ -42,6 +42,10 @@ print(f"Copy bandwidth measured here: {bw / 1e12:.2f} TB/s. Decode step floor: {
 print("| run | batch | output tok/s | median TPOT ms | floor / TPOT | vs batch 1 |")
 print("| --- | --- | --- | --- | --- | --- |")
 for run, files in (("bf16 safetensors", "bench-bf16-*.json"), ("bf16, CUDA graphs", "bench-graphs-bf16-*.json"),
+                   ("top-p 0.95, T 0.1, heads", "bench-sampled-t0.1-auto-*.json"),
+                   ("top-p 0.95, T 0.1, whole rows", "bench-sampled-t0.1-host-*.json"),
+                   ("top-p 0.95, T 1.0, heads", "bench-sampled-t1.0-auto-*.json"),
+                   ("top-p 0.95, T 1.0, whole rows", "bench-sampled-t1.0-host-*.json"),
                    ("GGUF q4_1, quantized", "bench-q4-quantized-*.json"),
                    ("GGUF q4_1, dense bf16", "bench-q4-dense-*.json")):
     base = None

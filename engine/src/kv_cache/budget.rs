@@ -108,6 +108,15 @@ pub fn activation_reserve(model: &LlamaConfig, vocab: usize, scheduler: &Schedul
     2 * tokens * per_token * dtype_size + sampled * vocab * 16 + FIXED_RESERVE
 }
 
+/// What decode steps replayed as CUDA graphs hold besides [`activation_reserve`]: the buffer their
+/// logits land in, and a decode step of `max_batch` rows' activations and logits in the graphs'
+/// own memory pool (graph memory is set apart from the memory eager steps reuse).
+pub fn graph_reserve(model: &LlamaConfig, vocab: usize, max_batch: usize, dtype_size: usize) -> usize {
+    let (h, kv, d) = (model.num_heads, model.num_kv_heads, model.head_dim);
+    let per_token = 3 * model.hidden_size + 2 * (h + 2 * kv) * d + h * d + 5 * model.intermediate_size;
+    max_batch * vocab * 4 + 2 * max_batch * per_token * dtype_size + max_batch * vocab * 16
+}
+
 /// Free and total memory of `device`'s GPU, measured after all queued work has finished (so that
 /// the weights just uploaded are counted); `None` on the CPU.
 #[cfg(feature = "cuda")]

@@ -11,4 +11,4 @@ mod budget;
 
 pub use block_manager::{AllocStatus, BlockManager};
 pub use block_table::{BlockId, BlockTable};
-pub use budget::{activation_reserve, gpu_memory, GpuMemory, KvBudget, FIXED_RESERVE};
+pub use budget::{activation_reserve, gpu_memory, graph_reserve, GpuMemory, KvBudget, FIXED_RESERVE};

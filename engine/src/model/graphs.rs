@@ -29,7 +29,7 @@ use candle_core::{DType, Tensor};
 use sluice_kernels::PAD_SLOT;
 
 use super::llama::{LayerCache, Llama, StepInput};
-use super::runner::{DeviceArgmax, Readout, StepLogits};
+use super::runner::DeviceArgmax;
 use crate::error::{EngineError, Result};
 use crate::scheduler::{Batch, Scheduler};
 
@@ -127,7 +127,9 @@ impl DecodeGraphs {
     }
 
     /// Runs `batch` (which [`DecodeGraphs::fits`]) padded to its bucket: replays the bucket's graph,
-    /// or runs the step eagerly and then captures it. Returns the batch's rows as `readout` asks.
+    /// or runs the step eagerly and then captures it. Returns the batch's `[n, vocab]` f32 logits
+    /// and, when `want_ids` (or a graph gave them anyway), their `[n]` argmaxes; both may be views
+    /// of buffers the next step overwrites.
     pub fn run(
         &mut self,
         model: &Llama,
@@ -135,53 +137,69 @@ impl DecodeGraphs {
         argmax: &DeviceArgmax,
         batch: &Batch,
         scheduler: &Scheduler,
-        readout: Readout,
-    ) -> Result<StepLogits> {
+        want_ids: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let n = batch.seqs.len();
         let bucket = bucket_for(n);
         self.write_inputs(batch, scheduler, bucket)?;
         if let Some(graph) = self.graphs.get(&bucket) {
-            graph.launch()?;
-            self.counts.replayed += 1;
-            return Ok(match readout {
-                Readout::Logits => StepLogits::Rows(self.logits.narrow(0, 0, n)?.to_vec2::<f32>()?),
-                Readout::Argmax => StepLogits::Ids(self.ids.narrow(0, 0, n)?.to_vec1::<u32>()?),
-            });
+            match graph.launch() {
+                Ok(()) => {
+                    self.counts.replayed += 1;
+                    return Ok((self.logits.narrow(0, 0, n)?, Some(self.ids.narrow(0, 0, n)?)));
+                }
+                Err(e) => self.give_up(bucket, &e),
+            }
         }
-        // Eagerly, with candle's layout uploads cached so that the capture below finds them (the
-        // argmax too when a capture follows, since the graph takes it).
-        let (logits, ids) = {
-            let _uploads = capture::cache_uploads(model.device());
-            let input = self.step_input(bucket)?;
-            let logits = model.forward(&input, cache)?;
-            let ids = if readout == Readout::Argmax || self.capture { Some(argmax.rows(&logits)?) } else { None };
-            (logits, ids)
-        };
-        self.counts.eager += 1;
-        let out = match (readout, ids) {
-            (Readout::Argmax, Some(ids)) => StepLogits::Ids(ids.narrow(0, 0, n)?.to_vec1::<u32>()?),
-            _ => StepLogits::Rows(logits.narrow(0, 0, n)?.to_vec2::<f32>()?),
-        };
-        if self.capture {
+        let out = if self.capture {
+            // Eagerly, exactly as the capture will record it, with candle's layout uploads cached so
+            // that the capture finds them on the device.
+            {
+                let _uploads = capture::cache_uploads(model.device());
+                self.step_into_buffers(model, cache, argmax, bucket)?;
+            }
             match self.record(model, cache, argmax, bucket) {
                 Ok(graph) => {
                     tracing::info!(bucket, "decode step captured as a CUDA graph");
                     self.graphs.insert(bucket, graph);
                     self.counts.captured += 1;
                 }
-                Err(e) => {
-                    tracing::warn!(bucket, error = %e, "CUDA graph capture failed; decode steps run eagerly from now on");
-                    self.capture = false;
-                    self.capture_failed = true;
-                    self.graphs.clear();
-                }
+                Err(e) => self.give_up(bucket, &e),
             }
-        }
+            (self.logits.narrow(0, 0, n)?, Some(self.ids.narrow(0, 0, n)?))
+        } else {
+            let logits = model.forward(&self.step_input(bucket)?, cache)?;
+            let ids = if want_ids { Some(argmax.rows(&logits)?.narrow(0, 0, n)?) } else { None };
+            (logits.narrow(0, 0, n)?, ids)
+        };
+        self.counts.eager += 1;
         Ok(out)
     }
 
-    /// Captures the bucket's step: the forward on the fixed inputs, its logits and argmax copied
-    /// into the buffers that outlive it.
+    /// Turns graphs off after a capture or replay failed: decode steps run eagerly from now on.
+    fn give_up(&mut self, bucket: usize, e: &EngineError) {
+        tracing::warn!(bucket, error = %e, "CUDA graph failed; decode steps run eagerly from now on");
+        self.capture = false;
+        self.capture_failed = true;
+        self.graphs.clear();
+    }
+
+    /// The bucket's step on the fixed inputs, its logits and argmax written into the buffers
+    /// that outlive it (every tensor it makes is dropped before it returns).
+    fn step_into_buffers(
+        &self,
+        model: &Llama,
+        cache: &[LayerCache],
+        argmax: &DeviceArgmax,
+        bucket: usize,
+    ) -> Result<()> {
+        let logits = model.forward(&self.step_input(bucket)?, cache)?;
+        self.logits.slice_set(&logits, 0, 0)?;
+        self.ids.slice_set(&argmax.rows(&logits)?, 0, 0)?;
+        Ok(())
+    }
+
+    /// Captures the bucket's step ([`DecodeGraphs::step_into_buffers`]) without running it.
     fn record(
         &self,
         model: &Llama,
@@ -189,13 +207,7 @@ impl DecodeGraphs {
         argmax: &DeviceArgmax,
         bucket: usize,
     ) -> Result<capture::Graph> {
-        let input = self.step_input(bucket)?;
-        capture::record(model.device(), || {
-            let logits = model.forward(&input, cache)?;
-            self.logits.slice_set(&logits, 0, 0)?;
-            self.ids.slice_set(&argmax.rows(&logits)?, 0, 0)?;
-            Ok(())
-        })
+        capture::record(model.device(), || self.step_into_buffers(model, cache, argmax, bucket))
     }
 
     /// The bucket's inputs as views into the buffers. `meta` holds, `bucket` entries each: token
@@ -268,30 +280,41 @@ impl DecodeGraphs {
 /// never asks, since the device is then the CPU).
 #[cfg(feature = "cuda")]
 mod capture {
-    use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    use candle_core::cuda_backend::cudarc::driver::CudaGraph;
+    use std::thread::ThreadId;
+
+    use candle_core::cuda_backend::cudarc::driver::sys::{
+        CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus,
+    };
+    use candle_core::cuda_backend::cudarc::driver::{result, CudaGraph};
     use candle_core::Device;
 
     use crate::error::{EngineError, Result};
 
-    /// A captured step.
-    pub struct Graph(CudaGraph);
+    /// A captured step, and the thread that captured it: it was recorded on that thread's
+    /// per-thread stream, and replays there only.
+    pub struct Graph {
+        graph: CudaGraph,
+        thread: ThreadId,
+    }
 
     // SAFETY: a CUDA graph may be used from any thread as long as no two threads use it at once
     // (the driver's graph thread-safety rules); `Graph` has no shared handle to it, so whoever owns
-    // the `Graph` is its only user. It is captured and replayed on the engine thread.
+    // the `Graph` is its only user. `launch` refuses any thread but the capturing one.
     unsafe impl Send for Graph {}
 
     impl std::fmt::Debug for Graph {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("Graph")
+            write!(f, "Graph({:?})", self.thread)
         }
     }
 
     impl Graph {
         /// Replays the step on its stream (asynchronously).
         pub fn launch(&self) -> Result<()> {
-            self.0.launch().map_err(|e| EngineError::Model(format!("CUDA graph launch: {e}")))
+            if std::thread::current().id() != self.thread {
+                return Err(EngineError::Model("a CUDA graph replays only on the thread that captured it".into()));
+            }
+            self.graph.launch().map_err(|e| EngineError::Model(format!("CUDA graph launch: {e}")))
         }
     }
 
@@ -311,12 +334,28 @@ mod capture {
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| err("capture", &e))?;
         let recorded = step();
-        // Ending the capture also ends a failed one, so the stream is usable again either way.
-        let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        // An error stored by a drop during the capture (a free on an invalidated capture) would
+        // make `end_capture` return before ending it: take it first.
+        let stored = stream.context().check_err();
+        // No auto-free: everything the step allocates it frees, so a leak fails loudly at replay.
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+        if !matches!(stream.capture_status(), Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)) {
+            // Still capturing: end it by hand so the stream is usable again, and drop the graph.
+            // SAFETY: the stream is candle's live stream, in capture mode; the graph returned (if
+            // any) is ours alone and destroyed once.
+            unsafe {
+                if let Ok(g) = result::stream::end_capture(stream.cu_stream()) {
+                    if !g.is_null() {
+                        let _ = result::graph::destroy(g);
+                    }
+                }
+            }
+        }
         recorded?;
+        stored.map_err(|e| err("capture", &e))?;
         let graph = graph.map_err(|e| err("instantiation", &e))?.ok_or_else(|| err("capture", &"nothing recorded"))?;
         graph.upload().map_err(|e| err("upload", &e))?;
-        Ok(Graph(graph))
+        Ok(Graph { graph, thread: std::thread::current().id() })
     }
 }
 

@@ -16,5 +16,5 @@ pub use graphs::{bucket_for, DecodeGraphs, GraphCounts, MAX_GRAPH_BATCH};
 pub use llama::{LayerCache, Linear, Llama, LoadOptions, StepInput};
 pub use loader::{read_gguf, ModelFormat, QuantizedWeight, WeightSource};
 pub use qmatmul::{GgufBlocks, GpuWeights, QLinear};
-pub use runner::{GreedyArgmax, ModelRunner, Readout, StepLogits};
+pub use runner::{readable, DeviceSampling, ModelRunner, Readout, StepLogits, HEAD_SIZE};
 pub use sluice_kernels::matmul::{PackedLinear, Quantized, WeightFormat};

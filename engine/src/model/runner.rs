@@ -1,11 +1,14 @@
 //! `ModelRunner`: turns a scheduler `Batch` into the model's packed inputs, runs the step, and
-//! returns the logits of the rows to sample, or only their argmax when every one is plain greedy.
+//! returns what the sampler needs of the rows to sample: their logits, only their argmax when
+//! every one is plain greedy, or each row's head (most likely tokens and softmax sums).
 
 use candle_core::{DType, Device, Tensor};
+use sluice_kernels::sampling::{split_row, top_candidates, MAX_CANDIDATES};
 
 use super::graphs::{DecodeGraphs, GraphCounts};
 use super::llama::{LayerCache, Llama, StepInput};
 use crate::error::{EngineError, Result};
+use crate::sampling::RowHead;
 use crate::scheduler::{Batch, Scheduler};
 
 /// The model plus its KV cache pools.
@@ -14,8 +17,11 @@ pub struct ModelRunner {
     model: Llama,
     cache: Vec<LayerCache>,
     block_size: usize,
-    // Whether a step whose rows are all plain greedy may take their argmax on the device.
-    device_argmax: bool,
+    // Whether sampled rows are read back as argmaxes and heads (else as whole rows).
+    device_sampling: bool,
+    // Whether heads may be read: device sampling is on and `top_candidates` passed its check on
+    // this device (see `check_heads`).
+    heads: bool,
     argmax: DeviceArgmax,
     // Decode steps at fixed batch sizes, replayed as CUDA graphs (see `graphs`), when asked for.
     graphs: Option<DecodeGraphs>,
@@ -23,45 +29,79 @@ pub struct ModelRunner {
     graph_counts: GraphCounts,
 }
 
-/// Where the argmax of a plain greedy row (greedy, and nothing that needs the logits on the host:
-/// no penalty, bias, suppressed id or logprobs) is taken.
+/// Tokens per row a [`Readout::Heads`] step reads back (at most the vocabulary).
+pub const HEAD_SIZE: usize = 128;
+
+/// What a step reads back of its sampled rows: on the host (every row copied, `vocab` floats each)
+/// or from the device (a plain greedy row's argmax, another row's head: `HEAD_SIZE` tokens and
+/// two sums, with the row itself fetched only when the head does not settle the choice).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum GreedyArgmax {
-    /// On the device off the CPU (only the ids are copied back, not `vocab` floats a row); on the
-    /// host on the CPU, where reading the logits costs nothing and the host argmax is vectorised.
+pub enum DeviceSampling {
+    /// From the device off the CPU; on the host on the CPU, where reading the logits costs
+    /// nothing and the host sampler is exact and vectorised.
     #[default]
     Auto,
-    /// On the model's device, the CPU included (to test the GPU path on the CPU).
+    /// From the model's device, the CPU included (to test the GPU path on the CPU).
     Device,
     /// On the host: every sampled row is copied back and goes through the sampler.
     Host,
 }
 
+impl std::str::FromStr for DeviceSampling {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "device" => Ok(Self::Device),
+            "host" => Ok(Self::Host),
+            other => Err(format!("device sampling must be auto, device or host, got `{other}`")),
+        }
+    }
+}
+
 /// What a step hands back for its sampled rows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Readout {
     /// Every sampled row's logits, for the sampler.
     Logits,
     /// Only each row's argmax (ties to the lowest id, NaN as `-inf`, as the sampler's greedy
     /// choice), computed on the device.
     Argmax,
+    /// Each row's head: its `k` most likely tokens and softmax sums, the tempered one with
+    /// `inv_temps[i]` for the `i`-th sampled row (`sluice_kernels::sampling::top_candidates`).
+    Heads {
+        /// Tokens per row, in `1..=min(vocab, MAX_CANDIDATES)`.
+        k: usize,
+        /// `1 / temperature` per sampled row (1 for a greedy one).
+        inv_temps: Vec<f32>,
+    },
 }
 
 /// The outcome of one step: entry `i` belongs to the `i`-th sampling sequence of the batch.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum StepLogits {
     /// `[num_sampled, vocab]` f32 logits, on the host ([`Readout::Logits`]).
     Rows(Vec<Vec<f32>>),
     /// `[num_sampled]` chosen token ids ([`Readout::Argmax`]).
     Ids(Vec<u32>),
+    /// Each row's head ([`Readout::Heads`]), and the `[num_sampled, vocab]` f32 logits where they
+    /// are (valid until the next step), for a row the head does not settle.
+    Heads {
+        /// One per sampled row.
+        heads: Vec<RowHead>,
+        /// The rows, on the model's device.
+        logits: Tensor,
+    },
 }
 
 impl StepLogits {
-    /// Rows or ids held.
+    /// Rows, ids or heads held.
     pub fn len(&self) -> usize {
         match self {
             Self::Rows(rows) => rows.len(),
             Self::Ids(ids) => ids.len(),
+            Self::Heads { heads, .. } => heads.len(),
         }
     }
 
@@ -76,9 +116,19 @@ impl ModelRunner {
     /// per layer.
     pub fn new(model: Llama, num_blocks: usize, block_size: usize, kv_dtype: DType) -> Result<Self> {
         let cache = model.allocate_cache(num_blocks, block_size, kv_dtype)?;
-        let device_argmax = !model.device().is_cpu();
+        let device_sampling = !model.device().is_cpu();
+        let heads = device_sampling && check_heads(model.device(), model.vocab_size());
         let argmax = DeviceArgmax::new(model.vocab_size(), model.device())?;
-        Ok(Self { model, cache, block_size, device_argmax, argmax, graphs: None, graph_counts: GraphCounts::default() })
+        Ok(Self {
+            model,
+            cache,
+            block_size,
+            device_sampling,
+            heads,
+            argmax,
+            graphs: None,
+            graph_counts: GraphCounts::default(),
+        })
     }
 
     /// Runs decode steps of up to `max_num_seqs` sequences (whose block tables hold at most
@@ -94,19 +144,31 @@ impl ModelRunner {
         self.graphs.as_ref().map_or(self.graph_counts, DecodeGraphs::counts)
     }
 
-    /// Sets where plain greedy rows take their argmax (by default as [`GreedyArgmax::Auto`]).
-    pub fn with_greedy_argmax(mut self, policy: GreedyArgmax) -> Self {
-        self.device_argmax = match policy {
-            GreedyArgmax::Auto => !self.model.device().is_cpu(),
-            GreedyArgmax::Device => true,
-            GreedyArgmax::Host => false,
+    /// Sets where sampled rows are read (by default as [`DeviceSampling::Auto`]).
+    pub fn with_device_sampling(mut self, policy: DeviceSampling) -> Self {
+        self.device_sampling = match policy {
+            DeviceSampling::Auto => !self.model.device().is_cpu(),
+            DeviceSampling::Device => true,
+            DeviceSampling::Host => false,
         };
+        self.heads = self.device_sampling && check_heads(self.model.device(), self.model.vocab_size());
         self
     }
 
     /// Whether a step whose sampled rows are all plain greedy should ask for [`Readout::Argmax`].
-    pub fn device_argmax(&self) -> bool {
-        self.device_argmax
+    pub fn device_sampling(&self) -> bool {
+        self.device_sampling
+    }
+
+    /// Whether a step with other sampled rows should ask for [`Readout::Heads`] (else
+    /// [`Readout::Logits`]).
+    pub fn device_heads(&self) -> bool {
+        self.heads
+    }
+
+    /// Tokens per row of a [`Readout::Heads`] step: [`HEAD_SIZE`], or the vocabulary if smaller.
+    pub fn head_size(&self) -> usize {
+        HEAD_SIZE.min(self.model.vocab_size()).min(MAX_CANDIDATES)
     }
 
     /// The model.
@@ -118,13 +180,14 @@ impl ModelRunner {
     /// reads its sampled rows back as `readout` asks (nothing when no row is sampled).
     pub fn execute(&mut self, batch: &Batch, scheduler: &Scheduler, readout: Readout) -> Result<StepLogits> {
         if let Some(graphs) = self.graphs.as_mut().filter(|g| g.fits(batch, scheduler)) {
-            let out = graphs.run(&self.model, &self.cache, &self.argmax, batch, scheduler, readout);
+            let out = graphs.run(&self.model, &self.cache, &self.argmax, batch, scheduler, readout == Readout::Argmax);
             if graphs.failed() {
                 // Padded eager steps only cost more than the plain ones.
                 self.graph_counts = graphs.counts();
                 self.graphs = None;
             }
-            return out;
+            let (logits, ids) = out?;
+            return self.read(&logits, ids.as_ref(), &readout);
         }
         let input = self.prepare(batch, scheduler)?;
         // On the CPU the step runs on a rayon worker, so that the kernels' parallel loops fork
@@ -138,9 +201,30 @@ impl ModelRunner {
         if !batch.seqs.iter().any(|s| s.sample) {
             return Ok(StepLogits::Rows(Vec::new()));
         }
+        self.read(&logits, None, &readout)
+    }
+
+    /// `logits` (`[num_sampled, vocab]` f32, where the step left them) as `readout` asks; `ids`,
+    /// when given, are their argmaxes already taken.
+    fn read(&self, logits: &Tensor, ids: Option<&Tensor>, readout: &Readout) -> Result<StepLogits> {
         Ok(match readout {
-            Readout::Logits => StepLogits::Rows(logits.to_vec2::<f32>()?),
-            Readout::Argmax => StepLogits::Ids(self.argmax.rows(&logits)?.to_vec1::<u32>()?),
+            Readout::Logits => StepLogits::Rows(readable(logits)?.to_vec2::<f32>()?),
+            Readout::Argmax => StepLogits::Ids(match ids {
+                Some(ids) => readable(ids)?.to_vec1::<u32>()?,
+                None => self.argmax.rows(logits)?.to_vec1::<u32>()?,
+            }),
+            Readout::Heads { k, inv_temps } => {
+                let inv_temps = Tensor::from_slice(inv_temps, inv_temps.len(), logits.device())?;
+                let out = top_candidates(logits, &inv_temps, *k)?.to_vec2::<f32>()?;
+                let heads = out
+                    .iter()
+                    .map(|row| {
+                        let (top, sum_exp, sum_exp_t) = split_row(row, *k);
+                        RowHead { top, sum_exp, sum_exp_t }
+                    })
+                    .collect();
+                StepLogits::Heads { heads, logits: logits.clone() }
+            }
         })
     }
 
@@ -197,6 +281,41 @@ impl ModelRunner {
             seq_lens: u32s(seq_lens, dev)?,
             sample_rows: u32s(sample_rows, dev)?,
         })
+    }
+}
+
+/// `t`, ready to be read back: on CUDA candle copies a tensor's whole storage to the host before
+/// applying its layout, so a view (a few rows of a larger buffer) is first made compact there.
+pub fn readable(t: &Tensor) -> Result<Tensor> {
+    Ok(if t.device().is_cpu() { t.clone() } else { t.force_contiguous()? })
+}
+
+/// Whether `top_candidates` on `device` gives what its CPU body gives for a few random rows of
+/// `vocab` logits (the same ids, sums within 1e-3): a check at start-up, so that a device whose
+/// kernel misbehaves reads whole rows instead (and says so) rather than sampling wrongly.
+fn check_heads(device: &Device, vocab: usize) -> bool {
+    let run = || -> Result<bool> {
+        let k = HEAD_SIZE.min(vocab).min(MAX_CANDIDATES);
+        let logits = Tensor::randn(0f32, 3f32, (4, vocab), &Device::Cpu)?;
+        let inv_temps = Tensor::new(&[1.0f32, 0.5, 2.0, 1.3], &Device::Cpu)?;
+        let want = top_candidates(&logits, &inv_temps, k)?.to_vec2::<f32>()?;
+        let got = top_candidates(&logits.to_device(device)?, &inv_temps.to_device(device)?, k)?.to_vec2::<f32>()?;
+        Ok(want.iter().zip(&got).all(|(w, g)| {
+            let ((wt, w1, wt_), (gt, g1, gt_)) = (split_row(w, k), split_row(g, k));
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-3 * a.abs().max(1.0);
+            wt == gt && close(w1, g1) && close(wt_, gt_)
+        }))
+    };
+    match run() {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!("top_candidates disagrees with its CPU body on this device: sampled rows are read whole");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "top_candidates failed on this device: sampled rows are read whole");
+            false
+        }
     }
 }
 

@@ -1,0 +1,347 @@
+//! Sampling from the head of a row: its most likely tokens, most likely first, and softmax sums
+//! over the whole row (`sluice_kernels::sampling::top_candidates`), for rows whose logits stay on
+//! the device.
+//!
+//! The stages are [`Sampler::sample`]'s (suppressed ids → temperature → top-k → top-p → min-p →
+//! one uniform draw), run over the tokens in descending order of probability, and the draw walks
+//! them in that order too. So the head settles the choice unless a stage's cut or the draw falls
+//! past it; then the whole row is fetched and the same walk runs over the whole row sorted, with
+//! the same uniform number (one draw per token either way). The result is a function of the seed,
+//! the step and the logits, and is a draw from the same distribution as [`Sampler::sample`]'s; it
+//! is not the same function of the seed, since that one walks in id order (no sort of the
+//! vocabulary). Which path a row takes depends on its own parameters only (see
+//! [`Sampler::samples_from_head`]), never on the rest of the batch.
+
+use std::cmp::Ordering;
+
+use rand::Rng;
+
+use super::{sanitize, token_logprob, SampleContext, Sampled, Sampler, SamplingParams, TokenLogprob};
+
+/// A row's head, as `top_candidates` gives it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowHead {
+    /// The row's largest logits with their ids, descending, ties to the lower id, NaN as `-inf`.
+    pub top: Vec<(u32, f32)>,
+    /// `Σ exp(l - max)` over the whole row (`max` = `top[0]`).
+    pub sum_exp: f32,
+    /// `Σ exp((l - max) / T)` over the whole row, `T` the row's temperature.
+    pub sum_exp_t: f32,
+}
+
+/// What the walk over a sorted row (or its head) decided.
+enum Pick {
+    Token(u32),
+    /// Nothing can be chosen: [`Sampler::sample`] then takes the raw argmax.
+    Masked,
+    /// The head does not settle it.
+    NeedRow,
+}
+
+impl Sampler {
+    /// Whether a row with `params` may be sampled from a head of `head_len` tokens: no logit bias
+    /// or penalties (they move tokens across the head's edge), `top_k` and `logprobs` within it.
+    pub fn samples_from_head(params: &SamplingParams, head_len: usize) -> bool {
+        !params.has_processing() && params.top_k <= head_len && params.logprobs.is_none_or(|n| n <= head_len)
+    }
+
+    /// Picks the next token from `head` (for a row that [`Sampler::samples_from_head`]), or `None`
+    /// when the head does not settle it: then call [`Sampler::sample_sorted_row`] with the row.
+    pub fn sample_head(&mut self, head: &RowHead, params: &SamplingParams, ctx: &SampleContext) -> Option<Sampled> {
+        let raw_argmax = match head.top.first() {
+            Some(&(id, v)) if v > f32::NEG_INFINITY => id,
+            _ => 0,
+        };
+        let token = match self.pick_sorted(&head.top, Some(head.sum_exp_t), params, ctx) {
+            Pick::Token(t) => t,
+            Pick::Masked => raw_argmax,
+            Pick::NeedRow => return None,
+        };
+        let logprob = params.logprobs.map(|n| {
+            let max = head.top.first().map_or(f32::NEG_INFINITY, |c| c.1);
+            let lse = max + head.sum_exp.ln();
+            let logprob_of = |x: f32| {
+                if x == f32::NEG_INFINITY || !lse.is_finite() {
+                    f32::NEG_INFINITY
+                } else {
+                    x - lse
+                }
+            };
+            let raw = head.top.iter().find(|c| c.0 == token).map_or(f32::NEG_INFINITY, |c| c.1);
+            TokenLogprob {
+                token,
+                logprob: logprob_of(raw),
+                top: head.top.iter().take(n).map(|&(id, v)| (id, logprob_of(v))).collect(),
+            }
+        });
+        Some(Sampled { token, logprob })
+    }
+
+    /// [`Sampler::sample_head`] over the whole row (`logits`, one per vocabulary entry), sorted:
+    /// for a row whose head did not settle the choice (it continues that walk).
+    pub fn sample_sorted_row(&mut self, logits: &[f32], params: &SamplingParams, ctx: &SampleContext) -> Sampled {
+        let mut sorted: Vec<(u32, f32)> = (0u32..).zip(logits.iter().map(|&x| head_value(x))).collect();
+        sorted.sort_unstable_by(by_logit_desc);
+        let token = match self.pick_sorted(&sorted, None, params, ctx) {
+            Pick::Token(t) => t,
+            Pick::Masked | Pick::NeedRow => match sorted.first() {
+                Some(&(id, v)) if v > f32::NEG_INFINITY => id,
+                _ => 0,
+            },
+        };
+        let logprob = params.logprobs.map(|n| token_logprob(logits, token, n));
+        Sampled { token, logprob }
+    }
+
+    /// The stages over `sorted` (raw logits, descending, ties to the lower id). `tail_total` is
+    /// `Σ exp((l - max) / T)` over the whole row when `sorted` is only its head, `None` when it is
+    /// the whole row.
+    fn pick_sorted(
+        &mut self,
+        sorted: &[(u32, f32)],
+        tail_total: Option<f32>,
+        params: &SamplingParams,
+        ctx: &SampleContext,
+    ) -> Pick {
+        let whole_row = tail_total.is_none();
+        let max = sorted.first().map_or(f32::NEG_INFINITY, |c| c.1);
+        if max == f32::NEG_INFINITY {
+            return Pick::Masked;
+        }
+        // A suppressed id past the head holds mass the head cannot subtract.
+        if !whole_row && ctx.suppress.iter().any(|id| !sorted.iter().any(|c| c.0 == *id)) {
+            return Pick::NeedRow;
+        }
+        let suppressed = |id: u32| ctx.suppress.contains(&id);
+        if params.is_greedy() {
+            return match sorted.iter().find(|c| c.1 > f32::NEG_INFINITY && !suppressed(c.0)) {
+                Some(c) => Pick::Token(c.0),
+                None if whole_row => Pick::Masked,
+                None => Pick::NeedRow,
+            };
+        }
+        // Weights relative to the raw maximum: only their ratios matter.
+        let inv_t = 1.0 / params.temperature;
+        let weight = |v: f32| ((v - max) * inv_t).exp();
+        let mut cands: Vec<(u32, f32)> = sorted
+            .iter()
+            .filter(|c| c.1 > f32::NEG_INFINITY && !suppressed(c.0))
+            .map(|&(id, v)| (id, weight(v)))
+            .collect();
+        // Whether `cands` holds every token still in play (else the rest lies past the head).
+        let mut complete = whole_row;
+        if params.top_k > 0 {
+            if cands.len() >= params.top_k {
+                cands.truncate(params.top_k);
+                complete = true;
+            } else if !complete {
+                return Pick::NeedRow;
+            }
+        }
+        if cands.is_empty() {
+            return if complete { Pick::Masked } else { Pick::NeedRow };
+        }
+        let head_sum = |c: &[(u32, f32)]| c.iter().map(|c| c.1).sum::<f32>();
+        let mut total = match tail_total {
+            Some(all) if !complete => {
+                let dropped: f32 = sorted.iter().filter(|c| suppressed(c.0)).map(|c| weight(c.1)).sum();
+                all - dropped
+            }
+            _ => head_sum(&cands),
+        };
+        if params.top_p < 1.0 {
+            let target = params.top_p * total;
+            let mut acc = 0.0f32;
+            match cands.iter().position(|c| {
+                acc += c.1;
+                acc >= target
+            }) {
+                Some(i) => {
+                    cands.truncate(i + 1);
+                    complete = true;
+                    total = acc;
+                }
+                None if !complete => return Pick::NeedRow,
+                None => {}
+            }
+        }
+        if params.min_p > 0.0 {
+            let threshold = params.min_p * cands[0].1;
+            let keep = cands.iter().take_while(|c| c.1 >= threshold).count();
+            if keep == cands.len() && !complete {
+                return Pick::NeedRow;
+            }
+            cands.truncate(keep);
+            complete = true;
+            total = head_sum(&cands);
+        }
+        let u = self.pending_draw.take().unwrap_or_else(|| self.rng.random::<f32>());
+        let mut x = u * total;
+        for &(id, w) in &cands {
+            if x < w {
+                return Pick::Token(id);
+            }
+            x -= w;
+        }
+        if complete {
+            // Rounding can leave `x` a hair above the last weight.
+            return Pick::Token(cands[cands.len() - 1].0);
+        }
+        // The draw lands past the head: the whole row continues the walk with the same number.
+        self.pending_draw = Some(u);
+        Pick::NeedRow
+    }
+}
+
+/// A logit as a head holds it: NaN as `-inf`, `-0` as `+0` (equal to it, so the two tie and the
+/// lower id comes first, as in the greedy argmax).
+fn head_value(x: f32) -> f32 {
+    sanitize(x) + 0.0
+}
+
+/// Descending by logit, ties to the lower id.
+fn by_logit_desc(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    /// The head `top_candidates` would give for `row` (computed here in f64).
+    fn head(row: &[f32], k: usize, temperature: f32) -> RowHead {
+        let mut sorted: Vec<(u32, f32)> = (0u32..).zip(row.iter().map(|&x| head_value(x))).collect();
+        sorted.sort_by(by_logit_desc);
+        let max = sorted[0].1;
+        let sum = |t: f64| sorted.iter().map(|c| (f64::from(c.1 - max) * t).exp()).sum::<f64>() as f32;
+        RowHead { top: sorted[..k].to_vec(), sum_exp: sum(1.0), sum_exp_t: sum(1.0 / f64::from(temperature)) }
+    }
+
+    /// Head first, then the row when asked: what the engine does.
+    fn sample(s: &mut Sampler, row: &[f32], k: usize, params: &SamplingParams, ctx: &SampleContext) -> (u32, bool) {
+        match s.sample_head(&head(row, k, params.temperature.max(1e-3)), params, ctx) {
+            Some(out) => (out.token, false),
+            None => (s.sample_sorted_row(row, params, ctx).token, true),
+        }
+    }
+
+    fn row(rng: &mut StdRng, vocab: usize, spread: f32) -> Vec<f32> {
+        (0..vocab).map(|_| rng.random_range(-spread..spread)).collect()
+    }
+
+    /// Any head size gives exactly the choice the whole sorted row gives, for every stage.
+    #[test]
+    fn a_head_settles_what_the_whole_row_would() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let base = SamplingParams { temperature: 0.8, ..SamplingParams::default() };
+        let cases = [
+            base.clone(),
+            SamplingParams { top_k: 5, ..base.clone() },
+            SamplingParams { top_p: 0.5, ..base.clone() },
+            SamplingParams { top_p: 0.95, temperature: 1.5, ..base.clone() },
+            SamplingParams { min_p: 0.2, ..base.clone() },
+            SamplingParams { top_k: 40, top_p: 0.9, min_p: 0.05, ..base.clone() },
+            SamplingParams { temperature: 0.0, ..base.clone() },
+        ];
+        let (mut from_row, mut from_head) = (0, 0);
+        for (c, params) in cases.iter().enumerate() {
+            for trial in 0..60u64 {
+                let spread = [1.0, 4.0, 12.0][trial as usize % 3];
+                let logits = row(&mut rng, 500, spread);
+                let suppress: Vec<u32> = if trial % 4 == 0 { vec![logits.len() as u32 - 1, 7] } else { vec![] };
+                let ctx = SampleContext { suppress: &suppress, ..SampleContext::default() };
+                let seed = trial * 31 + c as u64;
+                let want = Sampler::new(params, seed).sample_sorted_row(&logits, params, &ctx).token;
+                for k in [1, 8, 64, 500] {
+                    let (got, fetched) = sample(&mut Sampler::new(params, seed), &logits, k, params, &ctx);
+                    assert_eq!(got, want, "case {c} trial {trial} k {k}");
+                    if k < 500 {
+                        if fetched {
+                            from_row += 1;
+                        } else {
+                            from_head += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // Both ways were taken (flat rows and small heads send many draws past the head).
+        assert!(from_head > 100 && from_row > 100, "head {from_head}, row {from_row}");
+    }
+
+    /// The head path and the host sampler draw from one distribution: frequencies over many seeds
+    /// agree within sampling noise, for each stage.
+    #[test]
+    fn the_head_path_samples_the_host_distribution() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let logits = row(&mut rng, 50, 3.0);
+        let base = SamplingParams { temperature: 0.9, ..SamplingParams::default() };
+        let suppress = [logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32];
+        for (params, suppress) in [
+            (base.clone(), &[][..]),
+            (SamplingParams { top_k: 6, ..base.clone() }, &[][..]),
+            (SamplingParams { top_p: 0.7, ..base.clone() }, &suppress[..]),
+            (SamplingParams { min_p: 0.1, temperature: 1.4, ..base.clone() }, &[][..]),
+        ] {
+            let ctx = SampleContext { suppress, ..SampleContext::default() };
+            let n = 20_000;
+            let (mut host, mut ours) = (vec![0f64; 50], vec![0f64; 50]);
+            for seed in 0..n {
+                host[Sampler::new(&params, seed).sample(&logits, &params, &ctx).token as usize] += 1.0;
+                ours[sample(&mut Sampler::new(&params, seed + n), &logits, 8, &params, &ctx).0 as usize] += 1.0;
+            }
+            for (id, (h, o)) in host.iter().zip(&ours).enumerate() {
+                let p = h / n as f64;
+                // Five standard deviations of the difference of two binomial frequencies.
+                let tol = 5.0 * (2.0 * p.max(1.0 / n as f64) * (1.0 - p) / n as f64).sqrt();
+                assert!((h - o).abs() / n as f64 <= tol, "{params:?} token {id}: host {h}, head {o}");
+                if suppress.contains(&(id as u32)) {
+                    assert_eq!(o, &0.0, "a suppressed id was drawn");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_logprobs_and_masked_rows() {
+        let mut logits = vec![0.5f32; 300];
+        logits[200] = 3.0;
+        logits[201] = 3.0; // tie: the lower id
+        logits[7] = f32::NAN;
+        let params = SamplingParams { logprobs: Some(3), ..SamplingParams::default() };
+        let ctx = SampleContext::default();
+        let h = head(&logits, 16, 1.0);
+        let got = Sampler::new(&params, 0).sample_head(&h, &params, &ctx).unwrap();
+        let want = Sampler::new(&params, 0).sample(&logits, &params, &ctx);
+        assert_eq!(got.token, want.token);
+        let (g, w) = (got.logprob.unwrap(), want.logprob.unwrap());
+        assert_eq!(g.top.iter().map(|c| c.0).collect::<Vec<_>>(), w.top.iter().map(|c| c.0).collect::<Vec<_>>());
+        for (a, b) in g.top.iter().zip(&w.top).chain([(&(0, g.logprob), &(0, w.logprob))]) {
+            assert!((a.1 - b.1).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+        // Greedy with the top two suppressed: the next one, still from the head.
+        let suppress = [200, 201];
+        let ctx = SampleContext { suppress: &suppress, ..SampleContext::default() };
+        let got = Sampler::new(&params, 0).sample_head(&h, &params, &ctx).unwrap().token;
+        assert_eq!(got, Sampler::new(&params, 0).sample(&logits, &params, &ctx).token);
+        // -0 ties +0: the lower id, as the host's argmax.
+        let ctx = SampleContext::default();
+        let mut zeros = vec![-1.0f32; 20];
+        (zeros[3], zeros[9]) = (-0.0, 0.0);
+        let got = Sampler::new(&params, 0).sample_head(&head(&zeros, 4, 1.0), &params, &ctx).unwrap().token;
+        assert_eq!((got, Sampler::new(&params, 0).sample(&zeros, &params, &ctx).token), (3, 3));
+        // Nothing above -inf: token 0, as the host's rule.
+        let none = vec![f32::NEG_INFINITY; 10];
+        let sampled = SamplingParams { temperature: 1.0, ..SamplingParams::default() };
+        assert_eq!(Sampler::new(&sampled, 0).sample_head(&head(&none, 4, 1.0), &sampled, &ctx).unwrap().token, 0);
+        // Parameters the head cannot serve.
+        assert!(Sampler::samples_from_head(&sampled, 4));
+        assert!(!Sampler::samples_from_head(&SamplingParams { top_k: 5, ..sampled.clone() }, 4));
+        assert!(!Sampler::samples_from_head(&SamplingParams { logit_bias: vec![(1, 2.0)], ..sampled.clone() }, 4));
+        assert!(!Sampler::samples_from_head(&SamplingParams { presence_penalty: 0.5, ..sampled.clone() }, 4));
+        assert!(!Sampler::samples_from_head(&SamplingParams { logprobs: Some(5), ..sampled }, 4));
+    }
+}
