@@ -27,8 +27,8 @@ pub struct EngineStats {
     /// Of those, tokens chosen by an argmax on the device (only their ids were copied back; see
     /// `DeviceSampling`).
     pub device_argmax_tokens: u64,
-    /// Of those, tokens sampled on the device-sampling path from a row's head (only its most
-    /// likely tokens and two sums were copied back; see `DeviceSampling`).
+    /// Of those, tokens taken from a row's head on the device-sampling path (only its most likely
+    /// tokens and two sums were copied back; see `DeviceSampling`).
     pub head_tokens: u64,
     /// Rows of such steps copied back whole: the head did not settle the choice, or the request's
     /// parameters (logit bias, penalties) need the whole row.

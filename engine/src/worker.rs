@@ -303,8 +303,9 @@ impl Worker {
             self.breaker_changed(state);
         }
         let mut sampled = Vec::with_capacity(logits.len());
-        // Rows copied whole from the device this step, and requests whose row could not be.
-        let (mut fetched, mut failed) = (0u64, Vec::new());
+        // Tokens taken from heads and rows copied whole this step, and requests whose row could
+        // not be copied.
+        let (mut from_heads, mut fetched, mut failed) = (0u64, 0u64, Vec::new());
         for (i, s) in batch.seqs.iter().filter(|s| s.sample).enumerate() {
             let (Some(seq), Some(state)) = (self.scheduler.sequence(s.id), self.requests.get_mut(&s.id)) else {
                 continue;
@@ -322,8 +323,15 @@ impl Worker {
                 }
                 StepLogits::Heads { heads, logits } => {
                     let Some(head) = heads.get(i) else { continue };
-                    match sample_from_head(state, head, logits, i, &ctx, &mut fetched) {
-                        Ok(choice) => choice,
+                    match sample_from_head(state, head, logits, i, &ctx) {
+                        Ok((choice, whole_row)) => {
+                            if whole_row {
+                                fetched += 1;
+                            } else {
+                                from_heads += 1;
+                            }
+                            choice
+                        }
                         Err(e) => {
                             failed.push((s.id, e));
                             continue;
@@ -342,7 +350,7 @@ impl Worker {
             match &logits {
                 StepLogits::Ids(_) => s.device_argmax_tokens += pairs.len() as u64,
                 StepLogits::Heads { .. } => {
-                    s.head_tokens += pairs.len() as u64;
+                    s.head_tokens += from_heads;
                     s.fetched_rows += fetched;
                 }
                 StepLogits::Rows(_) => {}
@@ -472,39 +480,35 @@ impl Drop for AliveGuard {
     }
 }
 
-/// What the sampler needs to know about `seq` besides its logits: its tokens, and EOS suppressed
-/// while the output is shorter than `min_tokens`.
 /// The token of sampled row `i` of a [`StepLogits::Heads`] step: a plain greedy row's is the head's
 /// first token (the sampler untouched, as for [`StepLogits::Ids`]); a row the head can serve is
 /// sampled from it, and from its whole row (`logits[i]`, copied back) when the head does not
-/// settle it; any other row goes through the host sampler on its whole row. `fetched` counts the
-/// rows copied.
+/// settle it; any other row goes through the host sampler on its whole row. Returns the choice and
+/// whether the whole row was copied.
 fn sample_from_head(
     state: &mut RequestState,
     head: &RowHead,
     logits: &candle_core::Tensor,
     i: usize,
     ctx: &SampleContext,
-    fetched: &mut u64,
-) -> crate::error::Result<Sampled> {
+) -> crate::error::Result<(Sampled, bool)> {
     let params = &state.params;
     if Sampler::is_plain_argmax(params, ctx) {
         let token = head.top.first().filter(|c| c.1 > f32::NEG_INFINITY).map_or(0, |c| c.0);
-        return Ok(Sampled { token, logprob: None });
+        return Ok((Sampled { token, logprob: None }, false));
     }
-    let mut row = || -> crate::error::Result<Vec<f32>> {
-        *fetched += 1;
-        Ok(readable(&logits.get(i)?)?.to_vec1::<f32>()?)
-    };
+    let row = || -> crate::error::Result<Vec<f32>> { Ok(readable(&logits.get(i)?)?.to_vec1::<f32>()?) };
     if !Sampler::samples_from_head(params, head.top.len()) {
-        return Ok(state.sampler.sample(&row()?, params, ctx));
+        return Ok((state.sampler.sample(&row()?, params, ctx), true));
     }
     match state.sampler.sample_head(head, params, ctx) {
-        Some(choice) => Ok(choice),
-        None => Ok(state.sampler.sample_sorted_row(&row()?, params, ctx)),
+        Some(choice) => Ok((choice, false)),
+        None => Ok((state.sampler.sample_row_after_head(&row()?, params, ctx), true)),
     }
 }
 
+/// What the sampler needs to know about `seq` besides its logits: its tokens, and EOS suppressed
+/// while the output is shorter than `min_tokens`.
 fn context<'a>(seq: &'a Sequence, params: &SamplingParams, eos: &'a [u32]) -> SampleContext<'a> {
     let suppress: &[u32] = if seq.num_output_tokens() < params.min_tokens { eos } else { &[] };
     SampleContext { prompt_tokens: seq.prompt_tokens(), output_tokens: seq.output_tokens(), suppress }

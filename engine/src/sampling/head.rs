@@ -46,15 +46,13 @@ impl Sampler {
     }
 
     /// Picks the next token from `head` (for a row that [`Sampler::samples_from_head`]), or `None`
-    /// when the head does not settle it: then call [`Sampler::sample_sorted_row`] with the row.
+    /// when the head does not settle it: then call [`Sampler::sample_row_after_head`] with the row.
     pub fn sample_head(&mut self, head: &RowHead, params: &SamplingParams, ctx: &SampleContext) -> Option<Sampled> {
-        let raw_argmax = match head.top.first() {
-            Some(&(id, v)) if v > f32::NEG_INFINITY => id,
-            _ => 0,
-        };
+        // A draw left by an earlier token whose row never came (a failed read) is not this one's.
+        self.pending_draw = None;
         let token = match self.pick_sorted(&head.top, Some(head.sum_exp_t), params, ctx) {
             Pick::Token(t) => t,
-            Pick::Masked => raw_argmax,
+            Pick::Masked => raw_argmax(&head.top),
             Pick::NeedRow => return None,
         };
         let logprob = params.logprobs.map(|n| {
@@ -77,25 +75,33 @@ impl Sampler {
         Some(Sampled { token, logprob })
     }
 
-    /// [`Sampler::sample_head`] over the whole row (`logits`, one per vocabulary entry), sorted:
-    /// for a row whose head did not settle the choice (it continues that walk).
-    pub fn sample_sorted_row(&mut self, logits: &[f32], params: &SamplingParams, ctx: &SampleContext) -> Sampled {
+    /// The token of a row whose head did not settle it ([`Sampler::sample_head`] gave `None`), from
+    /// the whole row (`logits`, one per vocabulary entry). If the head's walk had drawn its uniform
+    /// number, the walk goes on over the whole row sorted with that number; if it stopped before
+    /// drawing, the host sampler ([`Sampler::sample`]) takes the row, with no sort.
+    pub fn sample_row_after_head(&mut self, logits: &[f32], params: &SamplingParams, ctx: &SampleContext) -> Sampled {
+        if self.pending_draw.is_none() {
+            return self.sample(logits, params, ctx);
+        }
         let mut sorted: Vec<(u32, f32)> = (0u32..).zip(logits.iter().map(|&x| head_value(x))).collect();
         sorted.sort_unstable_by(by_logit_desc);
         let token = match self.pick_sorted(&sorted, None, params, ctx) {
             Pick::Token(t) => t,
-            Pick::Masked | Pick::NeedRow => match sorted.first() {
-                Some(&(id, v)) if v > f32::NEG_INFINITY => id,
-                _ => 0,
-            },
+            Pick::Masked | Pick::NeedRow => raw_argmax(&sorted),
         };
+        self.pending_draw = None;
         let logprob = params.logprobs.map(|n| token_logprob(logits, token, n));
         Sampled { token, logprob }
     }
 
-    /// The stages over `sorted` (raw logits, descending, ties to the lower id). `tail_total` is
-    /// `Σ exp((l - max) / T)` over the whole row when `sorted` is only its head, `None` when it is
-    /// the whole row.
+    /// The uniform number of this token's draw: the one a walk over the head left, or a new one.
+    fn draw(&mut self) -> f32 {
+        self.pending_draw.take().unwrap_or_else(|| self.rng.random::<f32>())
+    }
+
+    /// The stages over `sorted` (raw logits, descending, ties to the lower id), as
+    /// `Sampler::sample_processed` runs them. `tail_total` is `Σ exp((l - max) / T)` over the whole
+    /// row (`max` = `sorted[0]`) when `sorted` is only its head, `None` when it is the whole row.
     fn pick_sorted(
         &mut self,
         sorted: &[(u32, f32)],
@@ -104,32 +110,27 @@ impl Sampler {
         ctx: &SampleContext,
     ) -> Pick {
         let whole_row = tail_total.is_none();
-        let max = sorted.first().map_or(f32::NEG_INFINITY, |c| c.1);
-        if max == f32::NEG_INFINITY {
+        let raw_max = sorted.first().map_or(f32::NEG_INFINITY, |c| c.1);
+        if raw_max == f32::NEG_INFINITY {
             return Pick::Masked;
         }
-        // A suppressed id past the head holds mass the head cannot subtract.
-        if !whole_row && ctx.suppress.iter().any(|id| !sorted.iter().any(|c| c.0 == *id)) {
-            return Pick::NeedRow;
-        }
         let suppressed = |id: u32| ctx.suppress.contains(&id);
+        let allowed: Vec<(u32, f32)> =
+            sorted.iter().filter(|c| c.1 > f32::NEG_INFINITY && !suppressed(c.0)).copied().collect();
+        // Every token past the head is below every allowed one in it.
         if params.is_greedy() {
-            return match sorted.iter().find(|c| c.1 > f32::NEG_INFINITY && !suppressed(c.0)) {
+            return match allowed.first() {
                 Some(c) => Pick::Token(c.0),
                 None if whole_row => Pick::Masked,
                 None => Pick::NeedRow,
             };
         }
-        // Weights relative to the raw maximum: only their ratios matter.
-        let inv_t = 1.0 / params.temperature;
-        let weight = |v: f32| ((v - max) * inv_t).exp();
-        let mut cands: Vec<(u32, f32)> = sorted
-            .iter()
-            .filter(|c| c.1 > f32::NEG_INFINITY && !suppressed(c.0))
-            .map(|&(id, v)| (id, weight(v)))
-            .collect();
+        let Some(&(_, top)) = allowed.first() else {
+            return if whole_row { Pick::Masked } else { Pick::NeedRow };
+        };
         // Whether `cands` holds every token still in play (else the rest lies past the head).
         let mut complete = whole_row;
+        let mut cands = allowed;
         if params.top_k > 0 {
             if cands.len() >= params.top_k {
                 cands.truncate(params.top_k);
@@ -138,16 +139,38 @@ impl Sampler {
                 return Pick::NeedRow;
             }
         }
+        // A suppressed id past the head holds mass the head cannot subtract.
+        if !complete && ctx.suppress.iter().any(|id| !sorted.iter().any(|c| c.0 == *id)) {
+            return Pick::NeedRow;
+        }
+        // Weights relative to the most likely allowed token (weight 1), as the host's; zero (an
+        // underflow) and NaN weights (a `+inf` logit) drop out, as there.
+        let inv_t = 1.0 / params.temperature;
+        let weight = |v: f32, from: f32| ((v - from) * inv_t).exp();
+        let mut cands: Vec<(u32, f32)> = cands.into_iter().map(|(id, v)| (id, weight(v, top))).collect();
+        if !complete && cands.last().is_some_and(|c| c.1 == 0.0) {
+            complete = true; // the tail is no heavier than the head's last weight: nothing
+        }
+        cands.retain(|c| c.1 > 0.0);
         if cands.is_empty() {
-            return if complete { Pick::Masked } else { Pick::NeedRow };
+            // As the host: a draw is made, nothing is chosen.
+            self.draw();
+            return Pick::Masked;
         }
         let head_sum = |c: &[(u32, f32)]| c.iter().map(|c| c.1).sum::<f32>();
-        let mut total = match tail_total {
-            Some(all) if !complete => {
-                let dropped: f32 = sorted.iter().filter(|c| suppressed(c.0)).map(|c| weight(c.1)).sum();
-                all - dropped
+        let mut total = if complete {
+            head_sum(&cands)
+        } else {
+            // The device's sum counts from the raw maximum and includes the head's suppressed
+            // tokens. Their weight is taken off, unless they hold most of the sum: the difference
+            // would then be mostly rounding, and the row decides.
+            let all = tail_total.unwrap_or(f32::NAN);
+            let dropped: f32 = sorted.iter().filter(|c| suppressed(c.0)).map(|c| weight(c.1, raw_max)).sum();
+            let scale = weight(top, raw_max);
+            if !all.is_finite() || dropped * 2.0 > all || scale <= 0.0 {
+                return Pick::NeedRow;
             }
-            _ => head_sum(&cands),
+            (all - dropped) / scale
         };
         if params.top_p < 1.0 {
             let target = params.top_p * total;
@@ -166,16 +189,16 @@ impl Sampler {
             }
         }
         if params.min_p > 0.0 {
-            let threshold = params.min_p * cands[0].1;
-            let keep = cands.iter().take_while(|c| c.1 >= threshold).count();
+            // `cands[0]` is the most likely allowed token, weight 1.
+            let keep = cands.iter().take_while(|c| c.1 >= params.min_p).count();
             if keep == cands.len() && !complete {
                 return Pick::NeedRow;
             }
-            cands.truncate(keep);
+            cands.truncate(keep.max(1));
             complete = true;
             total = head_sum(&cands);
         }
-        let u = self.pending_draw.take().unwrap_or_else(|| self.rng.random::<f32>());
+        let u = self.draw();
         let mut x = u * total;
         for &(id, w) in &cands {
             if x < w {
@@ -185,11 +208,20 @@ impl Sampler {
         }
         if complete {
             // Rounding can leave `x` a hair above the last weight.
-            return Pick::Token(cands[cands.len() - 1].0);
+            return cands.last().map_or(Pick::Masked, |c| Pick::Token(c.0));
         }
         // The draw lands past the head: the whole row continues the walk with the same number.
         self.pending_draw = Some(u);
         Pick::NeedRow
+    }
+}
+
+/// The raw argmax of a sorted row or head: its first token, or 0 when nothing is above `-inf`
+/// (the host sampler's rule).
+fn raw_argmax(sorted: &[(u32, f32)]) -> u32 {
+    match sorted.first() {
+        Some(&(id, v)) if v > f32::NEG_INFINITY => id,
+        _ => 0,
     }
 }
 
@@ -224,7 +256,7 @@ mod tests {
     fn sample(s: &mut Sampler, row: &[f32], k: usize, params: &SamplingParams, ctx: &SampleContext) -> (u32, bool) {
         match s.sample_head(&head(row, k, params.temperature.max(1e-3)), params, ctx) {
             Some(out) => (out.token, false),
-            None => (s.sample_sorted_row(row, params, ctx).token, true),
+            None => (s.sample_row_after_head(row, params, ctx).token, true),
         }
     }
 
@@ -232,11 +264,23 @@ mod tests {
         (0..vocab).map(|_| rng.random_range(-spread..spread)).collect()
     }
 
-    /// Any head size gives exactly the choice the whole sorted row gives, for every stage.
+    /// The walk over the whole row sorted (what a head of the whole vocabulary settles).
+    fn sorted_walk(s: &mut Sampler, row: &[f32], params: &SamplingParams, ctx: &SampleContext) -> u32 {
+        let mut sorted: Vec<(u32, f32)> = (0u32..).zip(row.iter().map(|&x| head_value(x))).collect();
+        sorted.sort_by(by_logit_desc);
+        match s.pick_sorted(&sorted, None, params, ctx) {
+            Pick::Token(t) => t,
+            _ => raw_argmax(&sorted),
+        }
+    }
+
+    /// Whenever a head settles the choice, it is the choice the walk over the whole sorted row
+    /// makes with the same seed; and heads settle a good share of draws.
     #[test]
-    fn a_head_settles_what_the_whole_row_would() {
+    fn a_head_settles_only_what_the_whole_row_would() {
         let mut rng = StdRng::seed_from_u64(3);
         let base = SamplingParams { temperature: 0.8, ..SamplingParams::default() };
+        let greedy = SamplingParams { temperature: 0.0, ..base.clone() };
         let cases = [
             base.clone(),
             SamplingParams { top_k: 5, ..base.clone() },
@@ -244,32 +288,35 @@ mod tests {
             SamplingParams { top_p: 0.95, temperature: 1.5, ..base.clone() },
             SamplingParams { min_p: 0.2, ..base.clone() },
             SamplingParams { top_k: 40, top_p: 0.9, min_p: 0.05, ..base.clone() },
-            SamplingParams { temperature: 0.0, ..base.clone() },
+            SamplingParams { temperature: 0.05, top_p: 0.9, ..base.clone() },
+            greedy.clone(),
         ];
-        let (mut from_row, mut from_head) = (0, 0);
+        let (mut settled, mut asked) = (0, 0);
         for (c, params) in cases.iter().enumerate() {
             for trial in 0..60u64 {
                 let spread = [1.0, 4.0, 12.0][trial as usize % 3];
                 let logits = row(&mut rng, 500, spread);
-                let suppress: Vec<u32> = if trial % 4 == 0 { vec![logits.len() as u32 - 1, 7] } else { vec![] };
+                // Now and then the most likely token suppressed (EOS under `min_tokens`), with an
+                // id that no small head holds.
+                let best = sorted_walk(&mut Sampler::new(&greedy, 0), &logits, &greedy, &SampleContext::default());
+                let suppress: Vec<u32> = if trial % 4 == 0 { vec![best, 7] } else { vec![] };
                 let ctx = SampleContext { suppress: &suppress, ..SampleContext::default() };
                 let seed = trial * 31 + c as u64;
-                let want = Sampler::new(params, seed).sample_sorted_row(&logits, params, &ctx).token;
+                let want = sorted_walk(&mut Sampler::new(params, seed), &logits, params, &ctx);
                 for k in [1, 8, 64, 500] {
-                    let (got, fetched) = sample(&mut Sampler::new(params, seed), &logits, k, params, &ctx);
-                    assert_eq!(got, want, "case {c} trial {trial} k {k}");
-                    if k < 500 {
-                        if fetched {
-                            from_row += 1;
-                        } else {
-                            from_head += 1;
+                    let h = head(&logits, k, params.temperature.max(1e-3));
+                    match Sampler::new(params, seed).sample_head(&h, params, &ctx) {
+                        Some(got) => {
+                            assert_eq!(got.token, want, "case {c} trial {trial} k {k}");
+                            settled += 1;
                         }
+                        None => assert!(k < 500, "case {c} trial {trial}: the whole row settles everything"),
                     }
+                    asked += 1;
                 }
             }
         }
-        // Both ways were taken (flat rows and small heads send many draws past the head).
-        assert!(from_head > 100 && from_row > 100, "head {from_head}, row {from_row}");
+        assert!(settled * 2 > asked && settled < asked, "{settled} of {asked} settled by the head");
     }
 
     /// The head path and the host sampler draw from one distribution: frequencies over many seeds
@@ -280,18 +327,24 @@ mod tests {
         let logits = row(&mut rng, 50, 3.0);
         let base = SamplingParams { temperature: 0.9, ..SamplingParams::default() };
         let suppress = [logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32];
-        for (params, suppress) in [
-            (base.clone(), &[][..]),
-            (SamplingParams { top_k: 6, ..base.clone() }, &[][..]),
-            (SamplingParams { top_p: 0.7, ..base.clone() }, &suppress[..]),
-            (SamplingParams { min_p: 0.1, temperature: 1.4, ..base.clone() }, &[][..]),
+        // The most likely token suppressed and far ahead of the rest: weights must count from the
+        // best allowed token, not the suppressed one (they would all underflow at T = 0.1).
+        let mut dominant = logits.clone();
+        dominant[suppress[0] as usize] += 40.0;
+        for (params, suppress, logits) in [
+            (base.clone(), &[][..], &logits),
+            (SamplingParams { top_k: 6, ..base.clone() }, &[][..], &logits),
+            (SamplingParams { top_p: 0.7, ..base.clone() }, &suppress[..], &logits),
+            (SamplingParams { min_p: 0.1, temperature: 1.4, ..base.clone() }, &[][..], &logits),
+            (SamplingParams { temperature: 0.1, ..base.clone() }, &suppress[..], &dominant),
+            (SamplingParams { temperature: 1.0, top_p: 0.9, ..base.clone() }, &suppress[..], &dominant),
         ] {
             let ctx = SampleContext { suppress, ..SampleContext::default() };
             let n = 20_000;
             let (mut host, mut ours) = (vec![0f64; 50], vec![0f64; 50]);
             for seed in 0..n {
-                host[Sampler::new(&params, seed).sample(&logits, &params, &ctx).token as usize] += 1.0;
-                ours[sample(&mut Sampler::new(&params, seed + n), &logits, 8, &params, &ctx).0 as usize] += 1.0;
+                host[Sampler::new(&params, seed).sample(logits, &params, &ctx).token as usize] += 1.0;
+                ours[sample(&mut Sampler::new(&params, seed + n), logits, 8, &params, &ctx).0 as usize] += 1.0;
             }
             for (id, (h, o)) in host.iter().zip(&ours).enumerate() {
                 let p = h / n as f64;
@@ -301,6 +354,31 @@ mod tests {
                 if suppress.contains(&(id as u32)) {
                     assert_eq!(o, &0.0, "a suppressed id was drawn");
                 }
+            }
+        }
+    }
+
+    /// A `+inf` logit: the host takes it (its weight is NaN, every other 0: nothing is drawable, so
+    /// the raw argmax); so does the head, with and without `min_p`, without a panic.
+    #[test]
+    fn an_infinite_logit_is_the_raw_argmax() {
+        let mut logits = vec![0.5f32; 300];
+        logits[42] = f32::INFINITY;
+        logits[7] = 2.0;
+        for params in [
+            SamplingParams { temperature: 0.7, ..SamplingParams::default() },
+            SamplingParams { temperature: 0.7, min_p: 0.1, ..SamplingParams::default() },
+            SamplingParams { temperature: 0.7, top_k: 3, top_p: 0.5, ..SamplingParams::default() },
+        ] {
+            let ctx = SampleContext::default();
+            let want = Sampler::new(&params, 1).sample(&logits, &params, &ctx).token;
+            assert_eq!(want, 42);
+            for k in [4, 300] {
+                assert_eq!(
+                    sample(&mut Sampler::new(&params, 1), &logits, k, &params, &ctx).0,
+                    want,
+                    "{params:?} k {k}"
+                );
             }
         }
     }
