@@ -268,19 +268,27 @@ impl ModelRunner {
         for (row, t) in block_tables.chunks_mut(max_blocks).zip(&tables) {
             row[..t.len()].copy_from_slice(t);
         }
-        let dev = self.model.device();
-        let u32s = |v: Vec<u32>, dev: &Device| -> Result<Tensor> {
-            let len = v.len();
-            Ok(Tensor::from_vec(v, len, dev)?)
-        };
+        // One upload for all of it (off the CPU each upload is an allocation and a copy), then
+        // views: the ops read a tensor's elements from its layout's offset.
+        let parts = [token_ids, positions, slot_mapping, block_tables, cu_seqlens_q, seq_lens, sample_rows];
+        let lens: Vec<usize> = parts.iter().map(Vec::len).collect();
+        let all = Tensor::from_vec(parts.concat(), lens.iter().sum::<usize>(), self.model.device())?;
+        let mut views = Vec::with_capacity(parts.len());
+        let mut at = 0;
+        for len in lens {
+            views.push(all.narrow(0, at, len)?);
+            at += len;
+        }
+        let [token_ids, positions, slot_mapping, block_tables, cu_seqlens_q, seq_lens, sample_rows] =
+            <[Tensor; 7]>::try_from(views).map_err(|_| EngineError::Model("step metadata: seven parts".into()))?;
         Ok(StepInput {
-            token_ids: u32s(token_ids, dev)?,
-            positions: u32s(positions, dev)?,
-            slot_mapping: u32s(slot_mapping, dev)?,
-            block_tables: Tensor::from_vec(block_tables, (tables.len(), max_blocks), dev)?,
-            cu_seqlens_q: u32s(cu_seqlens_q, dev)?,
-            seq_lens: u32s(seq_lens, dev)?,
-            sample_rows: u32s(sample_rows, dev)?,
+            token_ids,
+            positions,
+            slot_mapping,
+            block_tables: block_tables.reshape((tables.len(), max_blocks))?,
+            cu_seqlens_q,
+            seq_lens,
+            sample_rows,
         })
     }
 }
