@@ -101,20 +101,23 @@ impl fmt::Display for KvBudget {
 /// vocabulary entry: the logits in the dtype and in f32, and the device argmax's temporaries.
 /// Plus [`FIXED_RESERVE`].
 pub fn activation_reserve(model: &LlamaConfig, vocab: usize, scheduler: &SchedulerConfig, dtype_size: usize) -> usize {
-    let (h, kv, d) = (model.num_heads, model.num_kv_heads, model.head_dim);
-    let per_token = 3 * model.hidden_size + 2 * (h + 2 * kv) * d + h * d + 5 * model.intermediate_size;
     let tokens = scheduler.max_batch_tokens;
     let sampled = scheduler.max_num_seqs.min(tokens);
-    2 * tokens * per_token * dtype_size + sampled * vocab * 16 + FIXED_RESERVE
+    step_bytes(model, vocab, tokens, sampled, dtype_size) + FIXED_RESERVE
+}
+
+/// One step's activations for `tokens` tokens and logits for `sampled` rows, as counted above.
+fn step_bytes(model: &LlamaConfig, vocab: usize, tokens: usize, sampled: usize, dtype_size: usize) -> usize {
+    let (h, kv, d) = (model.num_heads, model.num_kv_heads, model.head_dim);
+    let per_token = 3 * model.hidden_size + 2 * (h + 2 * kv) * d + h * d + 5 * model.intermediate_size;
+    2 * tokens * per_token * dtype_size + sampled * vocab * 16
 }
 
 /// What decode steps replayed as CUDA graphs hold besides [`activation_reserve`]: the buffer their
 /// logits land in, and a decode step of `max_batch` rows' activations and logits in the graphs'
 /// own memory pool (graph memory is set apart from the memory eager steps reuse).
 pub fn graph_reserve(model: &LlamaConfig, vocab: usize, max_batch: usize, dtype_size: usize) -> usize {
-    let (h, kv, d) = (model.num_heads, model.num_kv_heads, model.head_dim);
-    let per_token = 3 * model.hidden_size + 2 * (h + 2 * kv) * d + h * d + 5 * model.intermediate_size;
-    max_batch * vocab * 4 + 2 * max_batch * per_token * dtype_size + max_batch * vocab * 16
+    max_batch * vocab * 4 + step_bytes(model, vocab, max_batch, max_batch, dtype_size)
 }
 
 /// Free and total memory of `device`'s GPU, measured after all queued work has finished (so that
