@@ -46,6 +46,12 @@ pub const REQUEST_SUCCESS: &str = "sluice_request_success_total";
 pub const NUM_PREEMPTIONS: &str = "sluice_num_preemptions_total";
 /// Counter: circuit breaker transitions, label `state` (the state entered).
 pub const BREAKER_STATE_CHANGES: &str = "sluice_breaker_state_changes_total";
+/// Counter: generated tokens by where the sampler's input came from, label `readout`:
+/// `device_argmax` (only the id was copied back), `device_head` (a head of the distribution), `host`
+/// (the whole row of logits).
+pub const SAMPLED_TOKENS: &str = "sluice_sampled_tokens_total";
+/// Counter: decode steps replayed from a CUDA graph (`--cuda-graphs`).
+pub const CUDA_GRAPH_REPLAYS: &str = "sluice_cuda_graph_replays_total";
 /// Counter: errors, label `type`. The engine counts failed model steps as `model_step`.
 pub const ERRORS: &str = "sluice_errors_total";
 
@@ -71,6 +77,12 @@ pub fn describe() {
     describe_counter!(NUM_PREEMPTIONS, Unit::Count, "Sequences preempted for lack of KV blocks.");
     describe_counter!(BREAKER_STATE_CHANGES, Unit::Count, "Circuit breaker transitions by the state entered.");
     describe_counter!(ERRORS, Unit::Count, "Errors by type.");
+    describe_counter!(
+        SAMPLED_TOKENS,
+        Unit::Count,
+        "Generated tokens by where the sampler read its row: device argmax, device head or the whole row on the host."
+    );
+    describe_counter!(CUDA_GRAPH_REPLAYS, Unit::Count, "Decode steps replayed from a CUDA graph.");
 }
 
 /// One engine step that ran: its size in sequences and tokens, and the tokens it generated.
@@ -84,6 +96,19 @@ pub(crate) fn record_step(step: &StepRecord) {
     histogram!(BATCH_SIZE).record(step.seqs as f64);
     histogram!(ITERATION_TOKENS).record(step.tokens as f64);
     counter!(GENERATION_TOKENS).increment(step.generated as u64);
+}
+
+/// How a step's tokens were sampled (see [`SAMPLED_TOKENS`]), and how many of its decode steps
+/// (0 or 1) were graph replays.
+pub(crate) fn record_sampling(device_argmax: u64, device_head: u64, host: u64, graph_replays: u64) {
+    for (readout, n) in [("device_argmax", device_argmax), ("device_head", device_head), ("host", host)] {
+        if n > 0 {
+            counter!(SAMPLED_TOKENS, "readout" => readout).increment(n);
+        }
+    }
+    if graph_replays > 0 {
+        counter!(CUDA_GRAPH_REPLAYS).increment(graph_replays);
+    }
 }
 
 /// Sequences preempted while a step was scheduled.

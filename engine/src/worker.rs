@@ -344,6 +344,16 @@ impl Worker {
         let pairs: Vec<(RequestId, u32)> = sampled.iter().map(|(id, c)| (*id, c.token)).collect();
         self.scheduler.update(batch, &pairs);
         metrics::record_step(&StepRecord { seqs: batch.seqs.len(), tokens: batch.num_tokens, generated: pairs.len() });
+        let generated = pairs.len() as u64;
+        let graph_counts = self.runner.graph_counts();
+        let (argmaxed, from_rows) = match &logits {
+            StepLogits::Ids(_) => (generated, 0),
+            StepLogits::Heads { .. } => (0, generated.saturating_sub(from_heads)),
+            StepLogits::Rows(_) => (0, generated),
+        };
+        let replays =
+            self.shared.stats.lock().map_or(0, |s| graph_counts.replayed.saturating_sub(s.decode_graphs.replayed));
+        metrics::record_sampling(argmaxed, from_heads, from_rows, replays);
         if let Ok(mut s) = self.shared.stats.lock() {
             s.steps += 1;
             s.generated_tokens += pairs.len() as u64;
@@ -355,7 +365,7 @@ impl Worker {
                 }
                 StepLogits::Rows(_) => {}
             }
-            s.decode_graphs = self.runner.graph_counts();
+            s.decode_graphs = graph_counts;
             s.prompt_tokens += (batch.num_tokens - batch.seqs.iter().filter(|s| s.len == 1 && s.sample).count()) as u64;
         }
         for (id, choice) in sampled {

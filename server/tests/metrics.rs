@@ -40,6 +40,7 @@ const METRICS: &[(&str, &str)] = &[
     ("sluice_num_preemptions_total", "counter"),
     ("sluice_breaker_state_changes_total", "counter"),
     ("sluice_errors_total", "counter"),
+    ("sluice_sampled_tokens_total", "counter"),
     ("sluice_response_cache_queries_total", "counter"),
     ("sluice_response_cache_hits_total", "counter"),
     ("sluice_rate_limited_requests_total", "counter"),
