@@ -137,6 +137,9 @@ print(":".join(sorted(dirs)))') || libs=""
     step attention-again 45 "$bin/paged_attention_bench" cuda
     step serve 80 python3 scripts/gpu_proof/serve_check.py "$bin/sluice" "$model" --dtype bf16
     cp "$work/serve.log" "$LOGS/serve-server.log" 2>/dev/null || true
+    # The server again with decode steps replayed as CUDA graphs (its log counts the replays).
+    step serve-graphs 80 python3 scripts/gpu_proof/serve_check.py "$bin/sluice" "$model" --dtype bf16 --cuda-graphs
+    cp "$work/serve.log" "$LOGS/serve-graphs-server.log" 2>/dev/null || true
     # The same random model as a Q4_1 GGUF: candle's quantized matmul on CUDA against the same
     # weights dequantized to bf16 (--gpu-weights dense), and the GPU against our CPU path.
     step gguf 80 python3 scripts/gguf-from-hf.py "$model" "$CARRY/tokenizer.gguf" "$gguf"

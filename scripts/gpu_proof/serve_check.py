@@ -79,7 +79,11 @@ try:
     metrics = get("/metrics")[1]
     print("\n".join(l for l in metrics.splitlines() if l.startswith(("sluice_kv_cache_usage", "sluice_batch_size_count",
                                                                          "sluice_generation_tokens_total",
-                                                                         "sluice_request_success_total")))[:1500])
+                                                                         "sluice_request_success_total",
+                                                                         "sluice_sampled_tokens_total",
+                                                                         "sluice_cuda_graph_replays_total")))[:1500])
+    if "--cuda-graphs" in extra and "sluice_cuda_graph_replays_total" not in metrics:
+        failures.append("--cuda-graphs: no decode step was replayed from a graph")
 finally:
     server.send_signal(signal.SIGTERM)
     try:
