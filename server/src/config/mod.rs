@@ -75,6 +75,11 @@ pub struct Settings {
     /// launch); a failed capture is logged and steps run eagerly [default: false].
     #[arg(long, env = "SLUICE_CUDA_GRAPHS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub cuda_graphs: Option<bool>,
+    /// Where sampled rows are read: auto (off the CPU from the device: greedy argmaxes, and for
+    /// sampled requests the 128 most likely tokens, the whole row only when needed), device or host
+    /// (every row copied whole; on CUDA a seed then gives the CPU's tokens) [default: auto].
+    #[arg(long, env = "SLUICE_DEVICE_SAMPLING")]
+    pub device_sampling: Option<String>,
     /// Start a batch when this many requests wait [default: 32].
     #[arg(long, env = "SLUICE_MAX_BATCH_SIZE", value_name = "N")]
     pub max_batch_size: Option<usize>,
@@ -259,6 +264,7 @@ impl Settings {
             gpu_weights: self.gpu_weights.or(file.gpu_weights),
             gpu_memory_utilization: self.gpu_memory_utilization.or(file.gpu_memory_utilization),
             cuda_graphs: self.cuda_graphs.or(file.cuda_graphs),
+            device_sampling: self.device_sampling.or(file.device_sampling),
             max_batch_size: self.max_batch_size.or(file.max_batch_size),
             batch_timeout: self.batch_timeout.or(file.batch_timeout),
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
@@ -372,6 +378,9 @@ fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
         config.gpu_memory_utilization = u;
     }
     config.cuda_graphs = s.cuda_graphs.unwrap_or(false);
+    if let Some(d) = &s.device_sampling {
+        config.device_sampling = d.parse().map_err(|e| ConfigError(format!("`device_sampling`: {e}")))?;
+    }
     let defaults = SchedulerConfig::default();
     config.scheduler = SchedulerConfig {
         max_batch_size: positive("max_batch_size", s.max_batch_size, defaults.max_batch_size)?,

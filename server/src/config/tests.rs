@@ -3,7 +3,7 @@ use std::io::Write;
 use clap::Parser;
 
 use super::*;
-use sluice_engine::GpuWeights;
+use sluice_engine::{DeviceSampling, GpuWeights};
 
 #[derive(Parser)]
 struct Cli {
@@ -206,6 +206,11 @@ fn gpu_settings_default_and_reach_the_engine_config() {
     let c = load(&["--model", &path, "--config", &file.0.display().to_string(), "--cuda-graphs", "false"]).unwrap();
     assert!(!c.engine.cuda_graphs, "the flag beats the file");
     assert!(load(&["--model", &path, "--cuda-graphs"]).unwrap().engine.cuda_graphs);
+    assert_eq!(e.device_sampling, DeviceSampling::Auto);
+    let c = load(&["--model", &path, "--device-sampling", "host"]).unwrap();
+    assert_eq!(c.engine.device_sampling, DeviceSampling::Host);
+    let err = load(&["--model", &path, "--device-sampling", "gpu"]).unwrap_err().0;
+    assert!(err.contains("`device_sampling`"), "{err}");
     let c = load(&["--model", &path, "--gpu-memory-utilization", "0.75", "--kv-cache-memory", "2GiB"]).unwrap();
     assert_eq!((c.engine.gpu_memory_utilization, c.engine.kv_cache_memory), (0.75, Some(2 << 30)));
 }
