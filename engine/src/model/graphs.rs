@@ -70,9 +70,10 @@ pub struct DecodeGraphs {
     meta: Tensor,
     /// `[max_batch * width]` u32: the block tables, `width` per row.
     tables: Tensor,
-    /// `[max_batch, vocab]` f32: a replayed step's logits.
+    /// `[max_batch, vocab]` f32: a captured or replayed step's logits (no rows when nothing is
+    /// captured).
     logits: Tensor,
-    /// `[max_batch]` u32: a replayed step's argmax.
+    /// `[max_batch]` u32: their argmax.
     ids: Tensor,
     graphs: HashMap<usize, capture::Graph>,
     /// Whether buckets are captured (on CUDA, until a capture fails).
@@ -89,16 +90,19 @@ impl DecodeGraphs {
         let max_batch = bucket_for(max_num_seqs.clamp(1, MAX_GRAPH_BATCH));
         let width = max_blocks_per_seq.max(1);
         let dev = model.device();
+        let capture = dev.is_cuda();
+        // Only a capture writes its outputs into buffers; eager padded steps return their own.
+        let out_rows = if capture { max_batch } else { 0 };
         Ok(Self {
             max_batch,
             width,
             block_size,
             meta: Tensor::zeros(6 * max_batch + 1, DType::U32, dev)?,
             tables: Tensor::zeros(max_batch * width, DType::U32, dev)?,
-            logits: Tensor::zeros((max_batch, model.vocab_size()), DType::F32, dev)?,
-            ids: Tensor::zeros(max_batch, DType::U32, dev)?,
+            logits: Tensor::zeros((out_rows, model.vocab_size()), DType::F32, dev)?,
+            ids: Tensor::zeros(out_rows, DType::U32, dev)?,
             graphs: HashMap::new(),
-            capture: model.device().is_cuda(),
+            capture,
             capture_failed: false,
             counts: GraphCounts::default(),
         })
