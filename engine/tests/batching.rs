@@ -49,16 +49,22 @@ fn chunked_prefill_and_preemption_keep_outputs_identical() {
 
     // A pool of 12 blocks of 16 tokens (192 tokens) for 16 sequences of ~40-60 tokens, and a
     // step budget of 24 tokens so prompts are prefilled in chunks.
-    let tight = common::engine_with(|c| {
-        c.kv_cache_memory = Some(12 * 16 * 2 * 30 * 3 * 64 * 4);
-        c.scheduler.max_batch_tokens = 24;
-    });
-    assert_eq!(tight.model_info().num_kv_blocks, 12);
-    let together = collect_all(submit_all(&tight, &prompts));
-    let stats = tight.stats();
-    assert!(stats.preemptions > 0, "the KV budget was meant to force preemption");
-    for ((p, a), t) in prompts.iter().zip(alone).zip(&together) {
-        assert_eq!(a, t, "{p:?}: output changed under chunked prefill and preemption");
+    // Then again with decode steps padded to fixed batch sizes (the CUDA-graph path, eager on the
+    // CPU), whose buffers must follow block tables that preemption empties and refills.
+    for cuda_graphs in [false, true] {
+        let tight = common::engine_with(|c| {
+            c.kv_cache_memory = Some(12 * 16 * 2 * 30 * 3 * 64 * 4);
+            c.scheduler.max_batch_tokens = 24;
+            c.cuda_graphs = cuda_graphs;
+        });
+        assert_eq!(tight.model_info().num_kv_blocks, 12);
+        let together = collect_all(submit_all(&tight, &prompts));
+        let stats = tight.stats();
+        assert!(stats.preemptions > 0, "the KV budget was meant to force preemption");
+        assert_eq!(stats.decode_graphs.eager > 0, cuda_graphs, "{:?}", stats.decode_graphs);
+        for ((p, a), t) in prompts.iter().zip(alone).zip(&together) {
+            assert_eq!(a, t, "{p:?}: output changed under chunked prefill and preemption (graphs {cuda_graphs})");
+        }
+        common::wait_for_empty_pool(&tight);
     }
-    common::wait_for_empty_pool(&tight);
 }
