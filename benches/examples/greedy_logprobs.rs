@@ -16,6 +16,9 @@ use sluice_engine::{DType, DeviceSpec, Engine, EngineConfig, Request, SamplingPa
 const TOP: usize = 5;
 
 fn main() -> anyhow::Result<()> {
+    // The engine's warnings (a failed CUDA graph capture, say) on stderr, or what `RUST_LOG` asks for.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut flag = |name: &str| match args.iter().position(|a| a == name) {
         Some(i) => {

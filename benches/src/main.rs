@@ -396,7 +396,14 @@ async fn serve_bench(args: ServeArgs) -> anyhow::Result<()> {
     write_outputs(&args.output, &runs)
 }
 
+/// The engine's log on stderr: warnings and errors, or what `RUST_LOG` asks for.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
 fn main() -> anyhow::Result<()> {
+    init_logging();
     match Cli::parse().command {
         Command::Engine(args) => engine_bench(args),
         Command::Serve(args) => {
