@@ -37,6 +37,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut config = EngineConfig::new(model);
     config.device = DeviceSpec::parse(device)?;
+    let config_device_is_cpu = config.device == DeviceSpec::Cpu;
     config.dtype = match dtype.as_str() {
         "f32" => DType::F32,
         "f16" => DType::F16,
@@ -71,6 +72,11 @@ fn main() -> anyhow::Result<()> {
     if cuda_graphs {
         let g = engine.stats().decode_graphs;
         eprintln!("decode graphs: {} captured, {} replayed, {} padded eager steps", g.captured, g.replayed, g.eager);
+        // On a GPU, a run that asked for graphs and replayed none proves nothing about them.
+        anyhow::ensure!(
+            config_device_is_cpu || g.replayed > 0,
+            "--cuda-graphs: no decode step was replayed from a CUDA graph (see the warnings above)"
+        );
     }
     Ok(())
 }

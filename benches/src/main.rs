@@ -285,7 +285,7 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
         "engine: {} steps, {} prompt and {} generated tokens, {} of them chosen by the device argmax, {} preemptions",
         stats.steps, stats.prompt_tokens, stats.generated_tokens, stats.device_argmax_tokens, stats.preemptions
     );
-    if stats.head_tokens > 0 {
+    if stats.head_tokens + stats.fetched_rows > 0 {
         println!(
             "device sampling: {} tokens from heads of the distribution, {} rows copied whole",
             stats.head_tokens, stats.fetched_rows

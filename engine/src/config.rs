@@ -73,7 +73,9 @@ pub struct EngineConfig {
     /// Off the CPU: whether GGUF-quantized projection weights stay quantized (candle's `QMatMul`
     /// kernels) or are dequantized to `dtype` at load.
     pub gpu_weights: GpuWeights,
-    /// Where the argmax of a plain greedy row is taken (on the device off the CPU by default).
+    /// Where sampled rows are read: from the device (plain greedy rows' argmaxes, other rows'
+    /// heads of the distribution, a whole row only when needed) or whole on the host. `Auto`: from
+    /// the device off the CPU, on the host on the CPU.
     pub device_sampling: DeviceSampling,
     /// Decode steps (every sequence one token) padded to fixed batch sizes and, on CUDA, captured
     /// once per size as a CUDA graph and replayed: one launch a step instead of hundreds. If a

@@ -263,11 +263,9 @@ fn argmax_slice(values: &[f32]) -> u32 {
     values[start..].iter().position(|&v| v == max).map_or(0, |i| (start + i) as u32)
 }
 
-/// Descending by value (logit or weight), ties to the lower id: a total order on the NaN-free
-/// values it sees, so selections are reproducible. `-0` and `+0` are equal (as in the argmax and
-/// in a row's head on the device), so between them the lower id comes first.
+/// Descending by value (logit or weight), ties to the lower id: a total order, so selections are reproducible.
 fn by_weight_desc(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
-    b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal).then(a.0.cmp(&b.0))
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
 /// Keeps the smallest set of most likely candidates whose weight reaches `p` of the total, in

@@ -52,8 +52,9 @@ for run, files in (("bf16 safetensors", "bench-bf16-*.json"), ("bf16, CUDA graph
     for path in sorted(glob.glob(os.path.join(logs, files)), key=lambda p: int(p.rsplit("-", 1)[1][:-5])):
         s = json.load(open(path))
         c, tps, tpot = s["concurrency"], s["output_throughput"], s["tpot"]["p50_ms"]
-        base = base or tps
-        print(f"| {run} | {c} | {tps:.0f} | {tpot:.3f} | {floor_ms / tpot:.0%} | {tps / base:.1f}x |")
+        base = base or (tps if c == 1 else None)
+        versus = f"{tps / base:.1f}x" if base else "-"
+        print(f"| {run} | {c} | {tps:.0f} | {tpot:.3f} | {floor_ms / tpot:.0%} | {versus} |")
 print("\nTargets: batch-1 decode >= 60% of the floor; batch 256 >= 25x batch 1.\n")
 for title, name in (("Steps", "steps.txt"), ("Kernel tests (step 1)", "kernels.log"),
                     ("Logits against transformers (step 2)", "compare.log"),

@@ -324,11 +324,7 @@ fn check_heads(device: &Device, vocab: usize) -> bool {
         let inv_temps = Tensor::new(&[1.0f32, 0.5, 2.0, 1.3], &Device::Cpu)?;
         let want = top_candidates(&logits, &inv_temps, k)?.to_vec2::<f32>()?;
         let got = top_candidates(&logits.to_device(device)?, &inv_temps.to_device(device)?, k)?.to_vec2::<f32>()?;
-        Ok(want.iter().zip(&got).all(|(w, g)| {
-            let ((w_top, w1, wt), (g_top, g1, gt)) = (split_row(w, k), split_row(g, k));
-            let close = |a: f32, b: f32| (a - b).abs() <= 1e-3 * a.abs().max(1.0);
-            w_top == g_top && close(w1, g1) && close(wt, gt)
-        }))
+        Ok(heads_agree(&want, &got, k))
     };
     match run() {
         Ok(true) => true,
@@ -341,6 +337,17 @@ fn check_heads(device: &Device, vocab: usize) -> bool {
             false
         }
     }
+}
+
+/// Whether two `top_candidates` outputs of `k` per row agree: the same rows, ids and logits, sums
+/// within 1e-3 (relative above 1).
+fn heads_agree(want: &[Vec<f32>], got: &[Vec<f32>], k: usize) -> bool {
+    want.len() == got.len()
+        && want.iter().zip(got).all(|(w, g)| {
+            let ((w_top, w1, wt), (g_top, g1, gt)) = (split_row(w, k), split_row(g, k));
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-3 * a.abs().max(1.0);
+            w_top == g_top && close(w1, g1) && close(wt, gt)
+        })
 }
 
 /// The argmax of each row of `[rows, vocab]` f32 logits by the sampler's greedy rule: the lowest
@@ -390,12 +397,30 @@ mod tests {
     }
 
     #[test]
-    fn the_heads_check_passes_where_the_kernel_is_right() {
-        // On the CPU the kernel is its own reference; this runs the check's rows, edge cases and
-        // small vocabularies (fewer than `HEAD_SIZE` tokens) through it.
+    fn the_heads_check_runs_and_rejects_a_wrong_head() -> Result<()> {
+        // The check's rows (edge cases, vocabularies smaller than `HEAD_SIZE`) run through the op.
         for vocab in [1, 50, 3000] {
             assert!(check_heads(&Device::Cpu, vocab), "vocabulary of {vocab}");
         }
+        // What it compares: any wrong id, logit or sum fails it, rounding of the sums does not.
+        let k = 4;
+        let logits = Tensor::randn(0f32, 2f32, (3, 40), &Device::Cpu)?;
+        let want = top_candidates(&logits, &Tensor::new(&[1.0f32, 0.5, 2.0], &Device::Cpu)?, k)?.to_vec2::<f32>()?;
+        assert!(heads_agree(&want, &want, k));
+        let nudged = |i: usize, f: &dyn Fn(f32) -> f32| {
+            let mut got = want.clone();
+            got[1][i] = f(got[1][i]);
+            got
+        };
+        assert!(heads_agree(&want, &nudged(2 * k, &|s| s * (1.0 + 1e-5)), k), "sum rounding");
+        assert!(!heads_agree(&want, &nudged(2 * k + 1, &|s| s * 1.01), k), "a tempered sum off by 1%");
+        assert!(!heads_agree(&want, &nudged(0, &|v| v - 1e-3), k), "a logit");
+        assert!(!heads_agree(&want, &nudged(k + 1, &|id| f32::from_bits(id.to_bits() + 1)), k), "an id");
+        let mut swapped = want.clone();
+        swapped[2].swap(k, k + 1);
+        assert!(!heads_agree(&want, &swapped, k), "two ids swapped");
+        assert!(!heads_agree(&want, &want[..2], k), "a row missing");
+        Ok(())
     }
 
     #[test]

@@ -76,8 +76,9 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_CUDA_GRAPHS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub cuda_graphs: Option<bool>,
     /// Where sampled rows are read: auto (off the CPU from the device: greedy argmaxes, and for
-    /// sampled requests the 128 most likely tokens, the whole row only when needed), device or host
-    /// (every row copied whole; on CUDA a seed then gives the CPU's tokens) [default: auto].
+    /// sampled requests the 128 most likely tokens, the whole row only when needed; on the CPU whole
+    /// rows), device (from the device on the CPU too, for tests) or host (every row copied whole and
+    /// sampled by the CPU's sampler) [default: auto].
     #[arg(long, env = "SLUICE_DEVICE_SAMPLING")]
     pub device_sampling: Option<String>,
     /// Start a batch when this many requests wait [default: 32].
@@ -377,7 +378,8 @@ fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
     if let Some(u) = s.gpu_memory_utilization {
         config.gpu_memory_utilization = u;
     }
-    config.cuda_graphs = s.cuda_graphs.unwrap_or(false);
+    // Graphs are a CUDA thing; on the CPU the engine would only pad steps (its test mode).
+    config.cuda_graphs = s.cuda_graphs.unwrap_or(false) && config.device != DeviceSpec::Cpu;
     if let Some(d) = &s.device_sampling {
         config.device_sampling = d.parse().map_err(|e| ConfigError(format!("`device_sampling`: {e}")))?;
     }

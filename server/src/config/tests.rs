@@ -202,10 +202,15 @@ fn gpu_settings_default_and_reach_the_engine_config() {
     let file = TempFile::new("gpu.toml", "gpu_memory_utilization = 0.5\ngpu_weights = \"dense\"\ncuda_graphs = true\n");
     let c = load(&["--model", &path, "--config", &file.0.display().to_string()]).unwrap();
     assert_eq!((c.engine.gpu_memory_utilization, c.engine.gpu_weights), (0.5, GpuWeights::Dense));
-    assert!(c.engine.cuda_graphs, "from the file");
-    let c = load(&["--model", &path, "--config", &file.0.display().to_string(), "--cuda-graphs", "false"]).unwrap();
-    assert!(!c.engine.cuda_graphs, "the flag beats the file");
-    assert!(load(&["--model", &path, "--cuda-graphs"]).unwrap().engine.cuda_graphs);
+    assert!(!c.engine.cuda_graphs, "no graphs on the CPU, whatever the file says");
+    let cuda = |args: &[&str]| {
+        let mut all = vec!["--model", &path, "--device", "cuda"];
+        all.extend_from_slice(args);
+        load(&all).unwrap().engine.cuda_graphs
+    };
+    assert!(cuda(&["--config", &file.0.display().to_string()]), "from the file");
+    assert!(!cuda(&["--config", &file.0.display().to_string(), "--cuda-graphs", "false"]), "the flag beats the file");
+    assert!(cuda(&["--cuda-graphs"]) && !cuda(&[]));
     assert_eq!(e.device_sampling, DeviceSampling::Auto);
     let c = load(&["--model", &path, "--device-sampling", "host"]).unwrap();
     assert_eq!(c.engine.device_sampling, DeviceSampling::Host);
