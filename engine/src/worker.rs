@@ -14,13 +14,17 @@ use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::engine::{Command, Shared};
 use crate::error::EngineError;
 use crate::metrics::{self, FinishRecord, StepRecord};
-use crate::model::{readable, ModelRunner, Readout, StepLogits};
-use crate::sampling::{RowHead, SampleContext, Sampled, Sampler, SamplingParams};
+use crate::model::{ModelRunner, StepLogits};
+use crate::sampling::{Sampler, SamplingParams};
 use crate::scheduler::{AddError, Batch, Scheduler};
 use crate::sequence::{RequestId, Sequence};
 use crate::stop::StopStrings;
 use crate::stream::{Finish, FinishReason, StreamEvent, Timings, TokenEvent, Usage};
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
+
+mod sampling;
+
+use sampling::SampledStep;
 
 /// Everything about a request that the scheduler does not need: how to sample it, how to turn
 /// its tokens into text, and where to send them.
@@ -243,40 +247,6 @@ impl Worker {
         self.runner.execute(batch, &self.scheduler, readout)
     }
 
-    /// With device sampling: [`Readout::Argmax`] when every row sampled in `batch` is plain greedy
-    /// (so the sampler would only take the argmax), else [`Readout::Heads`] (when the runner's
-    /// check of heads passed). Otherwise [`Readout::Logits`].
-    fn readout(&self, batch: &Batch) -> Readout {
-        if !self.runner.device_sampling() {
-            return Readout::Logits;
-        }
-        let rows: Vec<_> = batch
-            .seqs
-            .iter()
-            .filter(|s| s.sample)
-            // Gone (aborted): its row is not used.
-            .map(|s| self.scheduler.sequence(s.id).zip(self.requests.get(&s.id)))
-            .collect();
-        let plain = |row: &Option<(&Sequence, &RequestState)>| match row {
-            Some((seq, state)) => Sampler::is_plain_argmax(&state.params, &context(seq, &state.params, &self.eos)),
-            None => true,
-        };
-        if rows.iter().all(plain) {
-            return Readout::Argmax;
-        }
-        if !self.runner.device_heads() {
-            return Readout::Logits;
-        }
-        let inv_temps = rows
-            .iter()
-            .map(|row| match row {
-                Some((_, state)) if !state.params.is_greedy() => 1.0 / state.params.temperature,
-                _ => 1.0,
-            })
-            .collect();
-        Readout::Heads { k: self.runner.head_size(), inv_temps }
-    }
-
     /// Runs one model step and hands out its tokens. A failed step fails the requests in it (the
     /// others go on) and counts towards the circuit breaker.
     fn step(&mut self, batch: &Batch) {
@@ -302,72 +272,23 @@ impl Worker {
         if let Some(state) = self.breaker.on_success() {
             self.breaker_changed(state);
         }
-        let mut sampled = Vec::with_capacity(logits.len());
-        // Tokens taken from heads and rows copied whole this step, and requests whose row could
-        // not be copied.
-        let (mut from_heads, mut fetched, mut failed) = (0u64, 0u64, Vec::new());
-        for (i, s) in batch.seqs.iter().filter(|s| s.sample).enumerate() {
-            let (Some(seq), Some(state)) = (self.scheduler.sequence(s.id), self.requests.get_mut(&s.id)) else {
-                continue;
-            };
-            let ctx = context(seq, &state.params, &self.eos);
-            let choice = match &logits {
-                StepLogits::Rows(rows) => {
-                    let Some(row) = rows.get(i) else { continue };
-                    state.sampler.sample(row, &state.params, &ctx)
-                }
-                // Only asked for when every row is plain greedy: the argmax is the sampler's choice.
-                StepLogits::Ids(ids) => {
-                    let Some(&token) = ids.get(i) else { continue };
-                    Sampled { token, logprob: None }
-                }
-                StepLogits::Heads { heads, logits } => {
-                    let Some(head) = heads.get(i) else { continue };
-                    match sample_from_head(state, head, logits, i, &ctx) {
-                        Ok((choice, whole_row)) => {
-                            if whole_row {
-                                fetched += 1;
-                            } else {
-                                from_heads += 1;
-                            }
-                            choice
-                        }
-                        Err(e) => {
-                            failed.push((s.id, e));
-                            continue;
-                        }
-                    }
-                }
-            };
-            sampled.push((s.id, choice));
-        }
+        let SampledStep { tokens: sampled, failed, readouts } = self.sample_step(batch, &logits);
         let pairs: Vec<(RequestId, u32)> = sampled.iter().map(|(id, c)| (*id, c.token)).collect();
         self.scheduler.update(batch, &pairs);
         metrics::record_step(&StepRecord { seqs: batch.seqs.len(), tokens: batch.num_tokens, generated: pairs.len() });
-        let generated = pairs.len() as u64;
         let graph_counts = self.runner.graph_counts();
-        let (argmaxed, from_rows) = match &logits {
-            StepLogits::Ids(_) => (generated, 0),
-            StepLogits::Heads { .. } => (0, generated.saturating_sub(from_heads)),
-            StepLogits::Rows(_) => (0, generated),
-        };
-        let replays =
-            self.shared.stats.lock().map_or(0, |s| graph_counts.replayed.saturating_sub(s.decode_graphs.replayed));
-        metrics::record_sampling(argmaxed, from_heads, from_rows, replays);
+        let mut replays = 0;
         if let Ok(mut s) = self.shared.stats.lock() {
+            replays = graph_counts.replayed.saturating_sub(s.decode_graphs.replayed);
             s.steps += 1;
             s.generated_tokens += pairs.len() as u64;
-            match &logits {
-                StepLogits::Ids(_) => s.device_argmax_tokens += pairs.len() as u64,
-                StepLogits::Heads { .. } => {
-                    s.head_tokens += from_heads;
-                    s.fetched_rows += fetched;
-                }
-                StepLogits::Rows(_) => {}
-            }
+            s.device_argmax_tokens += readouts.device_argmax;
+            s.head_tokens += readouts.device_head;
+            s.fetched_rows += readouts.fetched_rows;
             s.decode_graphs = graph_counts;
             s.prompt_tokens += (batch.num_tokens - batch.seqs.iter().filter(|s| s.len == 1 && s.sample).count()) as u64;
         }
+        metrics::record_sampling(readouts.device_argmax, readouts.device_head, readouts.host, replays);
         for (id, choice) in sampled {
             self.emit(id, choice.token, choice.logprob);
         }
@@ -488,40 +409,6 @@ impl Drop for AliveGuard {
             s.alive = false;
         }
     }
-}
-
-/// The token of sampled row `i` of a [`StepLogits::Heads`] step: a plain greedy row's is the head's
-/// first token (the sampler untouched, as for [`StepLogits::Ids`]); a row the head can serve is
-/// sampled from it, and from its whole row (`logits[i]`, copied back) when the head does not
-/// settle it; any other row goes through the host sampler on its whole row. Returns the choice and
-/// whether the whole row was copied.
-fn sample_from_head(
-    state: &mut RequestState,
-    head: &RowHead,
-    logits: &candle_core::Tensor,
-    i: usize,
-    ctx: &SampleContext,
-) -> crate::error::Result<(Sampled, bool)> {
-    let params = &state.params;
-    if Sampler::is_plain_argmax(params, ctx) {
-        let token = head.top.first().filter(|c| c.1 > f32::NEG_INFINITY).map_or(0, |c| c.0);
-        return Ok((Sampled { token, logprob: None }, false));
-    }
-    let row = || -> crate::error::Result<Vec<f32>> { Ok(readable(&logits.get(i)?)?.to_vec1::<f32>()?) };
-    if !Sampler::samples_from_head(params, head.top.len()) {
-        return Ok((state.sampler.sample(&row()?, params, ctx), true));
-    }
-    match state.sampler.sample_head(head, params, ctx) {
-        Some(choice) => Ok((choice, false)),
-        None => Ok((state.sampler.sample_row_after_head(&row()?, params, ctx), true)),
-    }
-}
-
-/// What the sampler needs to know about `seq` besides its logits: its tokens, and EOS suppressed
-/// while the output is shorter than `min_tokens`.
-fn context<'a>(seq: &'a Sequence, params: &SamplingParams, eos: &'a [u32]) -> SampleContext<'a> {
-    let suppress: &[u32] = if seq.num_output_tokens() < params.min_tokens { eos } else { &[] };
-    SampleContext { prompt_tokens: seq.prompt_tokens(), output_tokens: seq.output_tokens(), suppress }
 }
 
 fn usage(seq: &Sequence) -> Usage {
