@@ -29,7 +29,7 @@ use candle_core::{DType, Tensor};
 use sluice_kernels::PAD_SLOT;
 
 use super::llama::{LayerCache, Llama, StepInput};
-use super::runner::DeviceArgmax;
+use super::runner::{block_tables, DeviceArgmax, HostStep};
 use crate::error::{EngineError, Result};
 use crate::scheduler::{Batch, Scheduler};
 
@@ -232,27 +232,18 @@ impl DecodeGraphs {
     /// Writes `batch`'s rows, then padding, into the bucket's inputs: one copy for `meta` and one
     /// for as many table columns as the longest sequence uses.
     fn write_inputs(&self, batch: &Batch, scheduler: &Scheduler, bucket: usize) -> Result<()> {
-        let n = batch.seqs.len();
+        let step = HostStep::new(batch, scheduler, self.block_size)?;
+        let n = step.seq_lens.len();
+        if step.token_ids.len() != n || n > bucket {
+            return Err(EngineError::Model(format!(
+                "{} tokens of {n} sequences are no decode step",
+                step.token_ids.len()
+            )));
+        }
         let mut meta = vec![0u32; 6 * bucket + 1];
-        let mut tables: Vec<&[u32]> = Vec::with_capacity(n);
-        for (i, s) in batch.seqs.iter().enumerate() {
-            let seq = scheduler
-                .sequence(s.id)
-                .ok_or_else(|| EngineError::Model(format!("scheduled sequence {} is unknown", s.id)))?;
-            let pos = s.start;
-            let token = *seq
-                .token_ids
-                .get(pos)
-                .ok_or_else(|| EngineError::Model(format!("sequence {} has no token at {pos}", s.id)))?;
-            let slot = seq
-                .block_table
-                .slot(pos, self.block_size)
-                .ok_or_else(|| EngineError::Model(format!("sequence {} has no block for position {pos}", s.id)))?;
-            meta[i] = token;
-            meta[bucket + i] = pos as u32;
-            meta[2 * bucket + i] = slot;
-            meta[3 * bucket + i] = pos as u32 + 1;
-            tables.push(seq.block_table.blocks());
+        for (i, part) in [&step.token_ids, &step.positions, &step.slot_mapping, &step.seq_lens].into_iter().enumerate()
+        {
+            meta[i * bucket..i * bucket + n].copy_from_slice(part);
         }
         for i in 0..bucket {
             if i >= n {
@@ -263,13 +254,9 @@ impl DecodeGraphs {
             meta[4 * bucket + i] = i as u32;
             meta[5 * bucket + i + 1] = i as u32 + 1;
         }
-        let used = tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+        let (rows, used) = block_tables(&step.tables, bucket);
         if used > self.width {
             return Err(EngineError::Model(format!("a block table of {used} blocks is wider than {}", self.width)));
-        }
-        let mut rows = vec![0u32; bucket * used];
-        for (row, t) in rows.chunks_mut(used).zip(&tables) {
-            row[..t.len()].copy_from_slice(t);
         }
         let dev = self.meta.device();
         let len = meta.len();

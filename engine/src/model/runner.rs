@@ -187,7 +187,13 @@ impl ModelRunner {
                 self.graph_counts = graphs.counts();
                 self.graphs = None;
             }
+            // The graph's outputs are views of larger buffers: compact what is read back whole.
             let (logits, ids) = out?;
+            let (logits, ids) = match readout {
+                Readout::Logits => (readable(&logits)?, None),
+                Readout::Argmax => (logits, ids.map(|ids| readable(&ids)).transpose()?),
+                Readout::Heads { .. } => (logits, None),
+            };
             return self.read(&logits, ids.as_ref(), &readout);
         }
         let input = self.prepare(batch, scheduler)?;
@@ -206,12 +212,12 @@ impl ModelRunner {
     }
 
     /// `logits` (`[num_sampled, vocab]` f32, where the step left them) as `readout` asks; `ids`,
-    /// when given, are their argmaxes already taken.
+    /// when given, are their argmaxes already taken. What is read back whole must be compact.
     fn read(&self, logits: &Tensor, ids: Option<&Tensor>, readout: &Readout) -> Result<StepLogits> {
         Ok(match readout {
-            Readout::Logits => StepLogits::Rows(readable(logits)?.to_vec2::<f32>()?),
+            Readout::Logits => StepLogits::Rows(logits.to_vec2::<f32>()?),
             Readout::Argmax => StepLogits::Ids(match ids {
-                Some(ids) => readable(ids)?.to_vec1::<u32>()?,
+                Some(ids) => ids.to_vec1::<u32>()?,
                 None => self.argmax.rows(logits)?.to_vec1::<u32>()?,
             }),
             Readout::Heads { k, inv_temps } => {
@@ -230,44 +236,13 @@ impl ModelRunner {
     }
 
     fn prepare(&self, batch: &Batch, scheduler: &Scheduler) -> Result<StepInput> {
-        let n = batch.num_tokens;
-        let mut token_ids = Vec::with_capacity(n);
-        let mut positions = Vec::with_capacity(n);
-        let mut slot_mapping = Vec::with_capacity(n);
-        let mut cu_seqlens_q = Vec::with_capacity(batch.seqs.len() + 1);
-        let mut seq_lens = Vec::with_capacity(batch.seqs.len());
-        let mut sample_rows = Vec::new();
-        let mut tables: Vec<&[u32]> = Vec::with_capacity(batch.seqs.len());
-        cu_seqlens_q.push(0u32);
-        for s in &batch.seqs {
-            let seq = scheduler
-                .sequence(s.id)
-                .ok_or_else(|| EngineError::Model(format!("scheduled sequence {} is unknown", s.id)))?;
-            let table = &seq.block_table;
-            for pos in s.start..s.start + s.len {
-                token_ids.push(seq.token_ids[pos]);
-                positions.push(pos as u32);
-                let slot = table
-                    .slot(pos, self.block_size)
-                    .ok_or_else(|| EngineError::Model(format!("sequence {} has no block for position {pos}", s.id)))?;
-                slot_mapping.push(slot);
-            }
-            cu_seqlens_q.push(token_ids.len() as u32);
-            seq_lens.push((s.start + s.len) as u32);
-            if s.sample {
-                sample_rows.push(token_ids.len() as u32 - 1);
-            }
-            tables.push(table.blocks());
-        }
+        let HostStep { token_ids, positions, slot_mapping, cu_seqlens_q, seq_lens, mut sample_rows, tables } =
+            HostStep::new(batch, scheduler, self.block_size)?;
         if sample_rows.is_empty() {
             // The forward always gathers at least one row; it is thrown away.
             sample_rows.push(0);
         }
-        let max_blocks = tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
-        let mut block_tables = vec![0u32; tables.len() * max_blocks];
-        for (row, t) in block_tables.chunks_mut(max_blocks).zip(&tables) {
-            row[..t.len()].copy_from_slice(t);
-        }
+        let (block_tables, max_blocks) = block_tables(&tables, tables.len());
         // One upload for all of it (off the CPU each upload is an allocation and a copy), then
         // views: the ops read a tensor's elements from its layout's offset.
         let parts = [token_ids, positions, slot_mapping, block_tables, cu_seqlens_q, seq_lens, sample_rows];
@@ -291,6 +266,73 @@ impl ModelRunner {
             sample_rows,
         })
     }
+}
+
+/// A step's packed inputs on the host, before they are laid out for the device.
+pub(super) struct HostStep<'a> {
+    /// The tokens, sequence after sequence.
+    pub token_ids: Vec<u32>,
+    /// Each token's position in its sequence.
+    pub positions: Vec<u32>,
+    /// The cache slot each token's K/V is written to.
+    pub slot_mapping: Vec<u32>,
+    /// `num_seqs + 1` row offsets.
+    pub cu_seqlens_q: Vec<u32>,
+    /// Each sequence's context length after the step.
+    pub seq_lens: Vec<u32>,
+    /// The rows whose logits are wanted (each sampling sequence's last).
+    pub sample_rows: Vec<u32>,
+    /// Each sequence's block table.
+    pub tables: Vec<&'a [u32]>,
+}
+
+impl<'a> HostStep<'a> {
+    /// `batch`'s inputs, from its sequences in `scheduler` (blocks of `block_size` tokens).
+    pub fn new(batch: &Batch, scheduler: &'a Scheduler, block_size: usize) -> Result<Self> {
+        let (n, seqs) = (batch.num_tokens, batch.seqs.len());
+        let mut step = Self {
+            token_ids: Vec::with_capacity(n),
+            positions: Vec::with_capacity(n),
+            slot_mapping: Vec::with_capacity(n),
+            cu_seqlens_q: Vec::with_capacity(seqs + 1),
+            seq_lens: Vec::with_capacity(seqs),
+            sample_rows: Vec::new(),
+            tables: Vec::with_capacity(seqs),
+        };
+        step.cu_seqlens_q.push(0u32);
+        for s in &batch.seqs {
+            let seq = scheduler
+                .sequence(s.id)
+                .ok_or_else(|| EngineError::Model(format!("scheduled sequence {} is unknown", s.id)))?;
+            let table = &seq.block_table;
+            for pos in s.start..s.start + s.len {
+                step.token_ids.push(seq.token_ids[pos]);
+                step.positions.push(pos as u32);
+                let slot = table
+                    .slot(pos, block_size)
+                    .ok_or_else(|| EngineError::Model(format!("sequence {} has no block for position {pos}", s.id)))?;
+                step.slot_mapping.push(slot);
+            }
+            step.cu_seqlens_q.push(step.token_ids.len() as u32);
+            step.seq_lens.push((s.start + s.len) as u32);
+            if s.sample {
+                step.sample_rows.push(step.token_ids.len() as u32 - 1);
+            }
+            step.tables.push(table.blocks());
+        }
+        Ok(step)
+    }
+}
+
+/// `tables` as `rows` rows (those past `tables` zeros) as wide as the longest (at least 1), and
+/// that width.
+pub(super) fn block_tables(tables: &[&[u32]], rows: usize) -> (Vec<u32>, usize) {
+    let width = tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+    let mut flat = vec![0u32; rows * width];
+    for (row, t) in flat.chunks_mut(width).zip(tables) {
+        row[..t.len()].copy_from_slice(t);
+    }
+    (flat, width)
 }
 
 /// `t`, ready to be read back: on CUDA candle copies a tensor's whole storage to the host before
