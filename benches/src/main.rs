@@ -89,7 +89,8 @@ struct EngineArgs {
     /// Longest user message, in tokens.
     #[arg(long, default_value_t = 250)]
     max_prompt_len: usize,
-    /// Workload seed.
+    /// Workload seed (level `i` of a sweep draws its prompts with seed + i, so no level finds the
+    /// last one's prompts in the prefix cache).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
@@ -126,6 +127,10 @@ struct EngineArgs {
     /// On CUDA: replay decode steps as CUDA graphs (one per padded batch size).
     #[arg(long)]
     cuda_graphs: bool,
+    /// Reuse the KV cache of whole blocks a prompt shares with an earlier one (the chat template's
+    /// system prompt and the workload's instruction, here).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    prefix_caching: bool,
     /// Where sampled rows are read: auto (from the device off the CPU: argmaxes, heads of the
     /// distribution), device or host (every row copied whole).
     #[arg(long, default_value = "auto")]
@@ -184,7 +189,8 @@ struct ServeArgs {
     /// Longest synthetic prompt, in approximate tokens.
     #[arg(long, default_value_t = 250)]
     max_prompt_len: usize,
-    /// Seed of the workload and of the arrival times.
+    /// Seed of the workload and of the arrival times (level `i` of a sweep draws its prompts with
+    /// seed + i, so no level finds the last one's prompts in the server's prefix cache).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Longest one request may take, retries included, in seconds.
@@ -242,6 +248,7 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     config.gpu_memory_utilization = args.gpu_memory_utilization;
     config.gpu_weights = args.gpu_weights.parse().map_err(anyhow::Error::msg)?;
     config.cuda_graphs = args.cuda_graphs;
+    config.scheduler.prefix_caching = args.prefix_caching;
     config.device_sampling = args.device_sampling.parse().map_err(anyhow::Error::msg)?;
     // Requests carry no seed: each gets the engine's seed plus its id, so a sampled run repeats.
     let sampling = SamplingParams { temperature: args.temperature, top_p: args.top_p, ..SamplingParams::default() };
@@ -265,9 +272,10 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     let tokenizer = engine.tokenizer();
     let count = |text: &str| tokenizer.encode(text, false).map(|ids| ids.len()).unwrap_or(0);
     let lengths = (args.min_prompt_len, args.max_prompt_len);
-    let items = workload::synthetic(args.num_requests, lengths, args.max_tokens, args.seed, &count);
     let mut runs = Vec::new();
-    for concurrency in levels {
+    for (level, concurrency) in levels.into_iter().enumerate() {
+        let seed = args.seed.wrapping_add(level as u64);
+        let items = workload::synthetic(args.num_requests, lengths, args.max_tokens, seed, &count);
         let (results, wall) = engine_bench::run(&engine, &items, concurrency, &sampling);
         let setup = Setup {
             mode: "engine".into(),
@@ -285,6 +293,14 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
         "engine: {} steps, {} prompt and {} generated tokens, {} of them chosen by the device argmax, {} preemptions",
         stats.steps, stats.prompt_tokens, stats.generated_tokens, stats.device_argmax_tokens, stats.preemptions
     );
+    if stats.prefix_cache_queries > 0 {
+        println!(
+            "prefix cache: {} of {} prompt tokens found cached ({:.1}%)",
+            stats.prefix_cache_hits,
+            stats.prefix_cache_queries,
+            100.0 * stats.prefix_cache_hits as f64 / stats.prefix_cache_queries as f64
+        );
+    }
     if stats.head_tokens + stats.fetched_rows > 0 {
         println!(
             "device sampling: {} tokens from heads of the distribution, {} rows copied whole",
@@ -301,17 +317,19 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     write_outputs(&args.output, &runs)
 }
 
-/// The serve workload: the dataset's, or synthetic prompts measured in approximate tokens.
-fn serve_items(args: &ServeArgs) -> anyhow::Result<Vec<WorkItem>> {
+/// The serve workload of sweep level `level`: the dataset's, or synthetic prompts measured in
+/// approximate tokens, drawn with the seed plus the level.
+fn serve_items(args: &ServeArgs, level: usize) -> anyhow::Result<Vec<WorkItem>> {
+    let seed = args.seed.wrapping_add(level as u64);
     // Client side there is no tokenizer; English runs at about 4 tokens per 3 words.
     let approx_tokens = |text: &str| (text.split_whitespace().count() * 4).div_ceil(3);
     anyhow::ensure!(args.max_tokens != Some(0), "--max-tokens must be >= 1");
     match &args.dataset {
-        Some(path) => dataset::sharegpt(path, args.num_requests, args.seed, args.max_tokens, &approx_tokens),
+        Some(path) => dataset::sharegpt(path, args.num_requests, seed, args.max_tokens, &approx_tokens),
         None => {
             let lengths = (args.min_prompt_len, args.max_prompt_len);
             let max_tokens = args.max_tokens.unwrap_or(128);
-            Ok(workload::synthetic(args.num_requests, lengths, max_tokens, args.seed, &approx_tokens))
+            Ok(workload::synthetic(args.num_requests, lengths, max_tokens, seed, &approx_tokens))
         }
     }
 }
@@ -351,7 +369,7 @@ async fn serve_bench(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let items = Arc::new(serve_items(&args)?);
+    serve_items(&args, 0)?; // a bad dataset fails before any connection is made
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
@@ -372,7 +390,8 @@ async fn serve_bench(args: ServeArgs) -> anyhow::Result<()> {
         retry: RetryPolicy { max_retries: args.max_retries, ..RetryPolicy::default() },
     });
     let mut runs = Vec::new();
-    for concurrency in levels {
+    for (level, concurrency) in levels.into_iter().enumerate() {
+        let items = Arc::new(serve_items(&args, level)?);
         let load =
             serve_bench::Load { concurrency, arrivals: arrivals.clone(), request_timeout: timeout, max_duration };
         let label = match args.request_rate {

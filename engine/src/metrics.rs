@@ -52,6 +52,11 @@ pub const BREAKER_STATE_CHANGES: &str = "sluice_breaker_state_changes_total";
 pub const SAMPLED_TOKENS: &str = "sluice_sampled_tokens_total";
 /// Counter: decode steps replayed from a CUDA graph (`--cuda-graphs`).
 pub const CUDA_GRAPH_REPLAYS: &str = "sluice_cuda_graph_replays_total";
+/// Counter: prompt tokens of admitted requests looked up in the prefix cache (recomputations of
+/// preempted requests included).
+pub const PREFIX_CACHE_QUERIES: &str = "sluice_prefix_cache_queries_total";
+/// Counter: of those, tokens found in the prefix cache (their K/V reused, not computed).
+pub const PREFIX_CACHE_HITS: &str = "sluice_prefix_cache_hits_total";
 /// Counter: errors, label `type`. The engine counts failed model steps as `model_step`.
 pub const ERRORS: &str = "sluice_errors_total";
 
@@ -82,6 +87,8 @@ pub fn describe() {
         Unit::Count,
         "Generated tokens by where the sampler read its row: device argmax, device head or the whole row on the host."
     );
+    describe_counter!(PREFIX_CACHE_QUERIES, Unit::Count, "Prompt tokens looked up in the prefix cache.");
+    describe_counter!(PREFIX_CACHE_HITS, Unit::Count, "Prompt tokens found in the prefix cache.");
     describe_counter!(CUDA_GRAPH_REPLAYS, Unit::Count, "Decode steps replayed from a CUDA graph.");
 }
 
@@ -109,6 +116,12 @@ pub(crate) fn record_sampling(device_argmax: u64, device_head: u64, host: u64, g
     if graph_replays > 0 {
         counter!(CUDA_GRAPH_REPLAYS).increment(graph_replays);
     }
+}
+
+/// The prefix cache's counts since start (the scheduler keeps them; the counters follow).
+pub(crate) fn record_prefix_cache(queries: u64, hits: u64) {
+    counter!(PREFIX_CACHE_QUERIES).absolute(queries);
+    counter!(PREFIX_CACHE_HITS).absolute(hits);
 }
 
 /// Sequences preempted while a step was scheduled.

@@ -41,6 +41,10 @@ pub struct Sequence {
     pub num_prompt_tokens: usize,
     /// How many leading tokens have their K/V in the cache.
     pub num_computed_tokens: usize,
+    /// Prompt tokens whose K/V came from the prefix cache at the sequence's first admission.
+    pub num_cached_tokens: usize,
+    /// Leading blocks of `block_table` that are in the prefix cache already or were offered to it.
+    pub num_registered_blocks: usize,
     /// Upper bound on generated tokens (`max_tokens`): the most blocks this sequence can need.
     pub max_output_tokens: usize,
     /// The sequence's KV blocks.
@@ -68,6 +72,8 @@ impl Sequence {
             num_prompt_tokens: prompt.len(),
             token_ids: prompt,
             num_computed_tokens: 0,
+            num_cached_tokens: 0,
+            num_registered_blocks: 0,
             max_output_tokens,
             block_table: BlockTable::new(),
             num_preemptions: 0,

@@ -14,8 +14,14 @@ pub struct EngineStats {
     pub kv_blocks_used: usize,
     /// KV blocks in the pool.
     pub kv_blocks_total: usize,
+    /// KV blocks in the prefix cache, held or free (free ones are given up when the pool needs them).
+    pub kv_blocks_cached: usize,
     /// Preemptions since start.
     pub preemptions: u64,
+    /// Tokens of admitted sequences looked up in the prefix cache since start.
+    pub prefix_cache_queries: u64,
+    /// Of those, tokens found there: their K/V was reused, not computed.
+    pub prefix_cache_hits: u64,
     /// Model steps run since start.
     pub steps: u64,
     /// Model steps that failed since start.

@@ -37,6 +37,8 @@ pub struct Usage {
     pub prompt_tokens: usize,
     /// Tokens generated.
     pub completion_tokens: usize,
+    /// Of the prompt's tokens, those whose K/V was found in the prefix cache (not computed).
+    pub cached_tokens: usize,
 }
 
 /// Where a request's time went, measured from its submission.

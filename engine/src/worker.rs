@@ -388,12 +388,17 @@ impl Worker {
         let bm = self.scheduler.block_manager();
         let (running, waiting) = (self.scheduler.num_running(), self.scheduler.num_waiting());
         metrics::record_gauges(running, waiting, bm.num_used() as f64 / bm.num_blocks().max(1) as f64);
+        let counters = self.scheduler.counters();
+        metrics::record_prefix_cache(counters.prefix_cache_queries, counters.prefix_cache_hits);
         if let Ok(mut s) = self.shared.stats.lock() {
             s.waiting = waiting;
             s.running = running;
             s.kv_blocks_used = bm.num_used();
             s.kv_blocks_total = bm.num_blocks();
-            s.preemptions = self.scheduler.counters().preemptions;
+            s.kv_blocks_cached = bm.num_cached();
+            s.preemptions = counters.preemptions;
+            s.prefix_cache_queries = counters.prefix_cache_queries;
+            s.prefix_cache_hits = counters.prefix_cache_hits;
             s.breaker = self.breaker.state();
             s.alive = alive;
         }
@@ -412,7 +417,11 @@ impl Drop for AliveGuard {
 }
 
 fn usage(seq: &Sequence) -> Usage {
-    Usage { prompt_tokens: seq.num_prompt_tokens, completion_tokens: seq.num_output_tokens() }
+    Usage {
+        prompt_tokens: seq.num_prompt_tokens,
+        completion_tokens: seq.num_output_tokens(),
+        cached_tokens: seq.num_cached_tokens,
+    }
 }
 
 fn timings(seq: &Sequence, state: &RequestState, now: Instant) -> Timings {

@@ -75,7 +75,7 @@ pub fn respond<W: ChunkWriter>(
             }
         }
         let mut merged = events;
-        let (mut finished, mut completion_tokens) = (0, 0);
+        let (mut finished, mut completion_tokens, mut cached_tokens) = (0, 0, 0);
         while finished < choices {
             let next = tokio::select! {
                 next = merged.next() => next.map(Ok),
@@ -92,6 +92,7 @@ pub fn respond<W: ChunkWriter>(
                 Some(Ok((index, StreamEvent::Finished(finish)))) => {
                     finished += 1;
                     completion_tokens += finish.usage.completion_tokens;
+                    cached_tokens = finish.usage.cached_tokens.max(cached_tokens);
                     log.finished(&finish);
                     yield Ok(writer.finish(index, &finish));
                     continue;
@@ -108,7 +109,7 @@ pub fn respond<W: ChunkWriter>(
         // The stream is over (or aborted above): the unused tokens go back to the caller now.
         drop(charge);
         if finished == choices && options.include_usage {
-            yield Ok(writer.usage(Usage::new(prompt_tokens, completion_tokens)));
+            yield Ok(writer.usage(Usage::new(prompt_tokens, completion_tokens, cached_tokens)));
         }
         yield Ok(Event::default().data("[DONE]"));
     };

@@ -128,6 +128,29 @@ async fn include_usage_sends_a_last_chunk_with_empty_choices() {
 }
 
 #[tokio::test]
+async fn usage_counts_the_prompt_tokens_found_in_the_prefix_cache() {
+    let _shared = ENGINE_IDLE.read().await;
+    let prompt = "In one line: what does a cache do?";
+    // Other `max_tokens` each time, so the response cache does not answer in the engine's place.
+    let body = |max_tokens: u64| chat_body(prompt, json!({"temperature": 0, "max_tokens": max_tokens}));
+    let (_, _, first) = post_json("/v1/chat/completions", &body(3)).await;
+    let (_, _, second) = post_json("/v1/chat/completions", &body(4)).await;
+    let prompt_tokens = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(first["usage"]["prompt_tokens"].as_u64(), Some(prompt_tokens));
+    // Every whole block of the prompt but the one holding its last token, which always runs.
+    let all_cached = (prompt_tokens - 1) / 16 * 16;
+    assert!(all_cached > 0);
+    assert_eq!(second["usage"]["prompt_tokens_details"], json!({"cached_tokens": all_cached}), "{second}");
+    let mut streamed = body(5);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (_, raw) = post_stream("/v1/chat/completions", &streamed).await;
+    let chunks = chunks(&raw);
+    let usage = &chunks[chunks.len() - 1]["usage"];
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"].as_u64(), Some(all_cached), "{usage}");
+}
+
+#[tokio::test]
 async fn stop_strings_end_the_answer_before_them() {
     let _shared = ENGINE_IDLE.read().await;
     let request = chat_body(FRANCE, json!({"temperature": 0, "max_tokens": 20, "stop": ["Paris", "Rome"]}));

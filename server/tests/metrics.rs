@@ -41,6 +41,8 @@ const METRICS: &[(&str, &str)] = &[
     ("sluice_breaker_state_changes_total", "counter"),
     ("sluice_errors_total", "counter"),
     ("sluice_sampled_tokens_total", "counter"),
+    ("sluice_prefix_cache_queries_total", "counter"),
+    ("sluice_prefix_cache_hits_total", "counter"),
     ("sluice_response_cache_queries_total", "counter"),
     ("sluice_response_cache_hits_total", "counter"),
     ("sluice_rate_limited_requests_total", "counter"),
@@ -135,6 +137,9 @@ async fn every_metric_appears_and_moves_when_a_request_runs() {
     assert!(moved("sluice_errors_total", &[("type", "unknown_url")]) >= 1.0);
     assert!(moved("sluice_prompt_tokens_total", &[]) >= 2.0 * prompt);
     assert!(moved("sluice_generation_tokens_total", &[]) >= completion + 1.0);
+    // The second request's prompt is the first's: all its whole blocks but the last were cached.
+    assert!(moved("sluice_prefix_cache_queries_total", &[]) >= 2.0 * prompt);
+    assert!(moved("sluice_prefix_cache_hits_total", &[]) >= ((prompt - 1.0) / 16.0).floor() * 16.0);
     assert!(moved("sluice_request_success_total", &[("finished_reason", "length")]) >= 1.0);
     assert!(moved("sluice_request_success_total", &[("finished_reason", "stop")]) >= 1.0);
     for histogram in [

@@ -7,6 +7,10 @@
 //! a KV block and none is free, the lowest-priority, latest-arrived running sequence is preempted:
 //! its blocks go back to the pool and it returns to the waiting queue to recompute later.
 //!
+//! With prefix caching on, an admitted sequence first takes the cached blocks that hold the start
+//! of its tokens (see `kv_cache::BlockManager`) and computes only the rest; each step's newly full
+//! blocks join the cache when the step is recorded (`update`).
+//!
 //! Admission of new prompts is gated by a window: when nothing is running, a batch starts once
 //! `max_batch_size` requests wait or the oldest has waited `batch_timeout`. While anything runs,
 //! new requests join at the next step (continuous batching).
@@ -38,6 +42,9 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     /// Bound of the waiting queue: past it, submissions are refused (back-pressure).
     pub max_waiting: usize,
+    /// Reuse the K/V of whole blocks whose tokens a new sequence starts with (a shared system
+    /// prompt, a conversation's earlier turns, a request sent again): they are not computed twice.
+    pub prefix_caching: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -48,6 +55,7 @@ impl Default for SchedulerConfig {
             max_batch_tokens: 512,
             max_num_seqs: 128,
             max_waiting: 1024,
+            prefix_caching: true,
         }
     }
 }
@@ -66,6 +74,10 @@ pub enum AddError {
 pub struct SchedulerCounters {
     /// Sequences preempted (each preemption counts once).
     pub preemptions: u64,
+    /// Tokens of admitted sequences looked up in the prefix cache.
+    pub prefix_cache_queries: u64,
+    /// Of those, tokens found there (their K/V was not computed again).
+    pub prefix_cache_hits: u64,
 }
 
 /// Owns every unfinished sequence, the waiting queue, the running set and the block pool.
@@ -187,6 +199,12 @@ impl Scheduler {
         for s in &batch.seqs {
             if let Some(seq) = self.sequences.get_mut(&s.id) {
                 seq.num_computed_tokens = s.start + s.len;
+                let full = seq.num_computed_tokens / self.blocks.block_size();
+                if self.config.prefix_caching && full > seq.num_registered_blocks {
+                    let computed = &seq.token_ids[..seq.num_computed_tokens];
+                    self.blocks.register(&seq.block_table, seq.num_registered_blocks, computed);
+                    seq.num_registered_blocks = full;
+                }
             }
         }
         for &(id, token) in sampled {
@@ -255,6 +273,7 @@ impl Scheduler {
         };
         self.blocks.free(&mut seq.block_table);
         seq.num_computed_tokens = 0;
+        seq.num_registered_blocks = 0;
         seq.num_preemptions += 1;
         seq.status = SequenceStatus::Waiting;
         self.waiting.push(id, seq.order_key());
@@ -272,8 +291,17 @@ impl Scheduler {
                 self.waiting.pop();
                 continue;
             };
-            let len = seq.num_uncomputed_tokens().min(*budget);
-            match self.blocks.can_allocate(len, seq.max_len()) {
+            // Whole blocks of its tokens already in the cache, short of the last token: that one
+            // always runs, as its logits give the next token.
+            let hits = if self.config.prefix_caching {
+                let bs = self.blocks.block_size();
+                self.blocks.lookup(&seq.token_ids[..seq.num_tokens().saturating_sub(1) / bs * bs])
+            } else {
+                Vec::new()
+            };
+            let cached = hits.len() * self.blocks.block_size();
+            let len = (seq.num_tokens() - cached).min(*budget);
+            match self.blocks.can_allocate_cached(&hits, cached + len, seq.max_len()) {
                 AllocStatus::Ok => {}
                 // Strict priority: nobody overtakes the head of the queue.
                 AllocStatus::Later => break,
@@ -284,7 +312,16 @@ impl Scheduler {
                 }
             }
             self.waiting.pop();
-            self.blocks.allocate(&mut seq.block_table, len);
+            self.blocks.allocate_cached(&mut seq.block_table, &hits, cached + len);
+            seq.num_computed_tokens = cached;
+            seq.num_registered_blocks = hits.len();
+            if seq.num_preemptions == 0 {
+                seq.num_cached_tokens = cached.min(seq.num_prompt_tokens);
+            }
+            if self.config.prefix_caching {
+                self.counters.prefix_cache_queries += seq.num_tokens() as u64;
+                self.counters.prefix_cache_hits += cached as u64;
+            }
             seq.status = SequenceStatus::Running;
             let start = seq.num_computed_tokens;
             let scheduled = ScheduledSeq { id, start, len, sample: start + len == seq.num_tokens() };

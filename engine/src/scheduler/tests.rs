@@ -11,6 +11,7 @@ fn config() -> SchedulerConfig {
         max_batch_tokens: 64,
         max_num_seqs: 16,
         max_waiting: 8,
+        prefix_caching: false,
     }
 }
 
@@ -31,11 +32,25 @@ impl Sim {
 
     /// Adds a request with a prompt of `len` tokens arriving at `ms`.
     fn add(&mut self, len: usize, max_tokens: usize, priority: i32, ms: u64) -> RequestId {
+        self.add_prompt((0..len as u32).map(|t| 100 + t).collect(), max_tokens, priority, ms)
+    }
+
+    /// Adds a request with the prompt `prompt` arriving at `ms`.
+    fn add_prompt(&mut self, prompt: Vec<u32>, max_tokens: usize, priority: i32, ms: u64) -> RequestId {
         let id = self.next_id;
         self.next_id += 1;
-        let prompt = (0..len as u32).map(|t| 100 + t).collect();
         self.s.add(Sequence::new(id, prompt, max_tokens, priority, self.at(ms), id)).unwrap();
         id
+    }
+
+    /// Steps until nothing is left, from `ms` on; returns every batch.
+    fn run_to_end(&mut self, ms: u64) -> Vec<Batch> {
+        let mut batches = Vec::new();
+        while !self.s.is_idle() {
+            batches.push(self.step(ms + batches.len() as u64));
+            assert!(batches.len() < 500, "scheduler made no progress");
+        }
+        batches
     }
 
     /// One step: schedule, pretend the model ran, sample token 7 wherever asked; finishes sequences
@@ -240,4 +255,155 @@ fn max_num_seqs_bounds_running() {
     assert_eq!(Sim::ids(&b), vec![0, 1]);
     assert_eq!(sim.s.num_running(), 2);
     assert_eq!(sim.s.num_waiting(), 2);
+}
+
+fn caching() -> SchedulerConfig {
+    SchedulerConfig { max_batch_size: 1, prefix_caching: true, ..config() }
+}
+
+/// The tokens `base..base + len`.
+fn run(base: u32, len: usize) -> Vec<u32> {
+    (base..base + len as u32).collect()
+}
+
+/// Where sequence `id` was first scheduled: (start, len).
+fn first_slot(batches: &[Batch], id: RequestId) -> (usize, usize) {
+    let s = batches.iter().flat_map(|b| &b.seqs).find(|s| s.id == id).expect("scheduled");
+    (s.start, s.len)
+}
+
+#[test]
+fn prefix_cache_skips_the_whole_blocks_a_finished_request_computed() {
+    let mut sim = Sim::new(caching(), 32);
+    sim.add_prompt(run(1000, 10), 3, 0, 0);
+    sim.run_to_end(0);
+    sim.assert_pool_full();
+    // Prompt 10 + 2 outputs computed: blocks 0-1 (tokens 0-7) are full; block 2 (8-11) is full of
+    // prompt tokens 8-9 and outputs 7, 7.
+    assert_eq!(sim.s.block_manager().num_cached(), 3);
+
+    let again = sim.add_prompt(run(1000, 10), 2, 0, 100);
+    let b = sim.run_to_end(100);
+    assert_eq!(first_slot(&b, again), (8, 2), "two cached blocks, the rest computed");
+    let c = sim.s.counters();
+    assert_eq!((c.prefix_cache_queries, c.prefix_cache_hits), (20, 8), "10 tokens looked up twice, 8 found");
+
+    // A prompt that shares only its first five tokens reuses one block.
+    let mut other = run(1000, 5);
+    other.extend(run(5000, 6));
+    let partial = sim.add_prompt(other, 2, 0, 200);
+    let b = sim.run_to_end(200);
+    assert_eq!(first_slot(&b, partial), (4, 7));
+    // The same prompt with other first tokens shares nothing: keys chain from the first block.
+    let mut shifted = vec![1];
+    shifted.extend(run(1000, 10));
+    let none = sim.add_prompt(shifted, 2, 0, 300);
+    let b = sim.run_to_end(300);
+    assert_eq!(first_slot(&b, none), (0, 11));
+    sim.assert_pool_full();
+}
+
+#[test]
+fn prefix_cache_always_leaves_the_last_token_to_compute() {
+    let mut sim = Sim::new(caching(), 32);
+    sim.add_prompt(run(1000, 8), 2, 0, 0);
+    sim.run_to_end(0);
+    let again = sim.add_prompt(run(1000, 8), 2, 0, 100);
+    let b = sim.run_to_end(100);
+    // Both blocks are cached, but the prompt's last token must run to give the next token's
+    // logits, so the second block is computed again.
+    assert_eq!(first_slot(&b, again), (4, 4));
+    assert!(b[0].seqs[0].sample);
+    sim.assert_pool_full();
+}
+
+#[test]
+fn prefix_cache_covers_generated_tokens_of_a_conversation() {
+    let mut sim = Sim::new(caching(), 32);
+    let first = sim.add_prompt(run(1000, 6), 6, 0, 0);
+    let b = sim.run_to_end(0);
+    assert_eq!(first_slot(&b, first), (0, 6));
+    // The next turn's prompt is the first prompt, the five computed outputs (7s), then new tokens:
+    // blocks 0-1 (prompt and outputs) are cached, so only the new turn runs.
+    let mut next = run(1000, 6);
+    next.extend([7; 6]);
+    next.extend(run(2000, 5));
+    let turn = sim.add_prompt(next, 2, 0, 100);
+    let b = sim.run_to_end(100);
+    assert_eq!(first_slot(&b, turn), (8, 9));
+    sim.assert_pool_full();
+}
+
+#[test]
+fn prefix_cache_shares_blocks_between_running_sequences() {
+    let mut sim = Sim::new(caching(), 32);
+    let a = sim.add_prompt(run(1000, 9), 20, 0, 0);
+    sim.step(0);
+    let b = sim.add_prompt(run(1000, 9), 20, 0, 1);
+    let batch = sim.step(1);
+    assert_eq!(first_slot(&[batch], b), (8, 1));
+    let (ta, tb) = (sim.s.sequence(a).unwrap().block_table.clone(), sim.s.sequence(b).unwrap().block_table.clone());
+    assert_eq!(ta.blocks()[..2], tb.blocks()[..2], "both hold the cached prompt blocks");
+    assert_ne!(ta.blocks()[2], tb.blocks()[2], "each writes its own partial block");
+    assert_eq!(sim.s.block_manager().ref_count(ta.blocks()[0]), 2);
+    sim.run_to_end(2);
+    sim.assert_pool_full();
+}
+
+#[test]
+fn prefix_cache_twins_admitted_together_both_compute_then_share_later() {
+    let mut cfg = caching();
+    cfg.max_batch_size = 2;
+    let mut sim = Sim::new(cfg, 32);
+    let a = sim.add_prompt(run(1000, 9), 2, 0, 0);
+    let b = sim.add_prompt(run(1000, 9), 2, 0, 0);
+    let batches = sim.run_to_end(0);
+    assert_eq!((first_slot(&batches, a), first_slot(&batches, b)), ((0, 9), (0, 9)));
+    assert_eq!(sim.s.block_manager().num_cached(), 2, "one copy of each block is kept");
+    let c = sim.add_prompt(run(1000, 9), 2, 0, 100);
+    assert_eq!(first_slot(&sim.run_to_end(100), c), (8, 1));
+    sim.assert_pool_full();
+}
+
+#[test]
+fn prefix_cache_gives_way_when_the_pool_needs_blocks() {
+    // 6 blocks of 4. The cached prompt's 2 blocks are free, so a request needing all 6 gets them
+    // (the cache forgets them) and the cached prompt is computed again afterwards.
+    let mut sim = Sim::new(caching(), 6);
+    sim.add_prompt(run(1000, 9), 1, 0, 0);
+    sim.run_to_end(0);
+    assert_eq!(sim.s.block_manager().num_cached(), 2);
+    let big = sim.add_prompt(run(3000, 22), 2, 0, 100);
+    let b = sim.run_to_end(100);
+    assert_eq!(first_slot(&b, big), (0, 22));
+    let again = sim.add_prompt(run(1000, 9), 1, 0, 200);
+    assert_eq!(first_slot(&sim.run_to_end(200), again), (0, 9), "evicted, computed again");
+    sim.assert_pool_full();
+}
+
+#[test]
+fn prefix_cache_readmits_a_preempted_sequence_from_its_cached_blocks() {
+    let mut cfg = caching();
+    cfg.max_batch_size = 2;
+    let mut sim = Sim::new(cfg, 7);
+    let a = sim.add_prompt(run(1000, 8), 12, 0, 0);
+    let b = sim.add_prompt(run(2000, 8), 12, 1, 0);
+    let mut preempted = false;
+    let mut resumed = None;
+    for step in 0..200 {
+        let batch = sim.step(step);
+        if batch.preempted.contains(&b) {
+            preempted = true;
+        } else if preempted && resumed.is_none() {
+            resumed = batch.seqs.iter().find(|s| s.id == b).cloned();
+        }
+        if sim.s.is_idle() {
+            break;
+        }
+    }
+    assert!(preempted, "b was preempted");
+    let resumed = resumed.expect("b came back");
+    assert!(resumed.start >= 8, "its prompt blocks were still cached: start {}", resumed.start);
+    assert!(sim.s.sequence(a).is_none() && sim.s.is_idle());
+    sim.assert_pool_full();
 }

@@ -100,6 +100,11 @@ pub struct Settings {
     /// --gpu-memory-utilization leaves].
     #[arg(long, env = "SLUICE_KV_CACHE_MEMORY", value_name = "SIZE")]
     pub kv_cache_memory: Option<ByteSize>,
+    /// Reuse the KV cache of whole blocks a new request's prompt starts with (a shared system
+    /// prompt, earlier turns of a conversation, a repeated request); `false` computes every
+    /// prompt in full [default: true].
+    #[arg(long, env = "SLUICE_PREFIX_CACHING", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub prefix_caching: Option<bool>,
     /// Tokens per KV cache block [default: 16].
     #[arg(long, env = "SLUICE_BLOCK_SIZE", value_name = "N")]
     pub block_size: Option<usize>,
@@ -272,6 +277,7 @@ impl Settings {
             max_num_seqs: self.max_num_seqs.or(file.max_num_seqs),
             max_waiting: self.max_waiting.or(file.max_waiting),
             kv_cache_memory: self.kv_cache_memory.or(file.kv_cache_memory),
+            prefix_caching: self.prefix_caching.or(file.prefix_caching),
             block_size: self.block_size.or(file.block_size),
             max_model_len: self.max_model_len.or(file.max_model_len),
             seed: self.seed.or(file.seed),
@@ -390,6 +396,7 @@ fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
         max_batch_tokens: positive("max_batch_tokens", s.max_batch_tokens, defaults.max_batch_tokens)?,
         max_num_seqs: positive("max_num_seqs", s.max_num_seqs, defaults.max_num_seqs)?,
         max_waiting: positive("max_waiting", s.max_waiting, defaults.max_waiting)?,
+        prefix_caching: s.prefix_caching.unwrap_or(defaults.prefix_caching),
     };
     config.kv_cache_memory = match s.kv_cache_memory {
         Some(bytes) => Some(positive("kv_cache_memory", Some(bytes.0), 0)?),

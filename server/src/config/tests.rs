@@ -92,6 +92,22 @@ fn engine_settings_reach_the_engine_config() {
 }
 
 #[test]
+fn prefix_caching_is_on_unless_turned_off() {
+    let model = TempFile::new("prefix-model.gguf", "");
+    let path = model.0.display().to_string();
+    let caching = |args: &[&str]| {
+        let mut all = vec!["--model", &path];
+        all.extend_from_slice(args);
+        load(&all).unwrap().engine.scheduler.prefix_caching
+    };
+    assert!(caching(&[]));
+    assert!(!caching(&["--prefix-caching", "false"]));
+    assert!(caching(&["--prefix-caching"]));
+    let file = TempFile::new("prefix.toml", "prefix_caching = false\n");
+    assert!(!caching(&["--config", &file.0.display().to_string()]), "from the file");
+}
+
+#[test]
 fn bad_settings_are_named() {
     let model = TempFile::new("model3.gguf", "");
     let path = model.0.display().to_string();

@@ -68,6 +68,7 @@ pub async fn create(
     let completions = generate::gather(generation, &mut cutoff).await?;
     completions.iter().for_each(|c| log.finished(&c.finish));
     let completion_tokens = completions.iter().map(|c| c.finish.usage.completion_tokens).sum();
+    let cached_tokens = completions.iter().map(|c| c.finish.usage.cached_tokens).max().unwrap_or(0);
     let logprobs = req.params.logprobs.is_some();
     let choices = completions.into_iter().enumerate().map(|(i, c)| chunks.choice(i, c, logprobs)).collect();
     let body = ChatCompletion {
@@ -76,7 +77,7 @@ pub async fn create(
         created: chunks.created,
         model: chunks.model,
         choices,
-        usage: Usage::new(prompt_tokens, completion_tokens),
+        usage: Usage::new(prompt_tokens, completion_tokens, cached_tokens),
     };
     Ok(cache.tag(Json(body).into_response()))
 }
