@@ -48,6 +48,7 @@ fn scheduler_step(c: &mut Criterion) {
         max_batch_tokens: 4096,
         max_num_seqs: 256,
         max_waiting: 1024,
+        prefix_caching: true,
     };
     for running in [32usize, 256] {
         c.bench_function(&format!("schedule+update/{running}_decoding"), |b| {
