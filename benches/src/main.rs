@@ -89,6 +89,10 @@ struct EngineArgs {
     /// Longest user message, in tokens.
     #[arg(long, default_value_t = 250)]
     max_prompt_len: usize,
+    /// Tokens of text that every prompt starts with (a shared system prompt or document), before
+    /// its own `--min-prompt-len..--max-prompt-len` tokens.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix_len: usize,
     /// Workload seed (level `i` of a sweep draws its prompts with seed + i, so no level finds the
     /// last one's prompts in the prefix cache).
     #[arg(long, default_value_t = 0)]
@@ -189,6 +193,10 @@ struct ServeArgs {
     /// Longest synthetic prompt, in approximate tokens.
     #[arg(long, default_value_t = 250)]
     max_prompt_len: usize,
+    /// Tokens of text that every prompt starts with (a shared system prompt or document), before
+    /// its own `--min-prompt-len..--max-prompt-len` tokens.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix_len: usize,
     /// Seed of the workload and of the arrival times (level `i` of a sweep draws its prompts with
     /// seed + i, so no level finds the last one's prompts in the server's prefix cache).
     #[arg(long, default_value_t = 0)]
@@ -275,7 +283,8 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for (level, concurrency) in levels.into_iter().enumerate() {
         let seed = args.seed.wrapping_add(level as u64);
-        let items = workload::synthetic(args.num_requests, lengths, args.max_tokens, seed, &count);
+        let items =
+            workload::synthetic(args.num_requests, lengths, args.shared_prefix_len, args.max_tokens, seed, &count);
         let (results, wall) = engine_bench::run(&engine, &items, concurrency, &sampling);
         let setup = Setup {
             mode: "engine".into(),
@@ -324,12 +333,23 @@ fn serve_items(args: &ServeArgs, level: usize) -> anyhow::Result<Vec<WorkItem>> 
     // Client side there is no tokenizer; English runs at about 4 tokens per 3 words.
     let approx_tokens = |text: &str| (text.split_whitespace().count() * 4).div_ceil(3);
     anyhow::ensure!(args.max_tokens != Some(0), "--max-tokens must be >= 1");
+    anyhow::ensure!(
+        args.dataset.is_none() || args.shared_prefix_len == 0,
+        "--shared-prefix-len shapes synthetic prompts; a --dataset brings its own"
+    );
     match &args.dataset {
         Some(path) => dataset::sharegpt(path, args.num_requests, seed, args.max_tokens, &approx_tokens),
         None => {
             let lengths = (args.min_prompt_len, args.max_prompt_len);
             let max_tokens = args.max_tokens.unwrap_or(128);
-            Ok(workload::synthetic(args.num_requests, lengths, max_tokens, seed, &approx_tokens))
+            Ok(workload::synthetic(
+                args.num_requests,
+                lengths,
+                args.shared_prefix_len,
+                max_tokens,
+                seed,
+                &approx_tokens,
+            ))
         }
     }
 }

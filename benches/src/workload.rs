@@ -39,21 +39,35 @@ pub struct WorkItem {
 }
 
 /// `n` seeded prompts whose lengths fall in `min_len..=max_len` as measured by `count` (tokens,
-/// when given a tokenizer's counter; words otherwise).
+/// when given a tokenizer's counter; words otherwise), each after the same `shared_prefix` tokens
+/// of text (none when 0): the shape of requests that share a long system prompt or document.
 pub fn synthetic(
     n: usize,
     (min_len, max_len): (usize, usize),
+    shared_prefix: usize,
     max_tokens: usize,
     seed: u64,
     count: &dyn Fn(&str) -> usize,
 ) -> Vec<WorkItem> {
     let words: Vec<&str> = CORPUS.split_whitespace().collect();
+    let mut prefix = String::new();
+    for word in words.iter().cycle() {
+        if shared_prefix == 0 || count(&prefix) >= shared_prefix {
+            break;
+        }
+        prefix.push_str(word);
+        prefix.push(' ');
+    }
+    if !prefix.is_empty() {
+        prefix.push_str("\n\n");
+    }
+    let base = count(&prefix);
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n)
         .map(|_| {
-            let len = rng.random_range(min_len..=max_len.max(min_len));
+            let len = base + rng.random_range(min_len..=max_len.max(min_len));
             let start = rng.random_range(0..words.len());
-            let mut prompt = String::from("Summarise the following text.\n\n");
+            let mut prompt = format!("{prefix}Summarise the following text.\n\n");
             let mut i = 0;
             while count(&prompt) < len {
                 prompt.push_str(words[(start + i) % words.len()]);
@@ -72,11 +86,23 @@ mod tests {
     #[test]
     fn prompts_are_seeded_and_within_length() {
         let words = |s: &str| s.split_whitespace().count();
-        let a = synthetic(20, (30, 60), 8, 1, &words);
-        let b = synthetic(20, (30, 60), 8, 1, &words);
+        let a = synthetic(20, (30, 60), 0, 8, 1, &words);
+        let b = synthetic(20, (30, 60), 0, 8, 1, &words);
         assert_eq!(a.iter().map(|w| &w.prompt).collect::<Vec<_>>(), b.iter().map(|w| &w.prompt).collect::<Vec<_>>());
         assert!(a.iter().all(|w| (30..=60).contains(&words(&w.prompt)) && w.max_tokens == 8));
-        let c = synthetic(20, (30, 60), 8, 2, &words);
+        assert!(a.iter().all(|w| w.prompt.starts_with("Summarise")));
+        let c = synthetic(20, (30, 60), 0, 8, 2, &words);
         assert_ne!(a[0].prompt, c[0].prompt);
+    }
+
+    #[test]
+    fn a_shared_prefix_starts_every_prompt() {
+        let words = |s: &str| s.split_whitespace().count();
+        let items = synthetic(10, (30, 60), 200, 8, 3, &words);
+        let prefix = items[0].prompt.split("Summarise").next().unwrap();
+        assert_eq!(words(prefix), 200);
+        assert!(items.iter().all(|w| w.prompt.starts_with(prefix)));
+        assert!(items.iter().all(|w| (230..=260).contains(&words(&w.prompt))), "lengths count after the prefix");
+        assert_ne!(items[0].prompt, items[1].prompt);
     }
 }
