@@ -286,7 +286,15 @@ impl Worker {
             s.head_tokens += readouts.device_head;
             s.fetched_rows += readouts.fetched_rows;
             s.decode_graphs = graph_counts;
-            s.prompt_tokens += (batch.num_tokens - batch.seqs.iter().filter(|s| s.len == 1 && s.sample).count()) as u64;
+            let decodes = batch
+                .seqs
+                .iter()
+                .filter(|s| {
+                    let prompt_len = self.scheduler.sequence(s.id).map_or(0, |q| q.num_prompt_tokens);
+                    s.len == 1 && s.sample && s.start >= prompt_len
+                })
+                .count();
+            s.prompt_tokens += (batch.num_tokens - decodes) as u64;
         }
         metrics::record_sampling(readouts.device_argmax, readouts.device_head, readouts.host, replays);
         for (id, choice) in sampled {

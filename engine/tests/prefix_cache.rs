@@ -96,3 +96,32 @@ fn seeded_sampling_and_batches_read_the_same_cached_blocks() {
     }
     common::wait_for_empty_pool(&cached_engine);
 }
+
+#[test]
+fn a_small_pool_that_evicts_and_preempts_keeps_every_output() {
+    // 16 blocks of 16 tokens for 16 chat prompts of ~40-60 tokens and 24 new tokens each, all at
+    // once and twice over: cached blocks are shared, evicted when the pool runs short, and
+    // sequences preempted and recomputed from what is still cached.
+    let tight = common::engine_with(|c| {
+        c.kv_cache_memory = Some(16 * 16 * 2 * 30 * 3 * 64 * 4);
+        c.scheduler.max_batch_tokens = 48;
+    });
+    assert_eq!(tight.model_info().num_kv_blocks, 16);
+    let cold = cold_engine();
+    let prompts = common::prompts();
+    let reference: Vec<Completion> =
+        prompts.iter().map(|p| run(&cold, Request::user(p.as_str()).with_params(params()))).collect();
+    for round in 0..2 {
+        let streams: Vec<_> =
+            prompts.iter().map(|p| tight.submit(Request::user(p.as_str()).with_params(params())).unwrap()).collect();
+        let handles: Vec<_> =
+            streams.into_iter().map(|s| std::thread::spawn(move || s.collect_blocking().unwrap())).collect();
+        for ((p, h), r) in prompts.iter().zip(handles).zip(&reference) {
+            assert_same(&h.join().unwrap(), r, &format!("{p:?}, round {round}, small pool"));
+        }
+    }
+    let stats = tight.stats();
+    assert!(stats.preemptions > 0, "the pool was meant to force preemption: {stats:?}");
+    assert!(stats.prefix_cache_hits > 0, "{stats:?}");
+    common::wait_for_empty_pool(&tight);
+}

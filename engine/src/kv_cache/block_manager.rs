@@ -135,7 +135,8 @@ impl BlockManager {
             debug_assert!(self.keys[block as usize].is_some(), "block {block} is not cached");
             let count = &mut self.ref_counts[block as usize];
             if *count == 0 {
-                self.free.remove(&self.free_stamp[block as usize]);
+                let removed = self.free.remove(&self.free_stamp[block as usize]);
+                debug_assert_eq!(removed, Some(block), "a free block is on the free list");
             }
             *count += 1;
             table.push(block);
@@ -186,7 +187,10 @@ impl BlockManager {
         for block in table.take().into_iter().rev() {
             let count = &mut self.ref_counts[block as usize];
             debug_assert!(*count > 0, "block {block} freed more often than held");
-            *count = count.saturating_sub(1);
+            if *count == 0 {
+                continue; // never put a block on the free list twice
+            }
+            *count -= 1;
             if *count == 0 {
                 self.free_stamp[block as usize] = self.next_stamp;
                 self.free.insert(self.next_stamp, block);
@@ -237,8 +241,33 @@ impl BlockManager {
                 }
                 // Same prefix, same K/V: the block takes the cached one's content id, so the
                 // blocks after it chain from the cached copy and can join the cache themselves.
-                Entry::Occupied(e) => self.content[block] = self.content[*e.get() as usize],
+                // If nobody holds the cached copy, this block takes its place in the cache: a
+                // held block cannot be evicted, so the blocks chained after it stay reachable.
+                Entry::Occupied(mut e) => {
+                    let twin = *e.get() as usize;
+                    self.content[block] = self.content[twin];
+                    if self.ref_counts[twin] == 0 {
+                        e.insert(blocks[i]);
+                        self.keys[block] = self.keys[twin].take();
+                    }
+                }
             }
+        }
+    }
+
+    /// Checks the pool's invariants (tests call it after every change): a block is free exactly
+    /// when nobody holds it, once, under its own stamp; the cache's keys and blocks map to each
+    /// other one to one.
+    pub fn check_invariants(&self) {
+        for (block, &count) in self.ref_counts.iter().enumerate() {
+            let stamp = self.free_stamp[block];
+            let listed = self.free.get(&stamp) == Some(&(block as BlockId));
+            assert_eq!(count == 0, listed, "block {block}: held {count} times, on the free list: {listed}");
+        }
+        assert!(self.free.len() <= self.num_blocks());
+        assert_eq!(self.keys.iter().flatten().count(), self.cached.len(), "a key without its block or back");
+        for (key, &block) in &self.cached {
+            assert_eq!(self.keys[block as usize].as_ref(), Some(key), "block {block} is not under its key");
         }
     }
 
@@ -373,6 +402,7 @@ mod tests {
         assert_eq!(bm.lookup(&[7, 8, 3, 4]), vec![first]);
         bm.free(&mut b);
         bm.free(&mut c);
+        bm.check_invariants();
         assert_eq!(bm.num_free(), 3);
     }
 
@@ -392,5 +422,28 @@ mod tests {
         bm.free(&mut a);
         bm.free(&mut b);
         assert_eq!(bm.num_free(), 8);
+    }
+
+    #[test]
+    fn a_held_twin_takes_the_place_of_a_free_cached_block() {
+        let mut bm = BlockManager::new(4, 2);
+        let mut a = cached_table(&mut bm, &[1, 2]);
+        let old = a.blocks()[0];
+        bm.free(&mut a);
+        // b computed the same block while a's copy sat free: b's copy, which nobody can evict
+        // while b runs, now stands for that prefix, and b's next block chains from it.
+        let mut b = BlockTable::new();
+        bm.allocate(&mut b, 4);
+        bm.register(&b, 0, &[1, 2, 3, 4]);
+        bm.check_invariants();
+        assert_eq!(bm.lookup(&[1, 2, 3, 4]), b.blocks());
+        // Filling the pool evicts a's free copy; the prefix stays cached.
+        let mut c = BlockTable::new();
+        bm.allocate(&mut c, 4);
+        assert!(c.blocks().contains(&old));
+        assert_eq!(bm.lookup(&[1, 2, 3, 4]), b.blocks());
+        bm.free(&mut b);
+        bm.free(&mut c);
+        bm.check_invariants();
     }
 }

@@ -57,6 +57,7 @@ impl Sim {
     /// that reached their `max_output_tokens`.
     fn step(&mut self, ms: u64) -> Batch {
         let batch = self.s.schedule(self.at(ms));
+        self.s.block_manager().check_invariants();
         let sampled: Vec<_> = batch.seqs.iter().filter(|s| s.sample).map(|s| (s.id, 7)).collect();
         self.s.update(&batch, &sampled);
         for (id, _) in sampled {
@@ -406,4 +407,89 @@ fn prefix_cache_readmits_a_preempted_sequence_from_its_cached_blocks() {
     assert!(resumed.start >= 8, "its prompt blocks were still cached: start {}", resumed.start);
     assert!(sim.s.sequence(a).is_none() && sim.s.is_idle());
     sim.assert_pool_full();
+}
+
+/// What a cache slot holds in the randomized test below: the tokens up to and including the one
+/// whose K/V was written there (its whole prefix: the K/V of a token depends on all of them).
+type Written = Vec<u32>;
+
+#[test]
+fn prefix_cache_under_random_load_reads_only_what_was_written_for_the_same_prefix() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    for seed in 0..6u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut cfg = caching();
+        cfg.max_batch_tokens = 24;
+        cfg.max_waiting = 64;
+        // 20 blocks of 4: too few for everyone, so blocks are evicted and sequences preempted.
+        let mut s = Scheduler::new(cfg, 20, BS);
+        let t0 = Instant::now();
+        let mut slots: HashMap<u32, Written> = HashMap::new();
+        let (mut next_id, mut finished) = (0u64, 0);
+        // Prompts are one of three shared openings plus a short random tail, over a small
+        // alphabet, so prefixes (and generated tokens) collide often.
+        let openings: Vec<Vec<u32>> = (0..3).map(|o| (0..9).map(|t| 1 + (o * 7 + t) % 5).collect()).collect();
+        for step in 0..400u64 {
+            if rng.random_bool(0.4) && s.num_waiting() < 32 {
+                let mut prompt = openings[rng.random_range(0..3)].clone();
+                prompt.truncate(rng.random_range(1..=9));
+                prompt.extend((0..rng.random_range(0..6)).map(|_| rng.random_range(1..4)));
+                let max_tokens = rng.random_range(1..40);
+                let priority = rng.random_range(0..2);
+                s.add(Sequence::new(next_id, prompt, max_tokens, priority, t0, next_id)).unwrap();
+                next_id += 1;
+            }
+            if rng.random_bool(0.05) {
+                let ids = s.ids();
+                if !ids.is_empty() {
+                    s.remove(ids[rng.random_range(0..ids.len())]);
+                }
+            }
+            let batch = s.schedule(t0 + Duration::from_millis(step * 10));
+            s.block_manager().check_invariants();
+            // Every position before a scheduled chunk must hold what its own prefix wrote.
+            for sched in &batch.seqs {
+                let seq = s.sequence(sched.id).unwrap();
+                for pos in 0..sched.start {
+                    let slot = seq.block_table.slot(pos, BS).expect("a computed position has a slot");
+                    let want = &seq.token_ids[..=pos];
+                    assert_eq!(
+                        slots.get(&slot).map(Vec::as_slice),
+                        Some(want),
+                        "seed {seed}, step {step}: slot {slot}"
+                    );
+                }
+            }
+            for sched in &batch.seqs {
+                let seq = s.sequence(sched.id).unwrap();
+                for pos in sched.start..sched.start + sched.len {
+                    let slot = seq.block_table.slot(pos, BS).expect("a scheduled position has a slot");
+                    slots.insert(slot, seq.token_ids[..=pos].to_vec());
+                }
+            }
+            let sampled: Vec<_> =
+                batch.seqs.iter().filter(|q| q.sample).map(|q| (q.id, rng.random_range(1..4))).collect();
+            s.update(&batch, &sampled);
+            s.block_manager().check_invariants();
+            for (id, _) in sampled {
+                if s.sequence(id).is_some_and(|q| q.num_output_tokens() >= q.max_output_tokens) {
+                    s.remove(id);
+                    finished += 1;
+                }
+            }
+        }
+        let c = s.counters();
+        assert!(
+            c.prefix_cache_hits > 0 && c.preemptions > 0,
+            "seed {seed}: the load was meant to hit and preempt: {c:?}"
+        );
+        assert!(finished > 20, "seed {seed}: {finished} finished");
+        for id in s.ids() {
+            s.remove(id);
+        }
+        s.block_manager().check_invariants();
+        assert_eq!(s.block_manager().num_free(), 20);
+    }
 }
