@@ -24,7 +24,7 @@ fn sampler(c: &mut Criterion) {
     let row = logits();
     let prompt: Vec<u32> = (0..200).collect();
     let output: Vec<u32> = (500..600).collect();
-    let ctx = SampleContext { prompt_tokens: &prompt, output_tokens: &output, suppress: &[] };
+    let ctx = SampleContext { prompt_tokens: &prompt, output_tokens: &output, suppress: &[], allowed: None };
     let cases = [
         ("greedy", SamplingParams::default()),
         ("greedy+logprobs5", SamplingParams { logprobs: Some(5), ..Default::default() }),

@@ -2,7 +2,7 @@
 //! and validates requests on the caller's thread, and hands back a [`TokenStream`] per request.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -22,6 +22,7 @@ use crate::scheduler::Scheduler;
 use crate::sequence::{RequestId, Sequence};
 use crate::stats::EngineStats;
 use crate::stream::TokenStream;
+use crate::structured::{Constraint, Grammars, ResponseFormat};
 use crate::tokenizer::Tokenizer;
 use crate::worker::{RequestState, Worker};
 
@@ -90,6 +91,8 @@ pub struct Engine {
     config: EngineConfig,
     next_id: AtomicU64,
     thread: Option<JoinHandle<()>>,
+    // Structured outputs' grammar compiler, built on first use (an error is kept as its text).
+    grammars: OnceLock<std::result::Result<Grammars, String>>,
 }
 
 impl Engine {
@@ -169,6 +172,7 @@ impl Engine {
             config,
             next_id: AtomicU64::new(0),
             thread: Some(thread),
+            grammars: OnceLock::new(),
         })
     }
 
@@ -256,6 +260,19 @@ impl Engine {
         self.submit_tokens(prompt, request)
     }
 
+    /// The grammar state a structured `format` starts from (`None` for free text): compiled here,
+    /// on the caller's thread, so a schema that cannot be compiled is refused at submission.
+    fn constraint(&self, format: &ResponseFormat) -> Result<Option<Constraint>> {
+        if !format.is_structured() {
+            return Ok(None);
+        }
+        let grammars = self.grammars.get_or_init(|| Grammars::new(&self.tokenizer).map_err(|e| e.to_string()));
+        match grammars {
+            Ok(g) => g.constraint(format),
+            Err(e) => Err(EngineError::InvalidRequest(format!("structured outputs are unavailable: {e}"))),
+        }
+    }
+
     /// Like [`Engine::submit`] for a prompt already tokenized (its `request.prompt` is ignored).
     pub fn submit_tokens(&self, prompt: Vec<u32>, request: Request) -> Result<TokenStream> {
         let params = request.params;
@@ -277,6 +294,7 @@ impl Engine {
                 self.info.num_kv_blocks * self.info.block_size
             )));
         }
+        let grammar = self.constraint(&params.response_format)?;
         if let Some(retry_after) = self.breaker().retry_after(Instant::now()) {
             return Err(EngineError::BreakerOpen(retry_after));
         }
@@ -288,7 +306,8 @@ impl Engine {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let num_prompt = prompt.len();
-        let state = RequestState::new(params.clone(), self.config.seed.wrapping_add(id), &self.tokenizer, &prompt, tx);
+        let seed = self.config.seed.wrapping_add(id);
+        let state = RequestState::new(params.clone(), seed, &self.tokenizer, &prompt, grammar, tx);
         let seq = Sequence::new(id, prompt, params.max_tokens, request.priority, Instant::now(), id);
         if self.commands.send(Command::Submit(Box::new(Submission { seq, state }))).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);

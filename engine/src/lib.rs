@@ -29,6 +29,7 @@ pub mod sequence;
 pub mod stats;
 pub mod stop;
 pub mod stream;
+pub mod structured;
 pub mod tokenizer;
 mod worker;
 
@@ -45,4 +46,5 @@ pub use scheduler::SchedulerConfig;
 pub use sequence::RequestId;
 pub use stats::EngineStats;
 pub use stream::{Completion, Finish, FinishReason, StreamEvent, Timings, TokenEvent, TokenStream, Usage};
+pub use structured::ResponseFormat;
 pub use tokenizer::Tokenizer;

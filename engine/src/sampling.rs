@@ -2,7 +2,7 @@
 //! row of logits into the next token.
 //!
 //! The stages run in this order, each skipped when its parameter is neutral:
-//! logit bias → suppressed ids → repetition penalty → presence/frequency penalties →
+//! logit bias → suppressed ids → allowed ids (structured outputs) → repetition penalty → presence/frequency penalties →
 //! (greedy: argmax) or temperature → top-k → top-p → min-p → one uniform draw.
 //! Logprobs are always those of the raw model logits (vLLM's default), not the processed ones.
 //!
@@ -33,6 +33,14 @@ pub struct SampleContext<'a> {
     /// Token ids that must not be chosen now (EOS and stop ids while the output is shorter than
     /// `min_tokens`). Ids outside the vocabulary are ignored.
     pub suppress: &'a [u32],
+    /// With a structured output: the ids that may come next, as a bitmask (bit `t % 32` of word
+    /// `t / 32`); ids past its end are not allowed. `None`: every id.
+    pub allowed: Option<&'a [u32]>,
+}
+
+/// Whether `token` is set in an `allowed` bitmask.
+fn is_allowed(allowed: &[u32], token: u32) -> bool {
+    allowed.get(token as usize / 32).is_some_and(|w| w & (1 << (token % 32)) != 0)
 }
 
 /// The log-probability of a chosen token and of the most likely alternatives.
@@ -121,6 +129,11 @@ impl Sampler {
         }
         for &id in ctx.suppress {
             if let Some(c) = cands.get_mut(id as usize) {
+                c.1 = f32::NEG_INFINITY;
+            }
+        }
+        if let Some(allowed) = ctx.allowed {
+            for c in cands.iter_mut().filter(|c| !is_allowed(allowed, c.0)) {
                 c.1 = f32::NEG_INFINITY;
             }
         }
@@ -215,7 +228,7 @@ impl Sampler {
 
 /// Whether the token is the raw logits' argmax: greedy, no bias, penalty or suppressed id.
 fn takes_raw_argmax(params: &SamplingParams, ctx: &SampleContext) -> bool {
-    params.is_greedy() && !params.has_processing() && ctx.suppress.is_empty()
+    params.is_greedy() && !params.has_processing() && ctx.suppress.is_empty() && ctx.allowed.is_none()
 }
 
 /// NaN becomes `-inf` (never chosen); everything else is kept.

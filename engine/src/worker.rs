@@ -20,6 +20,7 @@ use crate::scheduler::{AddError, Batch, Scheduler};
 use crate::sequence::{RequestId, Sequence};
 use crate::stop::StopStrings;
 use crate::stream::{Finish, FinishReason, StreamEvent, Timings, TokenEvent, Usage};
+use crate::structured::Constraint;
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
 
 mod sampling;
@@ -34,6 +35,8 @@ pub(crate) struct RequestState {
     sampler: Sampler,
     detokenizer: IncrementalDetokenizer,
     stop: StopStrings,
+    // With a JSON `response_format`: where the output stands in its grammar.
+    grammar: Option<Constraint>,
     tx: UnboundedSender<StreamEvent>,
     admitted_at: Option<Instant>,
     first_token_at: Option<Instant>,
@@ -47,9 +50,11 @@ impl RequestState {
         fallback_seed: u64,
         tokenizer: &Tokenizer,
         prompt: &[u32],
+        grammar: Option<Constraint>,
         tx: UnboundedSender<StreamEvent>,
     ) -> Self {
         Self {
+            grammar,
             sampler: Sampler::new(&params, fallback_seed),
             detokenizer: IncrementalDetokenizer::with_prompt_tail(tokenizer, prompt),
             stop: StopStrings::new(&params.stop),
@@ -308,6 +313,21 @@ impl Worker {
 
     /// Turns a new token into a stream event, and finishes the request when it should stop.
     fn emit(&mut self, id: RequestId, token: u32, logprob: Option<crate::sampling::TokenLogprob>) {
+        // A structured output's grammar moves past the token first; it ends the request when the
+        // JSON value is complete.
+        let advanced = self.requests.get_mut(&id).and_then(|s| s.grammar.as_mut()).map(|g| {
+            let result = g.advance(token);
+            result.map(|()| g.is_finished())
+        });
+        let grammar_done = match advanced {
+            Some(Err(e)) => {
+                tracing::error!(error = %e, request = id, token, "the structured output's grammar refused a token");
+                self.fail(id, e);
+                return;
+            }
+            Some(Ok(done)) => done,
+            None => false,
+        };
         let (Some(seq), Some(state)) = (self.scheduler.sequence(id), self.requests.get_mut(&id)) else {
             return;
         };
@@ -337,6 +357,10 @@ impl Worker {
                 }
                 Err(e) => tracing::warn!(error = %e, token, "cannot detokenize"),
             }
+        }
+        if finish.is_none() && grammar_done {
+            // The JSON value is complete: nothing may follow it.
+            finish = Some(FinishReason::Stop);
         }
         if finish.is_none() && seq.num_output_tokens() >= params.max_tokens {
             finish = Some(FinishReason::Length);

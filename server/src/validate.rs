@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 
-use sluice_engine::{ChatMessage, Prompt, SamplingParams};
+use sluice_engine::{ChatMessage, Prompt, ResponseFormat, SamplingParams};
 
 use crate::error::ApiError;
 use crate::openai::{
-    ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, PromptInput, StopInput, StreamOptions,
+    ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, PromptInput, ResponseFormatIn, StopInput,
+    StreamOptions,
 };
 
 /// Most choices per prompt (`n`).
@@ -62,6 +63,7 @@ struct Shared {
     ignore_eos: Option<bool>,
     min_tokens: Option<u32>,
     priority: Option<i32>,
+    response_format: Option<ResponseFormatIn>,
 }
 
 /// Moves the shared fields out of a `ChatCompletionRequest` or a `CompletionRequest`.
@@ -85,6 +87,7 @@ macro_rules! shared {
             ignore_eos: $r.ignore_eos,
             min_tokens: $r.min_tokens,
             priority: $r.priority,
+            response_format: $r.response_format,
         }
     };
 }
@@ -172,6 +175,13 @@ fn build(
         },
         stop_token_ids: Vec::new(),
         ignore_eos: s.ignore_eos.unwrap_or(false),
+        response_format: match s.response_format {
+            None | Some(ResponseFormatIn::Text) => ResponseFormat::Text,
+            Some(ResponseFormatIn::JsonObject) => ResponseFormat::JsonObject,
+            Some(ResponseFormatIn::JsonSchema { json_schema }) => {
+                ResponseFormat::JsonSchema { schema: json_schema.schema.unwrap_or_else(|| serde_json::json!({})) }
+            }
+        },
     };
     // Every range check but the vocabulary's, which needs the model and is done on submit.
     params.validate(usize::MAX)?;

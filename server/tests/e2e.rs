@@ -151,6 +151,64 @@ async fn usage_counts_the_prompt_tokens_found_in_the_prefix_cache() {
 }
 
 #[tokio::test]
+async fn response_format_json_schema_answers_json_that_matches_it() {
+    let _shared = ENGINE_IDLE.read().await;
+    let schema = json!({
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0}},
+        "required": ["name", "age"],
+        "additionalProperties": false
+    });
+    let format = json!({"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": true}});
+    let request = chat_body("Invent a person.", json!({"temperature": 0, "max_tokens": 80, "response_format": format}));
+    let (status, _, body) = post_json("/v1/chat/completions", &request).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop", "{body}");
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    let person: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("not JSON ({e}): {content}"));
+    assert!(person["name"].is_string() && person["age"].is_u64(), "{person}");
+    assert_eq!(person.as_object().unwrap().len(), 2, "{person}");
+    // Streamed, the deltas add up to the same JSON.
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let (_, raw) = post_stream("/v1/chat/completions", &streamed).await;
+    assert_eq!(content_of(&chunks(&raw), 0), content);
+    // The same request without the format answers in prose: the response cache keeps them apart.
+    let mut free = request.clone();
+    free.as_object_mut().unwrap().remove("response_format");
+    let (_, _, prose) = post_json("/v1/chat/completions", &free).await;
+    assert_ne!(prose["choices"][0]["message"]["content"].as_str(), Some(content));
+    // json_object: any object.
+    let object = chat_body(
+        "Describe the sea.",
+        json!({"temperature": 0, "max_tokens": 120, "response_format": {"type": "json_object"}}),
+    );
+    let (status, _, body) = post_json("/v1/chat/completions", &object).await;
+    assert_eq!(status, 200, "{body}");
+    if body["choices"][0]["finish_reason"] == "stop" {
+        let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object()), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn response_formats_that_cannot_work_are_400_naming_the_field() {
+    let _shared = ENGINE_IDLE.read().await;
+    for format in [
+        json!({"type": "xml"}),
+        json!({"type": "json_schema"}),
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/definitions/missing"}}}),
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 3, "maximum": 1}}}),
+    ] {
+        let request = chat_body("hi", json!({"max_tokens": 8, "response_format": format}));
+        let (status, _, body) = post_json("/v1/chat/completions", &request).await;
+        assert_eq!(status, 400, "{format}: {body}");
+        let param = body["error"]["param"].as_str().unwrap_or_default();
+        assert!(param.starts_with("response_format"), "{format}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn stop_strings_end_the_answer_before_them() {
     let _shared = ENGINE_IDLE.read().await;
     let request = chat_body(FRANCE, json!({"temperature": 0, "max_tokens": 20, "stop": ["Paris", "Rome"]}));

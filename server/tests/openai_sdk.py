@@ -79,4 +79,23 @@ expect_error(
     lambda: client.chat.completions.create(model="gpt-4o", messages=france),
     code="model_not_found",
 )
+# Structured output: a pydantic model as the response format, parsed by the SDK itself.
+import pydantic
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+
+
+parsed = client.chat.completions.parse(
+    model=model,
+    messages=[{"role": "user", "content": "Invent a person."}],
+    response_format=Person,
+    temperature=0,
+    max_tokens=80,
+)
+person = parsed.choices[0].message.parsed
+assert isinstance(person, Person) and person.name, parsed
+assert parsed.usage.prompt_tokens_details.cached_tokens >= 0, parsed.usage
 print("all SDK checks passed")

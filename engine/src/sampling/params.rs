@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{EngineError, Result};
+use crate::{EngineError, ResponseFormat, Result};
 
 /// Temperatures below this are treated as greedy (as vLLM does): dividing by a smaller one would
 /// overflow and the distribution is a point mass on the argmax anyway.
@@ -56,6 +56,8 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past EOS (benchmarks).
     pub ignore_eos: bool,
+    /// The shape the output must take: free text, or JSON (see [`ResponseFormat`]).
+    pub response_format: ResponseFormat,
 }
 
 impl Default for SamplingParams {
@@ -77,6 +79,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            response_format: ResponseFormat::Text,
         }
     }
 }
@@ -109,6 +112,16 @@ impl SamplingParams {
             ensure(n <= MAX_LOGPROBS, || format!("`logprobs` must be at most {MAX_LOGPROBS}, got {n}"))?;
         }
         ensure(self.max_tokens >= 1, || "`max_tokens` must be at least 1".to_string())?;
+        if self.response_format.is_structured() {
+            // The grammar decides where the value ends: EOS must stay allowed when it may end.
+            ensure(!self.ignore_eos, || "`ignore_eos` cannot be combined with a JSON `response_format`".into())?;
+            ensure(self.min_tokens == 0, || "`min_tokens` cannot be combined with a JSON `response_format`".into())?;
+        }
+        if let ResponseFormat::JsonSchema { schema } = &self.response_format {
+            ensure(schema.is_object() || schema == &serde_json::Value::Bool(true), || {
+                "`response_format` schema must be a JSON object".to_string()
+            })?;
+        }
         let (min, max) = (self.min_tokens, self.max_tokens);
         ensure(min <= max, || format!("`min_tokens` ({min}) must not exceed `max_tokens` ({max})"))?;
         let n = self.stop.len();
@@ -134,7 +147,7 @@ impl SamplingParams {
 
     /// Whether any stage before the argmax/sampling changes the logits.
     pub(super) fn has_processing(&self) -> bool {
-        self.has_penalties() || !self.logit_bias.is_empty()
+        self.has_penalties() || !self.logit_bias.is_empty() || self.response_format.is_structured()
     }
 
     /// Whether a penalty needs the history of the sequence.

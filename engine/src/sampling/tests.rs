@@ -3,7 +3,7 @@ use super::*;
 const NO_CTX: SampleContext<'static> = ctx(&[], &[], &[]);
 
 const fn ctx<'a>(prompt: &'a [u32], output: &'a [u32], suppress: &'a [u32]) -> SampleContext<'a> {
-    SampleContext { prompt_tokens: prompt, output_tokens: output, suppress }
+    SampleContext { prompt_tokens: prompt, output_tokens: output, suppress, allowed: None }
 }
 
 /// Greedy defaults with `edit` applied.

@@ -77,7 +77,16 @@ impl Worker {
             let (Some(seq), Some(state)) = (self.scheduler.sequence(s.id), self.requests.get_mut(&s.id)) else {
                 continue;
             };
-            let ctx = context(seq, &state.params, &self.eos);
+            // A structured output's tokens are chosen among those its grammar allows next.
+            let allowed = match state.grammar.as_mut().map(|g| g.allowed()).transpose() {
+                Ok(allowed) => allowed,
+                Err(e) => {
+                    out.failed.push((s.id, e));
+                    continue;
+                }
+            };
+            let mut ctx = context(seq, &state.params, &self.eos);
+            ctx.allowed = allowed.as_deref();
             let choice = match logits {
                 StepLogits::Rows(rows) => {
                     let Some(row) = rows.get(i) else { continue };
@@ -146,5 +155,5 @@ fn sample_from_head(
 /// while the output is shorter than `min_tokens`.
 fn context<'a>(seq: &'a Sequence, params: &SamplingParams, eos: &'a [u32]) -> SampleContext<'a> {
     let suppress: &[u32] = if seq.num_output_tokens() < params.min_tokens { eos } else { &[] };
-    SampleContext { prompt_tokens: seq.prompt_tokens(), output_tokens: seq.output_tokens(), suppress }
+    SampleContext { prompt_tokens: seq.prompt_tokens(), output_tokens: seq.output_tokens(), suppress, allowed: None }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{StopInput, StreamOptions, Usage};
+use super::{ResponseFormatIn, StopInput, StreamOptions, Usage};
 
 /// A text completion request. Unknown fields are ignored.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -49,6 +49,10 @@ pub struct CompletionRequest {
     pub repetition_penalty: Option<f32>,
     /// Extension: keep generating past the end-of-sequence token.
     pub ignore_eos: Option<bool>,
+    /// The answer's shape: `{"type": "text"}`, `{"type": "json_object"}` or `{"type":
+    /// "json_schema", "json_schema": {"name": ..., "schema": {...}}}`; JSON is enforced token by
+    /// token.
+    pub response_format: Option<ResponseFormatIn>,
     /// Extension: the end-of-sequence token is suppressed until this many tokens exist.
     pub min_tokens: Option<u32>,
     /// Extension: scheduling priority; lower runs first. Default 0.

@@ -78,6 +78,35 @@ pub enum StopInput {
     Many(Vec<String>),
 }
 
+/// `response_format`: the shape of the answer.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormatIn {
+    /// Free text (the default).
+    Text,
+    /// One JSON object.
+    JsonObject,
+    /// One JSON value that a JSON Schema accepts.
+    JsonSchema {
+        /// The schema and its name.
+        json_schema: JsonSchemaIn,
+    },
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct JsonSchemaIn {
+    /// The schema's name (accepted, not used).
+    pub name: Option<String>,
+    /// What the schema is for (accepted, not used).
+    pub description: Option<String>,
+    /// The JSON Schema; absent: any JSON value.
+    #[schema(value_type = Option<Object>)]
+    pub schema: Option<serde_json::Value>,
+    /// Accepted; the schema is always enforced.
+    pub strict: Option<bool>,
+}
+
 /// `stream_options`.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
