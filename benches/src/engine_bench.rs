@@ -41,7 +41,10 @@ pub fn run(
 
 /// One request, measured from submission.
 fn one(engine: &Engine, item: &WorkItem, sampling: &SamplingParams) -> RequestResult {
-    let params = SamplingParams { max_tokens: item.max_tokens, ignore_eos: true, ..sampling.clone() };
+    // EOS is ignored so every request makes `max_tokens` tokens, except under a JSON format,
+    // where the grammar ends the request when its value is complete.
+    let ignore_eos = !sampling.response_format.is_structured();
+    let params = SamplingParams { max_tokens: item.max_tokens, ignore_eos, ..sampling.clone() };
     let sent = Instant::now();
     let mut r = RequestResult::default();
     let stream = match engine.submit(Request::user(item.prompt.as_str()).with_params(params)) {

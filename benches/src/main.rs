@@ -29,7 +29,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sluice_engine::{DType, DeviceSpec, Engine, EngineConfig, Request, SamplingParams};
+use sluice_engine::{DType, DeviceSpec, Engine, EngineConfig, Request, ResponseFormat, SamplingParams};
 
 use crate::client::{Endpoint, RetryPolicy, Target};
 use crate::plot::Run;
@@ -145,6 +145,10 @@ struct EngineArgs {
     /// Nucleus sampling of every request, in (0, 1].
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Every request asks for a JSON object (`response_format` `json_object`): each ends when its
+    /// object is complete, and each step computes the grammar's token mask.
+    #[arg(long)]
+    json_object: bool,
     #[command(flatten)]
     output: Output,
 }
@@ -259,7 +263,13 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     config.scheduler.prefix_caching = args.prefix_caching;
     config.device_sampling = args.device_sampling.parse().map_err(anyhow::Error::msg)?;
     // Requests carry no seed: each gets the engine's seed plus its id, so a sampled run repeats.
-    let sampling = SamplingParams { temperature: args.temperature, top_p: args.top_p, ..SamplingParams::default() };
+    let response_format = if args.json_object { ResponseFormat::JsonObject } else { ResponseFormat::Text };
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        response_format,
+        ..SamplingParams::default()
+    };
     sampling.validate(usize::MAX).map_err(anyhow::Error::msg)?;
     config.cpu_weights = args.cpu_weights.parse().map_err(anyhow::Error::msg)?;
     config.cpu_activations = args.cpu_activations.parse().map_err(anyhow::Error::msg)?;

@@ -91,8 +91,9 @@ pub struct Engine {
     config: EngineConfig,
     next_id: AtomicU64,
     thread: Option<JoinHandle<()>>,
-    // Structured outputs' grammar compiler, built on first use (an error is kept as its text).
-    grammars: OnceLock<std::result::Result<Grammars, String>>,
+    // Structured outputs' grammar compiler (an error is kept as its text), built in the background
+    // at start (about 0.2 s for a 49k vocabulary) or by the first request that needs it.
+    grammars: Arc<OnceLock<std::result::Result<Grammars, String>>>,
 }
 
 impl Engine {
@@ -163,6 +164,11 @@ impl Engine {
         let (tx, rx) = crossbeam_channel::unbounded();
         let worker = Worker::new(runner, scheduler, config.breaker, tokenizer.clone(), shared.clone(), rx);
         let thread = std::thread::Builder::new().name("sluice-engine".into()).spawn(move || worker.run())?;
+        let grammars = Arc::new(OnceLock::new());
+        let (cell, tok) = (grammars.clone(), tokenizer.clone());
+        std::thread::Builder::new().name("sluice-grammars".into()).spawn(move || {
+            cell.get_or_init(|| Grammars::new(&tok).map_err(|e| e.to_string()));
+        })?;
         Ok(Self {
             commands: tx,
             shared,
@@ -172,7 +178,7 @@ impl Engine {
             config,
             next_id: AtomicU64::new(0),
             thread: Some(thread),
-            grammars: OnceLock::new(),
+            grammars,
         })
     }
 
@@ -269,7 +275,9 @@ impl Engine {
         let grammars = self.grammars.get_or_init(|| Grammars::new(&self.tokenizer).map_err(|e| e.to_string()));
         match grammars {
             Ok(g) => g.constraint(format),
-            Err(e) => Err(EngineError::InvalidRequest(format!("structured outputs are unavailable: {e}"))),
+            Err(e) => {
+                Err(EngineError::InvalidRequest(format!("`response_format`: structured outputs are unavailable: {e}")))
+            }
         }
     }
 

@@ -38,6 +38,12 @@ pub struct SampleContext<'a> {
     pub allowed: Option<&'a [u32]>,
 }
 
+/// The lowest id set in an `allowed` bitmask.
+fn first_allowed(allowed: &[u32]) -> Option<u32> {
+    let (word, bits) = allowed.iter().enumerate().find(|(_, w)| **w != 0)?;
+    Some(word as u32 * 32 + bits.trailing_zeros())
+}
+
 /// Whether `token` is set in an `allowed` bitmask.
 fn is_allowed(allowed: &[u32], token: u32) -> bool {
     allowed.get(token as usize / 32).is_some_and(|w| w & (1 << (token % 32)) != 0)
@@ -58,7 +64,8 @@ pub struct TokenLogprob {
 /// The outcome of one sampling step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {
-    /// The chosen token id. Should every token be masked, the raw argmax (0 for an all-NaN row).
+    /// The chosen token id. Should every token be masked, the raw argmax (0 for an all-NaN row),
+    /// or with an `allowed` mask the lowest id it allows.
     pub token: u32,
     /// `Some` exactly when the params asked for logprobs.
     pub logprob: Option<TokenLogprob>,
@@ -103,7 +110,12 @@ impl Sampler {
         let token = if takes_raw_argmax(params, ctx) {
             argmax_slice(logits)
         } else {
-            self.sample_processed(logits, params, ctx).unwrap_or_else(|| argmax_slice(logits))
+            // Everything masked: the raw argmax, or under a grammar the first id it allows (the
+            // output must stay inside the grammar whatever the logits).
+            self.sample_processed(logits, params, ctx).unwrap_or_else(|| match ctx.allowed {
+                Some(allowed) => first_allowed(allowed).unwrap_or_else(|| argmax_slice(logits)),
+                None => argmax_slice(logits),
+            })
         };
         let logprob = params.logprobs.map(|n| token_logprob(logits, token, n));
         Sampled { token, logprob }

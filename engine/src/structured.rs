@@ -10,7 +10,8 @@
 //! Output is compact JSON (no whitespace between tokens of the value): a small model given the
 //! freedom to add whitespace can spend its whole budget on newlines.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, InferenceCapabilities, TokEnv, TokRxInfo, TokTrie};
@@ -53,10 +54,15 @@ impl ResponseFormat {
     }
 }
 
+/// Compiled schemas kept for reuse: an application tends to send the same schema every time.
+const COMPILED_CACHE: usize = 64;
+
 /// Compiles response formats for one tokenizer: built once, on the first structured request.
 pub(crate) struct Grammars {
     factory: ParserFactory,
     eos: Vec<u32>,
+    // The last schemas compiled (as JSON text), each with its grammar's start state, oldest first.
+    compiled: Mutex<VecDeque<(String, Matcher)>>,
 }
 
 impl Grammars {
@@ -76,7 +82,7 @@ impl Grammars {
         let mut factory =
             ParserFactory::new(&env, caps, &llguidance::earley::SlicedBiasComputer::general_slices()).map_err(fail)?;
         factory.quiet();
-        Ok(Self { factory, eos })
+        Ok(Self { factory, eos, compiled: Mutex::new(VecDeque::new()) })
     }
 
     /// The constraint for `format`, `None` for free text; an `InvalidRequest` naming the problem
@@ -85,16 +91,34 @@ impl Grammars {
         let Some(mut schema) = format.schema() else {
             return Ok(None);
         };
-        if let Some(object) = schema.as_object_mut() {
-            object.entry("x-guidance").or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
+        if schema == Value::Bool(true) {
+            schema = serde_json::json!({});
         }
-        let invalid = |e: anyhow::Error| EngineError::InvalidRequest(format!("`response_format`: {e}"));
-        let parser = self.factory.create_parser(TopLevelGrammar::from_json_schema(schema)).map_err(invalid)?;
+        // Compact output unless the schema's own llguidance options say otherwise.
+        if let Some(object) = schema.as_object_mut() {
+            let options = object.entry("x-guidance").or_insert_with(|| serde_json::json!({}));
+            if let Some(options) = options.as_object_mut() {
+                options.entry("whitespace_flexible").or_insert(Value::Bool(false));
+            }
+        }
+        let key = schema.to_string();
+        let start =
+            |cache: &VecDeque<(String, Matcher)>| cache.iter().find(|(k, _)| *k == key).map(|(_, m)| m.deep_clone());
+        if let Some(matcher) = start(&self.compiled.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(Some(Constraint { matcher, eos: self.eos.clone() }));
+        }
+        let parser = self.factory.create_parser(TopLevelGrammar::from_json_schema(schema)).map_err(|e| invalid(&e))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(EngineError::InvalidRequest(format!("`response_format`: {e}")));
+            return Err(invalid(&e));
         }
-        Ok(Some(Constraint { matcher, eos: self.eos.clone() }))
+        let constraint = Constraint { matcher: matcher.deep_clone(), eos: self.eos.clone() };
+        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= COMPILED_CACHE {
+            cache.pop_front();
+        }
+        cache.push_back((key, matcher));
+        Ok(Some(constraint))
     }
 }
 
@@ -132,10 +156,17 @@ impl Constraint {
         Ok(words)
     }
 
-    /// Moves past `token` (which `allowed` allowed). EOS ends the value and is not fed in.
+    /// Moves past `token` (which `allowed` allowed). EOS ends the value, and only a complete
+    /// value may end.
     pub(crate) fn advance(&mut self, token: u32) -> Result<()> {
         if self.eos.contains(&token) {
-            return Ok(());
+            return match self.matcher.is_accepting() {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    Err(EngineError::Model("structured output failed: the model ended an incomplete value".into()))
+                }
+                Err(e) => Err(grammar_error(&e)),
+            };
         }
         self.matcher.consume_token(token).map_err(|e| grammar_error(&e))
     }
@@ -146,13 +177,93 @@ impl Constraint {
     }
 }
 
-fn grammar_error(e: &anyhow::Error) -> EngineError {
-    EngineError::Model(format!("structured output failed: {e}"))
+fn grammar_error(e: &impl std::fmt::Display) -> EngineError {
+    EngineError::Model(format!("structured output failed: {}", first_line(e)))
+}
+
+/// A schema llguidance cannot compile, as a 400 naming `response_format`.
+fn invalid(e: &impl std::fmt::Display) -> EngineError {
+    EngineError::InvalidRequest(format!("`response_format`: {}", first_line(e)))
+}
+
+/// An error's first line, at most 300 characters (a caught panic carries its backtrace after it).
+fn first_line(e: &impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    let line = text.lines().next().unwrap_or_default();
+    match line.char_indices().nth(300) {
+        Some((at, _)) => format!("{}...", &line[..at]),
+        None => line.to_string(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+
+    fn grammars() -> (Tokenizer, Grammars) {
+        let mut file = std::fs::File::open(MODEL).unwrap_or_else(|e| panic!("{MODEL}: {e}; run `make model`"));
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        let tokenizer = Tokenizer::from_gguf(&content).unwrap();
+        let grammars = Grammars::new(&tokenizer).unwrap();
+        (tokenizer, grammars)
+    }
+
+    fn allows(mask: &[u32], token: u32) -> bool {
+        mask.get(token as usize / 32).is_some_and(|w| w & (1 << (token % 32)) != 0)
+    }
+
+    #[test]
+    fn a_constraint_allows_only_the_value_and_ends_only_when_it_is_complete() {
+        let (tok, g) = grammars();
+        let eos = tok.eos_token_ids().to_vec();
+        let integer = ResponseFormat::JsonSchema { schema: serde_json::json!({"type": "integer"}) };
+        let mut c = g.constraint(&integer).unwrap().expect("a constraint");
+        let start = c.allowed().unwrap();
+        let digit = tok.encode("4", false).unwrap()[0];
+        let letter = tok.encode("x", false).unwrap()[0];
+        assert!(allows(&start, digit) && !allows(&start, letter));
+        assert!(eos.iter().all(|&t| !allows(&start, t)), "nothing written yet: EOS not allowed");
+        assert!(c.advance(eos[0]).is_err(), "ending an incomplete value is an error");
+        c.advance(digit).unwrap();
+        let after = c.allowed().unwrap();
+        assert!(eos.iter().all(|&t| allows(&after, t)), "a complete integer may end, with any EOS id");
+        c.advance(eos[0]).unwrap();
+        // A compiled schema is reused: a second request starts from the same state.
+        let mut again = g.constraint(&integer).unwrap().unwrap();
+        assert_eq!(again.allowed().unwrap(), start);
+        assert!(g.constraint(&ResponseFormat::Text).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_value_that_cannot_grow_finishes_the_constraint() {
+        let (tok, g) = grammars();
+        let schema = serde_json::json!({"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"], "additionalProperties": false});
+        let mut c = g.constraint(&ResponseFormat::JsonSchema { schema }).unwrap().unwrap();
+        for id in tok.encode("{\"a\":1}", false).unwrap() {
+            assert!(allows(&c.allowed().unwrap(), id), "token {id} of the only value is allowed");
+            assert!(!c.is_finished());
+            c.advance(id).unwrap();
+        }
+        assert!(c.is_finished(), "nothing may follow the closing brace");
+    }
+
+    #[test]
+    fn bad_schemas_are_invalid_requests_naming_response_format() {
+        let (_, g) = grammars();
+        for schema in [
+            serde_json::json!({"$ref": "#/nowhere"}),
+            serde_json::json!({"type": "integer", "minimum": 2, "maximum": 1}),
+        ] {
+            match g.constraint(&ResponseFormat::JsonSchema { schema }) {
+                Err(EngineError::InvalidRequest(m)) => {
+                    assert!(m.starts_with("`response_format`: ") && !m.contains('\n'), "{m}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn response_formats_read_as_tagged_json() {

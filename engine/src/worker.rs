@@ -306,8 +306,8 @@ impl Worker {
             self.emit(id, choice.token, choice.logprob);
         }
         for (id, e) in failed {
-            tracing::error!(error = %e, request = id, "reading a sampled row back failed");
-            self.fail(id, EngineError::Model(format!("reading the step's logits failed: {e}")));
+            tracing::error!(error = %e, request = id, "choosing a sampled row's token failed");
+            self.fail(id, e);
         }
     }
 

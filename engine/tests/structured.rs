@@ -126,3 +126,41 @@ fn schemas_and_combinations_that_cannot_work_are_refused_at_submission() {
         params(ResponseFormat::JsonSchema { schema: person_schema() }),
     )));
 }
+
+#[test]
+fn structured_requests_survive_preemption_with_the_same_output() {
+    // 12 blocks of 16 tokens for 12 sequences of ~35 prompt and up to 60 new tokens: sequences
+    // are preempted and recomputed, while their grammars keep their place.
+    let tight = common::engine_with(|c| {
+        c.kv_cache_memory = Some(12 * 16 * 2 * 30 * 3 * 64 * 4);
+        c.scheduler.max_batch_tokens = 48;
+    });
+    let roomy = common::shared_engine();
+    let schema = ResponseFormat::JsonSchema { schema: person_schema() };
+    let requests: Vec<SamplingParams> = (0..12)
+        .map(|i| match i % 3 {
+            0 => params(schema.clone()),
+            1 => SamplingParams { temperature: 0.9, seed: Some(i), ..params(schema.clone()) },
+            _ => SamplingParams { temperature: 0.7, seed: Some(i), ..params(ResponseFormat::JsonObject) },
+        })
+        .map(|p| SamplingParams { max_tokens: 60, ..p })
+        .collect();
+    let prompt = |i: usize| if i % 3 == 2 { "Describe a cat as JSON." } else { "Invent a person." };
+    let streams: Vec<_> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, p)| tight.submit(Request::user(prompt(i)).with_params(p.clone())).unwrap())
+        .collect();
+    let outputs: Vec<Completion> = streams.into_iter().map(|s| s.collect_blocking().unwrap()).collect();
+    assert!(tight.stats().preemptions > 0, "the pool was meant to force preemption: {:?}", tight.stats());
+    for (i, (p, c)) in requests.iter().zip(&outputs).enumerate() {
+        let alone = run(roomy, prompt(i), p.clone());
+        assert_eq!(c.token_ids, alone.token_ids, "request {i}: preemption changed a structured output");
+        if i % 3 != 2 {
+            assert_person(&json_of(c));
+        } else if c.finish.reason == FinishReason::Stop {
+            assert!(json_of(c).is_object());
+        }
+    }
+    common::wait_for_empty_pool(&tight);
+}

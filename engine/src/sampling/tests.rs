@@ -1,4 +1,5 @@
 use super::*;
+use crate::ResponseFormat;
 
 const NO_CTX: SampleContext<'static> = ctx(&[], &[], &[]);
 
@@ -263,4 +264,38 @@ fn plain_argmax_is_exactly_the_greedy_fast_path_without_logprobs() {
         assert!(!Sampler::is_plain_argmax(&greedy(edit), &none));
     }
     assert!(!Sampler::is_plain_argmax(&greedy(|_| {}), &ctx(&[], &[], &[2])), "min_tokens suppresses EOS");
+}
+
+#[test]
+fn an_allowed_mask_keeps_every_choice_inside_it() {
+    let json = |p: &mut SamplingParams| p.response_format = ResponseFormat::JsonObject;
+    // Tokens 1, 3 and 40 allowed (word 0: bits 1 and 3; word 1: bit 8).
+    let allowed = [0b1010, 1 << 8];
+    let ctx = SampleContext { allowed: Some(&allowed), ..NO_CTX };
+    let mut logits = vec![0.0f32; 48];
+    logits[0] = 9.0; // the model's favourite, not allowed
+    logits[40] = 2.0;
+    assert_eq!(once(&logits, &greedy(json), &ctx).token, 40);
+    let counts = {
+        let params = random(5, json);
+        let mut s = Sampler::new(&params, 0);
+        let mut seen = [0usize; 48];
+        for _ in 0..2000 {
+            seen[s.sample(&logits, &params, &ctx).token as usize] += 1;
+        }
+        seen
+    };
+    assert_eq!(counts[1] + counts[3] + counts[40], 2000, "only allowed ids are drawn");
+    assert!(counts[40] > counts[1] && counts[1] > 0);
+    // Every allowed token at -inf: the lowest allowed id, never the raw argmax.
+    for id in [1, 3, 40] {
+        logits[id] = f32::NEG_INFINITY;
+    }
+    assert_eq!(once(&logits, &greedy(json), &ctx).token, 1);
+    assert_eq!(once(&logits, &random(1, json), &ctx).token, 1);
+    // Ids past the mask's end are not allowed.
+    let short = [0u32];
+    let ctx = SampleContext { allowed: Some(&short), ..NO_CTX };
+    let logits = vec![1.0f32; 48];
+    assert_eq!(once(&logits, &greedy(json), &ctx).token, 0, "nothing allowed: the raw argmax is all that is left");
 }

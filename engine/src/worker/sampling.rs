@@ -14,7 +14,8 @@ use super::{RequestState, Worker};
 pub(super) struct SampledStep {
     /// Each sampling sequence still known, with its choice, in batch order.
     pub tokens: Vec<(RequestId, Sampled)>,
-    /// Requests whose row could not be read back.
+    /// Requests whose token could not be chosen (a row not read back, a grammar that failed), with
+    /// the error they end with.
     pub failed: Vec<(RequestId, EngineError)>,
     /// Where the tokens' rows came from.
     pub readouts: ReadoutCounts,
@@ -112,7 +113,8 @@ impl Worker {
                             choice
                         }
                         Err(e) => {
-                            out.failed.push((s.id, e));
+                            out.failed
+                                .push((s.id, EngineError::Model(format!("reading the step's logits failed: {e}"))));
                             continue;
                         }
                     }
