@@ -266,6 +266,14 @@ impl Engine {
         self.submit_tokens(prompt, request)
     }
 
+    /// Compiles a structured `format` now (and keeps it for the submissions that follow), or says
+    /// why it cannot be: for callers on an async runtime, to run where blocking is allowed before
+    /// submitting (compiling a schema takes milliseconds; the first one may wait for the
+    /// grammar compiler's start-up).
+    pub fn prepare_response_format(&self, format: &ResponseFormat) -> Result<()> {
+        self.constraint(format).map(drop)
+    }
+
     /// The grammar state a structured `format` starts from (`None` for free text): compiled here,
     /// on the caller's thread, so a schema that cannot be compiled is refused at submission.
     fn constraint(&self, format: &ResponseFormat) -> Result<Option<Constraint>> {

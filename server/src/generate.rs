@@ -79,6 +79,13 @@ pub async fn start(
         }
         prompts.push(ids);
     }
+    if req.params.response_format.is_structured() {
+        // Compile the schema off the async threads; the submissions below find it compiled.
+        let (compiler, format) = (engine.clone(), req.params.response_format.clone());
+        tokio::task::spawn_blocking(move || compiler.prepare_response_format(&format))
+            .await
+            .map_err(|e| ApiError::Internal(format!("compiling the response format: {e}")))??;
+    }
     let prompt_tokens = prompts.iter().map(Vec::len).sum();
     let reserved = prompts.iter().map(|ids| max_tokens_of(req, info, ids).min(reservation(req)) * req.n).sum();
     let charge = caller.charge(prompt_tokens, reserved)?;
