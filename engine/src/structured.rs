@@ -1,5 +1,6 @@
 //! Structured outputs: generation kept inside a JSON value (any object, or one that a JSON Schema
-//! accepts), as OpenAI's `response_format` asks.
+//! accepts), as OpenAI's `response_format` asks, or inside a regular expression or a list of
+//! choices (vLLM's `structured_outputs` extensions).
 //!
 //! [llguidance](https://github.com/guidance-ai/llguidance) compiles the schema into a grammar over
 //! the tokenizer's tokens; at every step it says which tokens can come next (a bitmask over the
@@ -36,6 +37,16 @@ pub enum ResponseFormat {
         /// The schema: an object (or `true`).
         schema: Value,
     },
+    /// Text that the regular expression `pattern` matches whole.
+    Regex {
+        /// The pattern (Rust `regex` syntax, no anchors needed).
+        pattern: String,
+    },
+    /// Exactly one of `choices`.
+    Choice {
+        /// The allowed answers, at least one.
+        choices: Vec<String>,
+    },
 }
 
 impl ResponseFormat {
@@ -44,12 +55,28 @@ impl ResponseFormat {
         *self != ResponseFormat::Text
     }
 
-    /// The JSON Schema that the output must match, `None` for free text.
+    /// The JSON Schema that the output must match, `None` for free text and the non-JSON formats.
     fn schema(&self) -> Option<Value> {
         match self {
-            ResponseFormat::Text => None,
             ResponseFormat::JsonObject => Some(serde_json::json!({"type": "object"})),
             ResponseFormat::JsonSchema { schema } => Some(schema.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether the output is JSON.
+    pub fn is_json(&self) -> bool {
+        self.schema().is_some()
+    }
+
+    /// The regular expression the output must match whole, for the non-JSON formats.
+    fn pattern(&self) -> Option<String> {
+        match self {
+            ResponseFormat::Regex { pattern } => Some(pattern.clone()),
+            ResponseFormat::Choice { choices } => {
+                Some(choices.iter().map(|c| regex_syntax::escape(c)).collect::<Vec<_>>().join("|"))
+            }
+            _ => None,
         }
     }
 }
@@ -86,31 +113,27 @@ impl Grammars {
     }
 
     /// The constraint for `format`, `None` for free text; an `InvalidRequest` naming the problem
-    /// when the schema cannot be compiled.
+    /// when its schema or pattern cannot be compiled. Compiled formats are kept (the last
+    /// [`COMPILED_CACHE`]) and each request starts from a copy.
     pub(crate) fn constraint(&self, format: &ResponseFormat) -> Result<Option<Constraint>> {
-        let Some(mut schema) = format.schema() else {
-            return Ok(None);
-        };
-        if schema == Value::Bool(true) {
-            schema = serde_json::json!({});
-        }
-        // Compact output unless the schema's own llguidance options say otherwise.
-        if let Some(object) = schema.as_object_mut() {
-            let options = object.entry("x-guidance").or_insert_with(|| serde_json::json!({}));
-            if let Some(options) = options.as_object_mut() {
-                options.entry("whitespace_flexible").or_insert(Value::Bool(false));
+        let (key, grammar) = match (format.schema(), format.pattern()) {
+            (Some(schema), _) => {
+                let schema = compact(schema);
+                (format!("json {schema}"), TopLevelGrammar::from_json_schema(schema))
             }
-        }
-        let key = schema.to_string();
+            (None, Some(pattern)) => (format!("regex {pattern}"), TopLevelGrammar::from_regex(&pattern)),
+            (None, None) => return Ok(None),
+        };
         let start =
             |cache: &VecDeque<(String, Matcher)>| cache.iter().find(|(k, _)| *k == key).map(|(_, m)| m.deep_clone());
         if let Some(matcher) = start(&self.compiled.lock().unwrap_or_else(|e| e.into_inner())) {
             return Ok(Some(Constraint { matcher, eos: self.eos.clone() }));
         }
-        let parser = self.factory.create_parser(TopLevelGrammar::from_json_schema(schema)).map_err(|e| invalid(&e))?;
+        let field = if format.is_json() { "response_format" } else { "structured_outputs" };
+        let parser = self.factory.create_parser(grammar).map_err(|e| invalid(field, &e))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(invalid(&e));
+            return Err(invalid(field, &e));
         }
         let constraint = Constraint { matcher: matcher.deep_clone(), eos: self.eos.clone() };
         let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
@@ -120,6 +143,21 @@ impl Grammars {
         cache.push_back((key, matcher));
         Ok(Some(constraint))
     }
+}
+
+/// `schema` with llguidance told to write compact JSON, unless the schema's own llguidance
+/// options say otherwise.
+fn compact(mut schema: Value) -> Value {
+    if schema == Value::Bool(true) {
+        schema = serde_json::json!({});
+    }
+    if let Some(object) = schema.as_object_mut() {
+        let options = object.entry("x-guidance").or_insert_with(|| serde_json::json!({}));
+        if let Some(options) = options.as_object_mut() {
+            options.entry("whitespace_flexible").or_insert(Value::Bool(false));
+        }
+    }
+    schema
 }
 
 impl std::fmt::Debug for Grammars {
@@ -181,9 +219,9 @@ fn grammar_error(e: &impl std::fmt::Display) -> EngineError {
     EngineError::Model(format!("structured output failed: {}", first_line(e)))
 }
 
-/// A schema llguidance cannot compile, as a 400 naming `response_format`.
-fn invalid(e: &impl std::fmt::Display) -> EngineError {
-    EngineError::InvalidRequest(format!("`response_format`: {}", first_line(e)))
+/// A schema or pattern llguidance cannot compile, as a 400 naming `field`.
+fn invalid(field: &str, e: &impl std::fmt::Display) -> EngineError {
+    EngineError::InvalidRequest(format!("`{field}`: {}", first_line(e)))
 }
 
 /// An error's first line, at most 300 characters (a caught panic carries its backtrace after it).

@@ -164,3 +164,40 @@ fn structured_requests_survive_preemption_with_the_same_output() {
     }
     common::wait_for_empty_pool(&tight);
 }
+
+#[test]
+fn regex_and_choice_formats_hold_the_output_to_them() {
+    let engine = common::shared_engine();
+    let choices = vec!["positive".to_string(), "negative".to_string(), "neutral".to_string()];
+    for seed in 0..3 {
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(seed),
+            ..params(ResponseFormat::Choice { choices: choices.clone() })
+        };
+        let c = run(engine, "Is 'I love this film' positive or negative?", p);
+        assert!(choices.contains(&c.text), "{:?}", c.text);
+        assert_eq!(c.finish.reason, FinishReason::Stop);
+    }
+    let phone = ResponseFormat::Regex { pattern: r"\(\d{3}\) \d{3}-\d{4}".into() };
+    let c = run(engine, "Give me a phone number.", params(phone));
+    let shape = |s: &str| {
+        let b = s.as_bytes();
+        b.len() == 14
+            && b[0] == b'('
+            && b[4] == b')'
+            && b[5] == b' '
+            && b[9] == b'-'
+            && [1, 2, 3, 6, 7, 8, 10, 11, 12, 13].iter().all(|&i| b[i].is_ascii_digit())
+    };
+    assert!(shape(&c.text), "{:?}", c.text);
+    assert_eq!(c.finish.reason, FinishReason::Stop);
+    let submit = |f: ResponseFormat| engine.submit(Request::user("hi").with_params(params(f))).map(|_| ()).unwrap_err();
+    for bad in [
+        ResponseFormat::Regex { pattern: "(unclosed".into() },
+        ResponseFormat::Regex { pattern: String::new() },
+        ResponseFormat::Choice { choices: Vec::new() },
+    ] {
+        assert!(matches!(submit(bad.clone()), EngineError::InvalidRequest(_)), "{bad:?}");
+    }
+}

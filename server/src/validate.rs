@@ -9,7 +9,7 @@ use sluice_engine::{ChatMessage, Prompt, ResponseFormat, SamplingParams};
 use crate::error::ApiError;
 use crate::openai::{
     ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, PromptInput, ResponseFormatIn, StopInput,
-    StreamOptions,
+    StreamOptions, StructuredOutputsIn,
 };
 
 /// Most choices per prompt (`n`).
@@ -64,6 +64,10 @@ struct Shared {
     min_tokens: Option<u32>,
     priority: Option<i32>,
     response_format: Option<ResponseFormatIn>,
+    structured_outputs: Option<StructuredOutputsIn>,
+    guided_json: Option<serde_json::Value>,
+    guided_regex: Option<String>,
+    guided_choice: Option<Vec<String>>,
 }
 
 /// Moves the shared fields out of a `ChatCompletionRequest` or a `CompletionRequest`.
@@ -88,6 +92,10 @@ macro_rules! shared {
             min_tokens: $r.min_tokens,
             priority: $r.priority,
             response_format: $r.response_format,
+            structured_outputs: $r.structured_outputs,
+            guided_json: $r.guided_json,
+            guided_regex: $r.guided_regex,
+            guided_choice: $r.guided_choice,
         }
     };
 }
@@ -175,13 +183,13 @@ fn build(
         },
         stop_token_ids: Vec::new(),
         ignore_eos: s.ignore_eos.unwrap_or(false),
-        response_format: match s.response_format {
-            None | Some(ResponseFormatIn::Text) => ResponseFormat::Text,
-            Some(ResponseFormatIn::JsonObject) => ResponseFormat::JsonObject,
-            Some(ResponseFormatIn::JsonSchema { json_schema }) => {
-                ResponseFormat::JsonSchema { schema: json_schema.schema.unwrap_or_else(|| serde_json::json!({})) }
-            }
-        },
+        response_format: output_format(
+            s.response_format,
+            s.structured_outputs,
+            s.guided_json,
+            s.guided_regex,
+            s.guided_choice,
+        )?,
     };
     // Every range check but the vocabulary's, which needs the model and is done on submit.
     params.validate(usize::MAX)?;
@@ -196,6 +204,41 @@ fn build(
         include_usage: s.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
         user: s.user,
     })
+}
+
+/// The output's shape from `response_format`, vLLM's `structured_outputs` or its older `guided_*`
+/// fields, of which at most one may constrain it.
+fn output_format(
+    response_format: Option<ResponseFormatIn>,
+    structured: Option<StructuredOutputsIn>,
+    guided_json: Option<serde_json::Value>,
+    guided_regex: Option<String>,
+    guided_choice: Option<Vec<String>>,
+) -> Result<ResponseFormat, ApiError> {
+    let json = |schema: serde_json::Value| ResponseFormat::JsonSchema { schema };
+    let mut found: Vec<(&str, ResponseFormat)> = Vec::new();
+    match response_format {
+        None | Some(ResponseFormatIn::Text) => {}
+        Some(ResponseFormatIn::JsonObject) => found.push(("response_format", ResponseFormat::JsonObject)),
+        Some(ResponseFormatIn::JsonSchema { json_schema }) => {
+            found.push(("response_format", json(json_schema.schema.unwrap_or_else(|| serde_json::json!({})))));
+        }
+    }
+    let s = structured.unwrap_or_default();
+    found.extend(s.json.map(|schema| ("structured_outputs", json(schema))));
+    found.extend(s.regex.map(|pattern| ("structured_outputs", ResponseFormat::Regex { pattern })));
+    found.extend(s.choice.map(|choices| ("structured_outputs", ResponseFormat::Choice { choices })));
+    found.extend(guided_json.map(|schema| ("guided_json", json(schema))));
+    found.extend(guided_regex.map(|pattern| ("guided_regex", ResponseFormat::Regex { pattern })));
+    found.extend(guided_choice.map(|choices| ("guided_choice", ResponseFormat::Choice { choices })));
+    match found.len() {
+        0 => Ok(ResponseFormat::Text),
+        1 => Ok(found.remove(0).1),
+        _ => Err(ApiError::invalid(format!(
+            "`{}` cannot be combined with `{}`: give one way to constrain the output",
+            found[1].0, found[0].0
+        ))),
+    }
 }
 
 /// `logit_bias` keys are token ids written as strings; sorted so equal requests are equal.

@@ -192,6 +192,40 @@ async fn response_format_json_schema_answers_json_that_matches_it() {
 }
 
 #[tokio::test]
+async fn vllm_structured_outputs_choice_and_regex_hold_the_answer() {
+    let _shared = ENGINE_IDLE.read().await;
+    let choices = ["yes", "no"];
+    for extra in [
+        json!({"structured_outputs": {"choice": choices}}),
+        json!({"guided_choice": choices, "temperature": 1.0, "seed": 3}),
+    ] {
+        let mut fields = json!({"temperature": 0, "max_tokens": 8});
+        fields.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, _, body) = post_json("/v1/chat/completions", &chat_body("Is water wet?", fields)).await;
+        assert_eq!(status, 200, "{body}");
+        let answer = body["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(choices.contains(&answer), "{extra}: {answer:?}");
+    }
+    let regex = json!({"prompt": "The year is", "max_tokens": 8, "temperature": 0, "guided_regex": " (19|20)[0-9]{2}"});
+    let (status, _, body) = post_json("/v1/completions", &regex).await;
+    assert_eq!(status, 200, "{body}");
+    let text = body["choices"][0]["text"].as_str().unwrap();
+    let year: u32 = text.trim().parse().unwrap_or_else(|_| panic!("{text:?}"));
+    assert!((1900..2100).contains(&year) && text.len() == 5, "{text:?}");
+    // Two ways of constraining at once, or a pattern that does not compile: 400 naming the field.
+    for (fields, param) in [
+        (json!({"guided_choice": ["a"], "response_format": {"type": "json_object"}}), "guided_choice"),
+        (json!({"structured_outputs": {"choice": ["a"], "regex": "b"}}), "structured_outputs"),
+        (json!({"structured_outputs": {"regex": "(unclosed"}}), "structured_outputs"),
+        (json!({"guided_choice": []}), "structured_outputs.choice"),
+    ] {
+        let (status, _, body) = post_json("/v1/chat/completions", &chat_body("hi", fields.clone())).await;
+        assert_eq!(status, 400, "{fields}: {body}");
+        assert_eq!(body["error"]["param"], param, "{fields}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn response_formats_that_cannot_work_are_400_naming_the_field() {
     let _shared = ENGINE_IDLE.read().await;
     for format in [

@@ -56,7 +56,7 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past EOS (benchmarks).
     pub ignore_eos: bool,
-    /// The shape the output must take: free text, or JSON (see [`ResponseFormat`]).
+    /// The shape the output must take: free text, JSON, a pattern or a choice (see [`ResponseFormat`]).
     pub response_format: ResponseFormat,
 }
 
@@ -114,8 +114,20 @@ impl SamplingParams {
         ensure(self.max_tokens >= 1, || "`max_tokens` must be at least 1".to_string())?;
         if self.response_format.is_structured() {
             // The grammar decides where the value ends: EOS must stay allowed when it may end.
-            ensure(!self.ignore_eos, || "`ignore_eos` cannot be combined with a JSON `response_format`".into())?;
-            ensure(self.min_tokens == 0, || "`min_tokens` cannot be combined with a JSON `response_format`".into())?;
+            ensure(!self.ignore_eos, || "`ignore_eos` cannot be combined with a structured output".into())?;
+            ensure(self.min_tokens == 0, || "`min_tokens` cannot be combined with a structured output".into())?;
+        }
+        match &self.response_format {
+            ResponseFormat::Regex { pattern } => {
+                ensure(!pattern.is_empty(), || "`structured_outputs.regex` must not be empty".into())?;
+            }
+            ResponseFormat::Choice { choices } => {
+                ensure(!choices.is_empty(), || "`structured_outputs.choice` must hold at least one answer".into())?;
+                ensure(choices.iter().all(|c| !c.is_empty()), || {
+                    "`structured_outputs.choice` answers must not be empty".into()
+                })?;
+            }
+            _ => {}
         }
         if let ResponseFormat::JsonSchema { schema } = &self.response_format {
             ensure(schema.is_object() || schema == &serde_json::Value::Bool(true), || {

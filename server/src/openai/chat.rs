@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ResponseFormatIn, StopInput, StreamOptions, TopLogprob, Usage};
+use super::{ResponseFormatIn, StopInput, StreamOptions, StructuredOutputsIn, TopLogprob, Usage};
 
 /// A chat completion request. Unknown fields are ignored.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -57,6 +57,16 @@ pub struct ChatCompletionRequest {
     /// "json_schema", "json_schema": {"name": ..., "schema": {...}}}`; JSON is enforced token by
     /// token.
     pub response_format: Option<ResponseFormatIn>,
+    /// Extension (vLLM): the answer matches `{"json": schema}`, `{"regex": pattern}` or is one of
+    /// `{"choice": [...]}`.
+    pub structured_outputs: Option<StructuredOutputsIn>,
+    /// Extension (vLLM's older name for `structured_outputs.json`).
+    #[schema(value_type = Option<Object>)]
+    pub guided_json: Option<serde_json::Value>,
+    /// Extension (vLLM's older name for `structured_outputs.regex`).
+    pub guided_regex: Option<String>,
+    /// Extension (vLLM's older name for `structured_outputs.choice`).
+    pub guided_choice: Option<Vec<String>>,
     /// Extension: the end-of-sequence token is suppressed until this many tokens exist.
     pub min_tokens: Option<u32>,
     /// Extension: scheduling priority; lower runs first. Default 0.

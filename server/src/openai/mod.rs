@@ -107,6 +107,18 @@ pub struct JsonSchemaIn {
     pub strict: Option<bool>,
 }
 
+/// `structured_outputs` (a vLLM extension): exactly one of its fields.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct StructuredOutputsIn {
+    /// A JSON Schema the answer must match.
+    #[schema(value_type = Option<Object>)]
+    pub json: Option<serde_json::Value>,
+    /// A regular expression the whole answer must match.
+    pub regex: Option<String>,
+    /// The answer is exactly one of these strings.
+    pub choice: Option<Vec<String>>,
+}
+
 /// `stream_options`.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
