@@ -79,16 +79,18 @@ pub async fn start(
         }
         prompts.push(ids);
     }
-    if req.params.response_format.is_structured() {
-        // Compile the schema off the async threads; the submissions below find it compiled.
-        let (compiler, format) = (engine.clone(), req.params.response_format.clone());
-        tokio::task::spawn_blocking(move || compiler.prepare_response_format(&format))
-            .await
-            .map_err(|e| ApiError::Internal(format!("compiling the response format: {e}")))??;
-    }
     let prompt_tokens = prompts.iter().map(Vec::len).sum();
     let reserved = prompts.iter().map(|ids| max_tokens_of(req, info, ids).min(reservation(req)) * req.n).sum();
     let charge = caller.charge(prompt_tokens, reserved)?;
+    if req.params.response_format.is_structured() {
+        // Compile the schema or pattern off the async threads (the submissions below find it
+        // compiled), and name the request's own field if it cannot be.
+        let (compiler, format) = (engine.clone(), req.params.response_format.clone());
+        tokio::task::spawn_blocking(move || compiler.prepare_response_format(&format))
+            .await
+            .map_err(|e| ApiError::Internal(format!("compiling the output constraint: {e}")))?
+            .map_err(|e| named(e, req.format_field))?;
+    }
     log.started(prompt_tokens, req.user.clone());
     let choices = prompts.len() * req.n;
     let key = cache::key(&state.config().served_model_name, &prompts, req);
@@ -134,6 +136,17 @@ fn submit(engine: &Engine, req: &GenerateRequest, caller: &Caller, prompts: Vec<
     }
     let tagged = streams.into_iter().enumerate().map(|(index, s)| StreamExt::map(s, move |event| (index, event)));
     Ok(Box::pin(futures_util::stream::select_all(tagged)))
+}
+
+/// An engine error about the output constraint, its field renamed to the one the request used.
+fn named(error: EngineError, field: Option<&str>) -> ApiError {
+    match (error, field) {
+        (EngineError::InvalidRequest(message), Some(field)) => match message.split_once("`: ") {
+            Some((_, rest)) if message.starts_with('`') => ApiError::invalid(format!("`{field}`: {rest}")),
+            _ => ApiError::invalid(message),
+        },
+        (error, _) => error.into(),
+    }
 }
 
 fn prompt_too_long(prompt: &Prompt, tokens: usize, limit: usize) -> ApiError {

@@ -42,6 +42,8 @@ pub struct GenerateRequest {
     pub include_usage: bool,
     /// The end-user id, for the request log.
     pub user: Option<String>,
+    /// The request field that constrains the output (`response_format`, `guided_regex`...), if any.
+    pub format_field: Option<&'static str>,
 }
 
 /// The fields chat and completions share, moved out of either request by [`shared!`].
@@ -68,6 +70,7 @@ struct Shared {
     guided_json: Option<serde_json::Value>,
     guided_regex: Option<String>,
     guided_choice: Option<Vec<String>>,
+    guided_grammar: Option<String>,
 }
 
 /// Moves the shared fields out of a `ChatCompletionRequest` or a `CompletionRequest`.
@@ -96,6 +99,7 @@ macro_rules! shared {
             guided_json: $r.guided_json,
             guided_regex: $r.guided_regex,
             guided_choice: $r.guided_choice,
+            guided_grammar: $r.guided_grammar,
         }
     };
 }
@@ -161,7 +165,7 @@ fn build(
         None | Some(-1) => 0,
         Some(k) => usize::try_from(k).map_err(|_| ApiError::invalid(format!("`top_k` must be -1 or >= 0, got {k}")))?,
     };
-    let params = SamplingParams {
+    let mut params = SamplingParams {
         temperature: s.temperature.unwrap_or(1.0),
         top_k,
         top_p: s.top_p.unwrap_or(1.0),
@@ -183,14 +187,20 @@ fn build(
         },
         stop_token_ids: Vec::new(),
         ignore_eos: s.ignore_eos.unwrap_or(false),
-        response_format: output_format(
-            s.response_format,
-            s.structured_outputs,
-            s.guided_json,
-            s.guided_regex,
-            s.guided_choice,
-        )?,
+        response_format: ResponseFormat::Text,
     };
+    let format = output_format(
+        s.response_format,
+        s.structured_outputs,
+        s.guided_json,
+        s.guided_regex,
+        s.guided_choice,
+        s.guided_grammar,
+    )?;
+    let format_field = format.as_ref().map(|(field, _)| *field);
+    if let Some((_, format)) = format {
+        params.response_format = format;
+    }
     // Every range check but the vocabulary's, which needs the model and is done on submit.
     params.validate(usize::MAX)?;
     Ok(GenerateRequest {
@@ -203,42 +213,111 @@ fn build(
         stream: s.stream.unwrap_or(false),
         include_usage: s.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
         user: s.user,
+        format_field,
     })
 }
 
-/// The output's shape from `response_format`, vLLM's `structured_outputs` or its older `guided_*`
-/// fields, of which at most one may constrain it.
+/// Most answers of a `choice` constraint, and their most bytes together.
+pub const MAX_CHOICES: usize = 1024;
+const MAX_CHOICE_BYTES: usize = 64 << 10;
+
+/// The output's constraint from `response_format`, vLLM's `structured_outputs` or its older
+/// `guided_*` fields (at most one may be given), with the field it came from, for error messages.
 fn output_format(
     response_format: Option<ResponseFormatIn>,
     structured: Option<StructuredOutputsIn>,
     guided_json: Option<serde_json::Value>,
     guided_regex: Option<String>,
     guided_choice: Option<Vec<String>>,
-) -> Result<ResponseFormat, ApiError> {
-    let json = |schema: serde_json::Value| ResponseFormat::JsonSchema { schema };
-    let mut found: Vec<(&str, ResponseFormat)> = Vec::new();
+    guided_grammar: Option<String>,
+) -> Result<Option<(&'static str, ResponseFormat)>, ApiError> {
+    if guided_grammar.is_some() {
+        return Err(ApiError::invalid("`guided_grammar` is not supported: use a JSON schema, a regex or a choice"));
+    }
+    let mut found: Vec<(&'static str, ResponseFormat)> = Vec::new();
     match response_format {
         None | Some(ResponseFormatIn::Text) => {}
         Some(ResponseFormatIn::JsonObject) => found.push(("response_format", ResponseFormat::JsonObject)),
         Some(ResponseFormatIn::JsonSchema { json_schema }) => {
-            found.push(("response_format", json(json_schema.schema.unwrap_or_else(|| serde_json::json!({})))));
+            let schema = json_schema.schema.unwrap_or_else(|| serde_json::json!({}));
+            found.push(("response_format", schema_format("response_format", schema)?));
         }
     }
-    let s = structured.unwrap_or_default();
-    found.extend(s.json.map(|schema| ("structured_outputs", json(schema))));
-    found.extend(s.regex.map(|pattern| ("structured_outputs", ResponseFormat::Regex { pattern })));
-    found.extend(s.choice.map(|choices| ("structured_outputs", ResponseFormat::Choice { choices })));
-    found.extend(guided_json.map(|schema| ("guided_json", json(schema))));
-    found.extend(guided_regex.map(|pattern| ("guided_regex", ResponseFormat::Regex { pattern })));
-    found.extend(guided_choice.map(|choices| ("guided_choice", ResponseFormat::Choice { choices })));
-    match found.len() {
-        0 => Ok(ResponseFormat::Text),
-        1 => Ok(found.remove(0).1),
-        _ => Err(ApiError::invalid(format!(
+    if let Some(s) = structured {
+        let before = found.len();
+        if let Some(schema) = s.json {
+            found.push(("structured_outputs.json", schema_format("structured_outputs.json", schema)?));
+        }
+        if s.json_object == Some(true) {
+            found.push(("structured_outputs.json_object", ResponseFormat::JsonObject));
+        }
+        if let Some(pattern) = s.regex {
+            found.push(("structured_outputs.regex", regex_format("structured_outputs.regex", pattern)?));
+        }
+        if let Some(choices) = s.choice {
+            found.push(("structured_outputs.choice", choice_format("structured_outputs.choice", choices)?));
+        }
+        if found.len() == before {
+            return Err(ApiError::invalid(
+                "`structured_outputs` must give one of `json`, `json_object`, `regex`, `choice`",
+            ));
+        }
+    }
+    if let Some(schema) = guided_json {
+        found.push(("guided_json", schema_format("guided_json", schema)?));
+    }
+    if let Some(pattern) = guided_regex {
+        found.push(("guided_regex", regex_format("guided_regex", pattern)?));
+    }
+    if let Some(choices) = guided_choice {
+        found.push(("guided_choice", choice_format("guided_choice", choices)?));
+    }
+    if found.len() > 1 {
+        return Err(ApiError::invalid(format!(
             "`{}` cannot be combined with `{}`: give one way to constrain the output",
             found[1].0, found[0].0
-        ))),
+        )));
     }
+    Ok(found.pop())
+}
+
+/// A JSON Schema given as an object (or `true`), or as a JSON string holding one.
+fn schema_format(field: &str, schema: serde_json::Value) -> Result<ResponseFormat, ApiError> {
+    let schema = match schema {
+        serde_json::Value::String(text) => serde_json::from_str(&text)
+            .map_err(|e| ApiError::invalid(format!("`{field}` is a string but not JSON: {e}")))?,
+        other => other,
+    };
+    if !(schema.is_object() || schema == serde_json::Value::Bool(true)) {
+        return Err(ApiError::invalid(format!("`{field}` must be a JSON Schema object")));
+    }
+    Ok(ResponseFormat::JsonSchema { schema })
+}
+
+/// A regular expression the whole answer must match: checked here for a clear error.
+fn regex_format(field: &str, pattern: String) -> Result<ResponseFormat, ApiError> {
+    if pattern.is_empty() {
+        return Err(ApiError::invalid(format!("`{field}` must not be empty")));
+    }
+    if let Err(e) = regex_syntax::Parser::new().parse(&pattern) {
+        let first = e.to_string().lines().last().unwrap_or_default().to_string();
+        return Err(ApiError::invalid(format!("`{field}` is not a valid regular expression: {first}")));
+    }
+    Ok(ResponseFormat::Regex { pattern })
+}
+
+/// A list of answers, one of which the answer must be exactly.
+fn choice_format(field: &str, choices: Vec<String>) -> Result<ResponseFormat, ApiError> {
+    if choices.is_empty() || choices.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(format!("`{field}` must hold at least one answer, none empty")));
+    }
+    let bytes: usize = choices.iter().map(String::len).sum();
+    if choices.len() > MAX_CHOICES || bytes > MAX_CHOICE_BYTES {
+        return Err(ApiError::invalid(format!(
+            "`{field}` may hold at most {MAX_CHOICES} answers of {MAX_CHOICE_BYTES} bytes in all"
+        )));
+    }
+    Ok(ResponseFormat::Choice { choices })
 }
 
 /// `logit_bias` keys are token ids written as strings; sorted so equal requests are equal.

@@ -212,17 +212,33 @@ async fn vllm_structured_outputs_choice_and_regex_hold_the_answer() {
     let text = body["choices"][0]["text"].as_str().unwrap();
     let year: u32 = text.trim().parse().unwrap_or_else(|_| panic!("{text:?}"));
     assert!((1900..2100).contains(&year) && text.len() == 5, "{text:?}");
-    // Two ways of constraining at once, or a pattern that does not compile: 400 naming the field.
+    // vLLM also takes a schema as a JSON string.
+    let integer = json!({"prompt": "Pick a number:", "max_tokens": 6, "temperature": 0, "guided_json": "{\"type\": \"integer\"}"});
+    let (status, _, body) = post_json("/v1/completions", &integer).await;
+    assert_eq!(status, 200, "{body}");
+    let text = body["choices"][0]["text"].as_str().unwrap();
+    assert!(body["choices"][0]["finish_reason"] == "length" || text.parse::<i64>().is_ok(), "{body}");
+    // Two ways of constraining at once, a constraint we do not support, or one that does not
+    // compile: 400 naming the field the request used.
     for (fields, param) in [
         (json!({"guided_choice": ["a"], "response_format": {"type": "json_object"}}), "guided_choice"),
-        (json!({"structured_outputs": {"choice": ["a"], "regex": "b"}}), "structured_outputs"),
-        (json!({"structured_outputs": {"regex": "(unclosed"}}), "structured_outputs"),
-        (json!({"guided_choice": []}), "structured_outputs.choice"),
+        (json!({"structured_outputs": {"choice": ["a"], "regex": "b"}}), "structured_outputs.choice"),
+        (json!({"structured_outputs": {"regex": "(unclosed"}}), "structured_outputs.regex"),
+        (json!({"guided_regex": "a\\"}), "guided_regex"),
+        (json!({"guided_choice": []}), "guided_choice"),
+        (json!({"guided_grammar": "root ::= \"a\""}), "guided_grammar"),
+        (json!({"structured_outputs": {}}), "structured_outputs"),
+        (json!({"guided_json": "{\"type\": \"integer\", \"minimum\": 5, \"maximum\": 1}"}), "guided_json"),
+        (json!({"structured_outputs": {"json": {"$ref": "#/nowhere"}}}), "structured_outputs.json"),
     ] {
         let (status, _, body) = post_json("/v1/chat/completions", &chat_body("hi", fields.clone())).await;
         assert_eq!(status, 400, "{fields}: {body}");
         assert_eq!(body["error"]["param"], param, "{fields}: {body}");
     }
+    let (status, _, body) =
+        post_json("/v1/chat/completions", &chat_body("hi", json!({"structured_outputs": {"grammar": "x"}}))).await;
+    assert_eq!(status, 400, "an unsupported kind is refused, not ignored: {body}");
+    assert!(body["error"]["param"].as_str().is_some_and(|p| p.starts_with("structured_outputs")), "{body}");
 }
 
 #[tokio::test]

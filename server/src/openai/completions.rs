@@ -63,6 +63,8 @@ pub struct CompletionRequest {
     pub guided_regex: Option<String>,
     /// Extension (vLLM's older name for `structured_outputs.choice`).
     pub guided_choice: Option<Vec<String>>,
+    /// vLLM's grammar constraint: not supported, refused with a 400 rather than ignored.
+    pub guided_grammar: Option<String>,
     /// Extension: the end-of-sequence token is suppressed until this many tokens exist.
     pub min_tokens: Option<u32>,
     /// Extension: scheduling priority; lower runs first. Default 0.

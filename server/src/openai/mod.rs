@@ -107,12 +107,16 @@ pub struct JsonSchemaIn {
     pub strict: Option<bool>,
 }
 
-/// `structured_outputs` (a vLLM extension): exactly one of its fields.
+/// `structured_outputs` (a vLLM extension): exactly one of its fields. Others (vLLM's `grammar`,
+/// `structural_tag`) are refused rather than ignored.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StructuredOutputsIn {
-    /// A JSON Schema the answer must match.
+    /// A JSON Schema the answer must match (an object, or the same as a JSON string).
     #[schema(value_type = Option<Object>)]
     pub json: Option<serde_json::Value>,
+    /// `true`: the answer is one JSON object.
+    pub json_object: Option<bool>,
     /// A regular expression the whole answer must match.
     pub regex: Option<String>,
     /// The answer is exactly one of these strings.
