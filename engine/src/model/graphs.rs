@@ -29,7 +29,8 @@ use candle_core::{DType, Tensor};
 use sluice_kernels::PAD_SLOT;
 
 use super::llama::{LayerCache, Llama, StepInput};
-use super::runner::{block_tables, DeviceArgmax, HostStep};
+use super::readout::DeviceArgmax;
+use super::runner::{block_tables, HostStep};
 use crate::error::{EngineError, Result};
 use crate::scheduler::{Batch, Scheduler};
 

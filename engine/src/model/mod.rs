@@ -8,6 +8,7 @@ mod llama;
 mod loader;
 mod ops;
 mod qmatmul;
+mod readout;
 mod runner;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
@@ -16,5 +17,6 @@ pub use graphs::{bucket_for, DecodeGraphs, GraphCounts, MAX_GRAPH_BATCH};
 pub use llama::{LayerCache, Linear, Llama, LoadOptions, StepInput};
 pub use loader::{read_gguf, ModelFormat, QuantizedWeight, WeightSource};
 pub use qmatmul::{GgufBlocks, GpuWeights, QLinear};
-pub use runner::{readable, DeviceSampling, ModelRunner, Readout, StepLogits, HEAD_SIZE};
+pub use readout::{readable, DeviceSampling, Readout, StepLogits, HEAD_SIZE};
+pub use runner::ModelRunner;
 pub use sluice_kernels::matmul::{PackedLinear, Quantized, WeightFormat};
