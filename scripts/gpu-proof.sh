@@ -107,17 +107,21 @@ print(":".join(sorted(dirs)))') || libs=""
     step ours-graphs-together 90 sh -c "$g --cuda-graphs --together <$work/prompts.jsonl >$LOGS/ours-graphs-together.jsonl"
     step graphs-together 30 python3 scripts/gpu_proof/same_weights.py "$LOGS/ours-together.jsonl" \
         "$LOGS/ours-graphs-together.jsonl" "graphs vs eager, all at once" 0.25
+    # Eager and graphs side by side at each batch size.
     local c
     for c in 1 64 256; do
         step "bench-bf16-$c" 90 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
             --concurrency "$c" --num-requests $((c == 1 ? 8 : 2 * c)) --max-tokens 128 --max-num-seqs 256 \
             --kv-cache-mib 16384 --json "$LOGS/bench-bf16-$c.json"
-    done
-    for c in 1 64 256; do
         step "bench-graphs-bf16-$c" 90 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
             --concurrency "$c" --num-requests $((c == 1 ? 8 : 2 * c)) --max-tokens 128 --max-num-seqs 256 \
             --kv-cache-mib 16384 --cuda-graphs --json "$LOGS/bench-graphs-bf16-$c.json"
     done
+    # The server (prefix cache and structured outputs included), with graphs and without.
+    step serve-graphs 80 python3 scripts/gpu_proof/serve_check.py "$bin/sluice" "$model" --dtype bf16 --cuda-graphs
+    cp "$work/serve.log" "$LOGS/serve-graphs-server.log" 2>/dev/null || true
+    step serve 80 python3 scripts/gpu_proof/serve_check.py "$bin/sluice" "$model" --dtype bf16
+    cp "$work/serve.log" "$LOGS/serve-server.log" 2>/dev/null || true
     # Sampled requests (top-p 0.95), rows read as heads from the device against whole rows. The random
     # model's raw logits are flat (std ~0.9): at temperature 0.1 its distributions are as peaked as
     # a trained model's and heads settle almost every draw; at 1.0 they are flat, most rows are
@@ -134,12 +138,21 @@ print(":".join(sorted(dirs)))') || libs=""
     step bench-bf16-1-again 60 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
         --concurrency 1 --num-requests 8 --max-tokens 128 --kv-cache-mib 16384
     step attention 45 "$bin/paged_attention_bench" cuda
-    step attention-again 45 "$bin/paged_attention_bench" cuda
-    step serve 80 python3 scripts/gpu_proof/serve_check.py "$bin/sluice" "$model" --dtype bf16
-    cp "$work/serve.log" "$LOGS/serve-server.log" 2>/dev/null || true
-    # The server again with decode steps replayed as CUDA graphs (its log counts the replays).
-    step serve-graphs 80 python3 scripts/gpu_proof/serve_check.py "$bin/sluice" "$model" --dtype bf16 --cuda-graphs
-    cp "$work/serve.log" "$LOGS/serve-graphs-server.log" 2>/dev/null || true
+    # Prefix caching on the GPU: every prompt starts with the same 500 tokens, cache on against off.
+    local pc
+    for pc in true false; do
+        step "bench-prefix-$pc-64" 60 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
+            --concurrency 64 --num-requests 128 --max-tokens 128 --max-num-seqs 256 --kv-cache-mib 16384 \
+            --shared-prefix-len 500 --prefix-caching "$pc" --json "$LOGS/bench-prefix-$pc-64.json"
+    done
+    # Structured outputs on the GPU: JSON objects (a grammar mask every step, rows copied whole) against
+    # free text, both sampled at temperature 0.7 (JSON requests end when their object is complete).
+    local js
+    for js in json free; do
+        step "bench-$js-64" 60 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
+            --concurrency 64 --num-requests 128 --max-tokens 128 --max-num-seqs 256 --kv-cache-mib 16384 \
+            --temperature 0.7 $([[ $js == json ]] && echo --json-object) --json "$LOGS/bench-$js-64.json"
+    done
     # The same random model as a Q4_1 GGUF: candle's quantized matmul on CUDA against the same
     # weights dequantized to bf16 (--gpu-weights dense), and the GPU against our CPU path.
     step gguf 80 python3 scripts/gguf-from-hf.py "$model" "$CARRY/tokenizer.gguf" "$gguf"

@@ -46,6 +46,9 @@ for run, files in (("bf16 safetensors", "bench-bf16-*.json"), ("bf16, CUDA graph
                    ("top-p 0.95, T 0.1, whole rows", "bench-sampled-t0.1-host-*.json"),
                    ("top-p 0.95, T 1.0, heads", "bench-sampled-t1.0-auto-*.json"),
                    ("top-p 0.95, T 1.0, whole rows", "bench-sampled-t1.0-host-*.json"),
+                   ("500-token shared prefix, prefix cache on", "bench-prefix-true-*.json"),
+                   ("500-token shared prefix, prefix cache off", "bench-prefix-false-*.json"),
+                   ("T 0.7, JSON objects", "bench-json-*.json"), ("T 0.7, free text", "bench-free-*.json"),
                    ("GGUF q4_1, quantized", "bench-q4-quantized-*.json"),
                    ("GGUF q4_1, dense bf16", "bench-q4-dense-*.json")):
     base = None
@@ -59,7 +62,8 @@ print("\nTargets: batch-1 decode >= 60% of the floor; batch 256 >= 25x batch 1.\
 for title, name in (("Steps", "steps.txt"), ("Kernel tests (step 1)", "kernels.log"),
                     ("Logits against transformers (step 2)", "compare.log"),
                     ("CUDA graphs against eager steps", "graphs-exact.log"), ("...all prompts at once", "graphs-together.log"),
-                    ("Paged attention bandwidth (step 4)", "attention.log"), ("Server (step 5)", "serve.log"),
+                    ("Paged attention bandwidth (step 4)", "attention.log"), ("Server, CUDA graphs (step 5)", "serve-graphs.log"),
+                    ("Server, eager (step 5)", "serve.log"),
                     ("GGUF quantized against dense (step 6)", "gguf-compare.log")):
     text = read(name)
     if name == "kernels.log":

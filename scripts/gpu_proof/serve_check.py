@@ -29,7 +29,8 @@ def get(path):
 
 def post(body, stream=False):
     req = urllib.request.Request(BASE + "/v1/chat/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+                                 # the engine answers every request (not the response cache)
+                                 {"Content-Type": "application/json", "Cache-Control": "no-cache"})
     with urllib.request.urlopen(req, timeout=120) as r:
         return r.status, r.read().decode()
 
@@ -76,12 +77,51 @@ try:
     print(f"32 concurrent sampled requests: {toks} tokens in {time.time() - t1:.2f} s")
     if any(r["choices"][0]["finish_reason"] not in ("length", "stop") for r in replies):
         failures.append("concurrent: a request ended without a finish reason")
+    # Prefix caching: the same long prompt twice, greedy; the second finds the first's blocks cached.
+    long_msg = {"messages": [{"role": "system", "content": " ".join(f"Rule {i}: answer briefly." for i in range(60))},
+                             {"role": "user", "content": "Name a colour."}],
+                "max_tokens": 16, "temperature": 0, "logprobs": True}
+    cold = json.loads(post(long_msg)[1])
+    warm = json.loads(post(long_msg)[1])
+    cached = (warm["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    lp = [[t["logprob"] for t in r["choices"][0]["logprobs"]["content"]] for r in (cold, warm)]
+    ids = [[t["token"] for t in r["choices"][0]["logprobs"]["content"]] for r in (cold, warm)]
+    same = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), len(ids[0]))
+    diff = max((abs(a - b) for a, b in zip(lp[0][:same], lp[1][:same])), default=0.0)
+    print(f"prefix cache: prompt {warm['usage']['prompt_tokens']} tokens, {cached} cached on the repeat; "
+          f"same tokens for {same} of {len(ids[0])}, max |logprob difference| before that {diff:.4f}")
+    if cached <= 0:
+        failures.append("prefix cache: the repeated prompt found nothing cached")
+    if diff > 0.25:
+        failures.append("prefix cache: cached and cold logprobs differ by more than bf16 noise")
+    # Structured outputs on the GPU: a JSON schema (greedy and sampled) and a choice.
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["answer", "n"], "additionalProperties": False}
+    for temp in (0, 1.0):
+        r = json.loads(post({**msg, "max_tokens": 40, "temperature": temp, "seed": 3, "response_format":
+                             {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}})[1])
+        content = r["choices"][0]["message"]["content"]
+        print(f"json_schema (temperature {temp}): {content!r}, finish {r['choices'][0]['finish_reason']}")
+        try:
+            value = json.loads(content)
+            ok = set(value) == {"answer", "n"} and value["answer"] in ("yes", "no") and value["n"] in range(10)
+        except ValueError:
+            ok = False
+        if not ok or r["choices"][0]["finish_reason"] != "stop":
+            failures.append(f"json_schema at temperature {temp}: not a complete value of the schema")
+    r = json.loads(post({**msg, "temperature": 1.0, "seed": 5,
+                         "structured_outputs": {"choice": ["red", "green", "blue"]}})[1])
+    print(f"choice: {r['choices'][0]['message']['content']!r}")
+    if r["choices"][0]["message"]["content"] not in ("red", "green", "blue"):
+        failures.append("choice: the answer is not one of the choices")
     metrics = get("/metrics")[1]
     print("\n".join(l for l in metrics.splitlines() if l.startswith(("sluice_kv_cache_usage", "sluice_batch_size_count",
                                                                          "sluice_generation_tokens_total",
                                                                          "sluice_request_success_total",
                                                                          "sluice_sampled_tokens_total",
-                                                                         "sluice_cuda_graph_replays_total")))[:1500])
+                                                                         "sluice_cuda_graph_replays_total",
+                                                                         "sluice_prefix_cache")))[:1800])
     if "--cuda-graphs" in extra and "sluice_cuda_graph_replays_total" not in metrics:
         failures.append("--cuda-graphs: no decode step was replayed from a graph")
 finally:
