@@ -96,7 +96,8 @@ print(":".join(sorted(dirs)))') || libs=""
     step model 120 python3 scripts/gpu_proof/make_model.py "$model" "$CARRY/tokenizer" "$work/prompts.jsonl"
     step ours 90 sh -c "\"$bin/greedy_logprobs\" $model cuda bf16 32 <$work/prompts.jsonl >$LOGS/ours.jsonl"
     step compare 90 python3 scripts/gpu_proof/compare.py "$model" "$work/prompts.jsonl" "$LOGS/ours.jsonl"
-    # Decode steps replayed as CUDA graphs. One prompt at a time a replay runs the eager step's
+    # Decode steps replayed as CUDA graphs (the default of `sluice serve` and `sluice-bench` on CUDA;
+    # `greedy_logprobs` takes them with `--cuda-graphs`). One prompt at a time a replay runs the eager step's
     # kernels on the same inputs: the same bits. All prompts at once, a step is padded to its bucket,
     # and cuBLAS may take other kernels for another row count: bf16 noise, no more.
     local g="$bin/greedy_logprobs $model cuda bf16 32"
@@ -107,20 +108,20 @@ print(":".join(sorted(dirs)))') || libs=""
     step ours-graphs-together 90 sh -c "$g --cuda-graphs --together <$work/prompts.jsonl >$LOGS/ours-graphs-together.jsonl"
     step graphs-together 30 python3 scripts/gpu_proof/same_weights.py "$LOGS/ours-together.jsonl" \
         "$LOGS/ours-graphs-together.jsonl" "graphs vs eager, all at once" 0.25
-    # Eager and graphs side by side at each batch size.
+    # Eager steps and graphs (the default) side by side at each batch size.
     local c
     for c in 1 64 256; do
         step "bench-bf16-$c" 90 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
             --concurrency "$c" --num-requests $((c == 1 ? 8 : 2 * c)) --max-tokens 128 --max-num-seqs 256 \
-            --kv-cache-mib 16384 --json "$LOGS/bench-bf16-$c.json"
+            --kv-cache-mib 16384 --cuda-graphs false --json "$LOGS/bench-bf16-$c.json"
         step "bench-graphs-bf16-$c" 90 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
             --concurrency "$c" --num-requests $((c == 1 ? 8 : 2 * c)) --max-tokens 128 --max-num-seqs 256 \
             --kv-cache-mib 16384 --cuda-graphs --json "$LOGS/bench-graphs-bf16-$c.json"
     done
     # The server (prefix cache and structured outputs included), with graphs and without.
-    step serve-graphs 80 python3 scripts/gpu_proof/serve_check.py "$bin/sluice" "$model" --dtype bf16 --cuda-graphs
+    step serve-graphs 80 python3 scripts/gpu_proof/serve_check.py "$bin/sluice" "$model" --dtype bf16
     cp "$work/serve.log" "$LOGS/serve-graphs-server.log" 2>/dev/null || true
-    step serve 80 python3 scripts/gpu_proof/serve_check.py "$bin/sluice" "$model" --dtype bf16
+    step serve 80 python3 scripts/gpu_proof/serve_check.py "$bin/sluice" "$model" --dtype bf16 --cuda-graphs false
     cp "$work/serve.log" "$LOGS/serve-server.log" 2>/dev/null || true
     # Sampled requests (top-p 0.95), rows read as heads from the device against whole rows. The random
     # model's raw logits are flat (std ~0.9): at temperature 0.1 its distributions are as peaked as
@@ -136,7 +137,7 @@ print(":".join(sorted(dirs)))') || libs=""
     done
     # Once more, to see the run-to-run spread of the two timings above.
     step bench-bf16-1-again 60 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
-        --concurrency 1 --num-requests 8 --max-tokens 128 --kv-cache-mib 16384
+        --concurrency 1 --num-requests 8 --max-tokens 128 --kv-cache-mib 16384 --cuda-graphs false
     step attention 45 "$bin/paged_attention_bench" cuda
     # Prefix caching on the GPU: every prompt starts with the same 500 tokens, cache on against off.
     local pc

@@ -128,8 +128,10 @@ struct EngineArgs {
     /// On CUDA, GGUF weights: quantized (candle's quantized kernels) or dense (dequantized).
     #[arg(long, default_value = "quantized")]
     gpu_weights: String,
-    /// On CUDA: replay decode steps as CUDA graphs (one per padded batch size).
-    #[arg(long)]
+    /// On CUDA: replay decode steps as CUDA graphs (one per padded batch size); `false` runs every
+    /// step eagerly. Ignored on the CPU.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_name = "BOOL")]
     cuda_graphs: bool,
     /// Reuse the KV cache of whole blocks a prompt shares with an earlier one (the chat template's
     /// system prompt and the workload's instruction, here).
@@ -259,7 +261,8 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     config.kv_cache_memory = args.kv_cache_mib.map(|mib| mib << 20);
     config.gpu_memory_utilization = args.gpu_memory_utilization;
     config.gpu_weights = args.gpu_weights.parse().map_err(anyhow::Error::msg)?;
-    config.cuda_graphs = args.cuda_graphs;
+    config.cuda_graphs = args.cuda_graphs && config.device != DeviceSpec::Cpu;
+    let cuda_graphs = config.cuda_graphs;
     config.scheduler.prefix_caching = args.prefix_caching;
     config.device_sampling = args.device_sampling.parse().map_err(anyhow::Error::msg)?;
     // Requests carry no seed: each gets the engine's seed plus its id, so a sampled run repeats.
@@ -326,7 +329,7 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
             stats.head_tokens, stats.fetched_rows
         );
     }
-    if args.cuda_graphs {
+    if cuda_graphs {
         let g = stats.decode_graphs;
         println!(
             "decode graphs: {} buckets captured, {} steps replayed, {} padded steps run eagerly",

@@ -80,7 +80,8 @@ pub struct EngineConfig {
     /// Decode steps (every sequence one token) padded to fixed batch sizes and, on CUDA, captured
     /// once per size as a CUDA graph and replayed: one launch a step instead of hundreds. If a
     /// capture fails the engine says so in its log and runs steps eagerly. On the CPU the padded
-    /// steps run eagerly, which only serves to test the padding. Off by default.
+    /// steps run eagerly, which only serves to test the padding. Off in `EngineConfig::new` (whose device is
+    /// the CPU); `sluice serve` and `sluice-bench` turn it on for CUDA devices.
     pub cuda_graphs: bool,
     /// Tokens per KV block.
     pub block_size: usize,

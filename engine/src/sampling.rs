@@ -86,9 +86,9 @@ pub struct Sampler {
     seen: Option<HashSet<u32>>,
     /// How many of `output_tokens` are already in `counts` and `seen`.
     counted: usize,
-    /// A uniform number drawn for a walk over a row's head that fell past it, for the walk over
-    /// the whole row to continue with (`head.rs`).
-    pending_draw: Option<f32>,
+    /// A walk over a row's head that drew its uniform number and fell past the head, for the walk
+    /// over the whole row to continue (`head.rs`).
+    pending_draw: Option<head::PendingDraw>,
 }
 
 impl Sampler {

@@ -98,6 +98,29 @@ fn device_sampling_generates_what_host_sampling_does() {
     );
 }
 
+/// Hot sampled requests (temperature 2: draws often fall past the head) in one batch: the rows
+/// the heads cannot settle are copied from the device together and sampled in parallel, and each
+/// request still gets the tokens its seed gives it alone.
+#[test]
+fn rows_copied_whole_together_give_each_request_its_own_draws() {
+    let device = common::engine_with(|c| c.device_sampling = DeviceSampling::Device);
+    let prompts = common::prompts();
+    let request = |i: usize| {
+        let params =
+            SamplingParams { temperature: 2.0, seed: Some(i as u64), max_tokens: 16, ..SamplingParams::default() };
+        Request::user(prompts[i].as_str()).with_params(params)
+    };
+    let before = device.stats();
+    let streams: Vec<_> = (0..6).map(|i| device.submit(request(i)).unwrap()).collect();
+    let together: Vec<Vec<u32>> = streams.into_iter().map(|s| s.collect_blocking().unwrap().token_ids).collect();
+    let after = device.stats();
+    assert!(after.fetched_rows - before.fetched_rows >= 10, "few draws fell past the head: {after:?}");
+    assert!(after.head_tokens > before.head_tokens, "{after:?}");
+    for (i, want) in together.iter().enumerate() {
+        assert_eq!(&device.generate(request(i)).unwrap().token_ids, want, "request {i}, alone and in the batch");
+    }
+}
+
 /// Decode steps padded to fixed batch sizes (the CUDA-graph path, run eagerly on the CPU) generate
 /// exactly what unpadded steps do, whether the rows come back as logits, argmaxes or heads.
 #[test]

@@ -122,8 +122,14 @@ try:
                                                                          "sluice_sampled_tokens_total",
                                                                          "sluice_cuda_graph_replays_total",
                                                                          "sluice_prefix_cache")))[:1800])
-    if "--cuda-graphs" in extra and "sluice_cuda_graph_replays_total" not in metrics:
-        failures.append("--cuda-graphs: no decode step was replayed from a graph")
+    # Graphs are on by default on CUDA; `--cuda-graphs false` turns them off.
+    flag = extra.index("--cuda-graphs") if "--cuda-graphs" in extra else None
+    graphs = flag is None or extra[flag + 1:flag + 2] != ["false"]
+    replays = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("sluice_cuda_graph_replays_total")]
+    if graphs and not any(replays):
+        failures.append("CUDA graphs on: no decode step was replayed from a graph")
+    if not graphs and any(replays):
+        failures.append("--cuda-graphs false: decode steps were replayed from graphs")
 finally:
     server.send_signal(signal.SIGTERM)
     try:

@@ -5,14 +5,14 @@
 //! The stages are [`Sampler::sample`]'s (suppressed ids → temperature → top-k → top-p → min-p →
 //! one uniform draw), run over the tokens in descending order of probability, and the draw walks
 //! them in that order too. So the head settles the choice unless a stage's cut or the draw falls
-//! past it; then the whole row is fetched and the same walk runs over the whole row sorted, with
-//! the same uniform number (one draw per token either way). The result is a function of the seed,
-//! the step and the logits, and is a draw from the same distribution as [`Sampler::sample`]'s; it
-//! is not the same function of the seed, since that one walks in id order (no sort of the
-//! vocabulary). Which path a row takes depends on its own parameters only (see
+//! past it. Then the whole row is fetched: a cut past the head sends the row through the host
+//! sampler (no number was drawn yet); a draw past the head (only plain temperature sampling has no
+//! cut to stop it) walks the head again and then the rest of the row in id order, with the same
+//! uniform number, so nothing sorts the vocabulary (one draw per token either way). The result is
+//! a function of the seed, the step and the logits, and is a draw from the same distribution as
+//! [`Sampler::sample`]'s; it is not the same function of the seed, since that one walks in id
+//! order from the start. Which path a row takes depends on its own parameters only (see
 //! [`Sampler::samples_from_head`]), never on the rest of the batch.
-
-use std::cmp::Ordering;
 
 use rand::Rng;
 
@@ -27,6 +27,14 @@ pub struct RowHead {
     pub sum_exp: f32,
     /// `Σ exp((l - max) / T)` over the whole row, `T` the row's temperature.
     pub sum_exp_t: f32,
+}
+
+/// A head's walk that drew `u` and fell past the head's last token.
+#[derive(Clone, Debug)]
+pub(super) struct PendingDraw {
+    u: f32,
+    /// The head's ids, in the order the walk took them.
+    head: Vec<u32>,
 }
 
 /// What the walk over a sorted row (or its head) decided.
@@ -77,26 +85,22 @@ impl Sampler {
 
     /// The token of a row whose head did not settle it ([`Sampler::sample_head`] gave `None`), from
     /// the whole row (`logits`, one per vocabulary entry). If the head's walk had drawn its uniform
-    /// number, the walk goes on over the whole row sorted with that number; if it stopped before
-    /// drawing, the host sampler ([`Sampler::sample`]) takes the row, with no sort.
+    /// number, the walk starts again with that number over the head and goes on over the rest of
+    /// the row in id order (`walk_past_head`); if it stopped before drawing, the host sampler
+    /// ([`Sampler::sample`]) takes the row. Neither sorts the vocabulary.
     pub fn sample_row_after_head(&mut self, logits: &[f32], params: &SamplingParams, ctx: &SampleContext) -> Sampled {
-        if self.pending_draw.is_none() {
+        let Some(pending) = self.pending_draw.take() else {
             return self.sample(logits, params, ctx);
-        }
-        let mut sorted: Vec<(u32, f32)> = (0u32..).zip(logits.iter().map(|&x| head_value(x))).collect();
-        sorted.sort_unstable_by(by_logit_desc);
-        let token = match self.pick_sorted(&sorted, None, params, ctx) {
-            Pick::Token(t) => t,
-            Pick::Masked | Pick::NeedRow => raw_argmax(&sorted),
         };
-        self.pending_draw = None;
+        let token = walk_past_head(logits, &pending, params.temperature, ctx.suppress)
+            .unwrap_or_else(|| super::argmax_slice(logits));
         let logprob = params.logprobs.map(|n| token_logprob(logits, token, n));
         Sampled { token, logprob }
     }
 
-    /// The uniform number of this token's draw: the one a walk over the head left, or a new one.
+    /// A new uniform number for this token's draw.
     fn draw(&mut self) -> f32 {
-        self.pending_draw.take().unwrap_or_else(|| self.rng.random::<f32>())
+        self.rng.random::<f32>()
     }
 
     /// The stages over `sorted` (raw logits, descending, ties to the lower id), as
@@ -211,9 +215,73 @@ impl Sampler {
             return cands.last().map_or(Pick::Masked, |c| Pick::Token(c.0));
         }
         // The draw lands past the head: the whole row continues the walk with the same number.
-        self.pending_draw = Some(u);
+        // With no cut before the draw, this is plain temperature sampling (`walk_past_head`).
+        self.pending_draw = Some(PendingDraw { u, head: sorted.iter().map(|c| c.0).collect() });
         Pick::NeedRow
     }
+}
+
+/// The walk of a draw that fell past its row's head (plain temperature sampling: no top-k, top-p
+/// or min-p cut), over the whole row: weights `exp((l - top) / T)` of the tokens not suppressed
+/// (`top` the largest such logit; zero and NaN weights drop out, as in the host sampler), `u` times
+/// their sum walked over the head's tokens in the head's order, then over the others in id order.
+/// Each token is taken with probability its weight over the sum, as with any fixed order; no sort.
+/// `None` when nothing has a weight.
+fn walk_past_head(logits: &[f32], pending: &PendingDraw, temperature: f32, suppress: &[u32]) -> Option<u32> {
+    let allowed = |id: u32, v: f32| v > f32::NEG_INFINITY && !suppress.contains(&id);
+    let top = (0u32..)
+        .zip(logits)
+        .map(|(id, &x)| (id, sanitize(x)))
+        .filter(|&(id, v)| allowed(id, v))
+        .fold(f32::NEG_INFINITY, |m, (_, v)| m.max(v));
+    if top == f32::NEG_INFINITY {
+        return None;
+    }
+    let inv_t = 1.0 / temperature;
+    let weights: Vec<f32> = (0u32..)
+        .zip(logits)
+        .map(|(id, &x)| {
+            let v = sanitize(x);
+            let w = if allowed(id, v) { ((v - top) * inv_t).exp() } else { 0.0 };
+            if w > 0.0 {
+                w
+            } else {
+                0.0 // NaN (a `+inf` logit) too
+            }
+        })
+        .collect();
+    let total: f32 = weights.iter().sum();
+    if !(total > 0.0 && total.is_finite()) {
+        return None;
+    }
+    let mut x = pending.u * total;
+    let mut last = None;
+    let mut step = |id: u32, w: f32| {
+        if w > 0.0 {
+            if x < w {
+                return true;
+            }
+            x -= w;
+            last = Some(id);
+        }
+        false
+    };
+    for &id in &pending.head {
+        if step(id, weights.get(id as usize).copied().unwrap_or(0.0)) {
+            return Some(id);
+        }
+    }
+    let mut in_head = pending.head.clone();
+    in_head.sort_unstable();
+    let mut skip = in_head.iter().peekable();
+    for (id, &w) in (0u32..).zip(&weights) {
+        while skip.next_if(|&&h| h < id).is_some() {}
+        if skip.peek() != Some(&&id) && step(id, w) {
+            return Some(id);
+        }
+    }
+    // Rounding can leave `x` a hair above the last weight.
+    last
 }
 
 /// The raw argmax of a sorted row or head: its first token, or 0 when nothing is above `-inf`
@@ -225,23 +293,25 @@ fn raw_argmax(sorted: &[(u32, f32)]) -> u32 {
     }
 }
 
-/// A logit as a head holds it: NaN as `-inf`, `-0` as `+0` (equal to it, so the two tie and the
-/// lower id comes first, as in the greedy argmax).
-fn head_value(x: f32) -> f32 {
-    sanitize(x) + 0.0
-}
-
-/// Descending by logit, ties to the lower id.
-fn by_logit_desc(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
-    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::cmp::Ordering;
+
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     use super::*;
+
+    /// A logit as a head holds it: NaN as `-inf`, `-0` as `+0` (equal to it, so the two tie and the
+    /// lower id comes first, as in the greedy argmax).
+    fn head_value(x: f32) -> f32 {
+        sanitize(x) + 0.0
+    }
+
+    /// Descending by logit, ties to the lower id.
+    fn by_logit_desc(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+        b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+    }
 
     /// The head `top_candidates` would give for `row` (computed here in f64).
     fn head(row: &[f32], k: usize, temperature: f32) -> RowHead {
@@ -327,12 +397,17 @@ mod tests {
         let logits = row(&mut rng, 50, 3.0);
         let base = SamplingParams { temperature: 0.9, ..SamplingParams::default() };
         let suppress = [logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32];
+        // The most likely token (in every head) and the least likely (past every head) suppressed:
+        // draws past the head must skip a suppressed id there too.
+        let least = logits.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+        let both_ends = [suppress[0], least];
         // The most likely token suppressed and far ahead of the rest: weights must count from the
         // best allowed token, not the suppressed one (they would all underflow at T = 0.1).
         let mut dominant = logits.clone();
         dominant[suppress[0] as usize] += 40.0;
         for (params, suppress, logits) in [
             (base.clone(), &[][..], &logits),
+            (SamplingParams { temperature: 3.0, ..base.clone() }, &both_ends[..], &logits),
             (SamplingParams { top_k: 6, ..base.clone() }, &[][..], &logits),
             (SamplingParams { top_p: 0.7, ..base.clone() }, &suppress[..], &logits),
             (SamplingParams { min_p: 0.1, temperature: 1.4, ..base.clone() }, &[][..], &logits),

@@ -2,9 +2,13 @@
 //! each row's token is chosen from what came back (an argmax, a head of the distribution, or the
 //! whole row).
 
+use std::collections::{HashMap, HashSet};
+
+use candle_core::Tensor;
+
 use crate::error::{EngineError, Result};
 use crate::model::{readable, Readout, StepLogits};
-use crate::sampling::{RowHead, SampleContext, Sampled, Sampler, SamplingParams};
+use crate::sampling::{SampleContext, Sampled, Sampler, SamplingParams};
 use crate::scheduler::Batch;
 use crate::sequence::{RequestId, Sequence};
 
@@ -66,14 +70,17 @@ impl Worker {
         Readout::Heads { k: self.runner.head_size(), inv_temps }
     }
 
-    /// Chooses the token of every sampled row of `batch` from what the step read back.
+    /// Chooses the token of every sampled row of `batch` from what the step read back. Rows that
+    /// need the host sampler on their whole row are copied from the device together (one read
+    /// back) and sampled in parallel: each row's choice depends on its own request alone.
     pub(super) fn sample_step(&mut self, batch: &Batch, logits: &StepLogits) -> SampledStep {
         let mut out = SampledStep {
             tokens: Vec::with_capacity(logits.len()),
             failed: Vec::new(),
             readouts: ReadoutCounts::default(),
         };
-        let counts = &mut out.readouts;
+        // First what the step read back settles (argmaxes, heads); the rest waits for its row.
+        let mut rows: Vec<RowChoice> = Vec::with_capacity(logits.len());
         for (i, s) in batch.seqs.iter().filter(|s| s.sample).enumerate() {
             let (Some(seq), Some(state)) = (self.scheduler.sequence(s.id), self.requests.get_mut(&s.id)) else {
                 continue;
@@ -88,69 +95,160 @@ impl Worker {
             };
             let mut ctx = context(seq, &state.params, &self.eos);
             ctx.allowed = allowed.as_deref();
+            let (params, sampler) = (&state.params, &mut state.sampler);
             let choice = match logits {
-                StepLogits::Rows(rows) => {
-                    let Some(row) = rows.get(i) else { continue };
-                    counts.host += 1;
-                    state.sampler.sample(row, &state.params, &ctx)
-                }
+                StepLogits::Rows(_) => Choice::Row { after_head: false },
                 // Only asked for when every row is plain greedy: the argmax is the sampler's choice.
-                StepLogits::Ids(ids) => {
-                    let Some(&token) = ids.get(i) else { continue };
-                    counts.device_argmax += 1;
-                    Sampled { token, logprob: None }
-                }
-                StepLogits::Heads { heads, logits } => {
+                StepLogits::Ids(ids) => match ids.get(i) {
+                    Some(&token) => Choice::Argmax(token),
+                    None => continue,
+                },
+                StepLogits::Heads { heads, .. } => {
                     let Some(head) = heads.get(i) else { continue };
-                    match sample_from_head(state, head, logits, i, &ctx) {
-                        Ok((choice, whole_row)) => {
-                            if whole_row {
-                                counts.host += 1;
-                                counts.fetched_rows += 1;
-                            } else {
-                                counts.device_head += 1;
-                            }
-                            choice
-                        }
-                        Err(e) => {
-                            out.failed
-                                .push((s.id, EngineError::Model(format!("reading the step's logits failed: {e}"))));
-                            continue;
+                    if Sampler::is_plain_argmax(params, &ctx) {
+                        // The sampler untouched, as for `StepLogits::Ids`.
+                        let token = head.top.first().filter(|c| c.1 > f32::NEG_INFINITY).map_or(0, |c| c.0);
+                        Choice::Head(Sampled { token, logprob: None })
+                    } else if !Sampler::samples_from_head(params, head.top.len()) {
+                        Choice::Row { after_head: false }
+                    } else {
+                        match sampler.sample_head(head, params, &ctx) {
+                            Some(choice) => Choice::Head(choice),
+                            None => Choice::Row { after_head: true },
                         }
                     }
                 }
             };
-            out.tokens.push((s.id, choice));
+            rows.push(RowChoice { id: s.id, index: i, allowed, choice });
+        }
+        // The whole rows still needed: on the host already, or copied from the device at once.
+        let fetched = match logits {
+            StepLogits::Heads { logits, .. } => {
+                let wanted: Vec<u32> = rows.iter().filter(|r| r.needs_row()).map(|r| r.index as u32).collect();
+                fetch_rows(logits, &wanted).unwrap_or_else(|e| {
+                    let error = format!("reading the step's logits failed: {e}");
+                    for r in rows.iter().filter(|r| r.needs_row()) {
+                        out.failed.push((r.id, EngineError::Model(error.clone())));
+                    }
+                    rows.retain(|r| !r.needs_row());
+                    Vec::new()
+                })
+            }
+            _ => Vec::new(),
+        };
+        let mut fetched = fetched.iter();
+        let needed: HashSet<RequestId> = rows.iter().filter(|r| r.needs_row()).map(|r| r.id).collect();
+        let mut states: HashMap<RequestId, (&mut Sampler, &SamplingParams)> = self
+            .requests
+            .iter_mut()
+            .filter(|(id, _)| needed.contains(id))
+            .map(|(id, state)| (*id, (&mut state.sampler, &state.params)))
+            .collect();
+        let mut tasks: Vec<HostRow> = Vec::new();
+        for (r, row) in rows.iter().enumerate() {
+            let Choice::Row { after_head } = row.choice else { continue };
+            let logits = match logits {
+                StepLogits::Rows(all) => all.get(row.index),
+                _ => fetched.next(),
+            };
+            let (Some(logits), Some((sampler, params)), Some(seq)) =
+                (logits, states.remove(&row.id), self.scheduler.sequence(row.id))
+            else {
+                continue;
+            };
+            let ctx = SampleContext { allowed: row.allowed.as_deref(), ..context(seq, params, &self.eos) };
+            tasks.push(HostRow { row: r, sampler, params, ctx, logits, after_head, choice: None });
+        }
+        if tasks.len() > 1 {
+            use rayon::prelude::*;
+            tasks.par_iter_mut().for_each(HostRow::sample);
+        } else {
+            tasks.iter_mut().for_each(HostRow::sample);
+        }
+        let mut host: Vec<Option<Sampled>> = vec![None; rows.len()];
+        for task in tasks {
+            host[task.row] = task.choice;
+        }
+        let counts = &mut out.readouts;
+        for (row, sampled) in rows.into_iter().zip(host) {
+            let choice = match row.choice {
+                Choice::Argmax(token) => {
+                    counts.device_argmax += 1;
+                    Sampled { token, logprob: None }
+                }
+                Choice::Head(choice) => {
+                    counts.device_head += 1;
+                    choice
+                }
+                Choice::Row { .. } => {
+                    let Some(choice) = sampled else { continue };
+                    counts.host += 1;
+                    if matches!(logits, StepLogits::Heads { .. }) {
+                        counts.fetched_rows += 1;
+                    }
+                    choice
+                }
+            };
+            out.tokens.push((row.id, choice));
         }
         out
     }
 }
 
-/// The token of sampled row `i` of a [`StepLogits::Heads`] step: a plain greedy row's is the head's
-/// first token (the sampler untouched, as for [`StepLogits::Ids`]); a row the head can serve is
-/// sampled from it, and from its whole row (`logits[i]`, copied back) when the head does not
-/// settle it; any other row goes through the host sampler on its whole row. Returns the choice and
-/// whether the whole row was copied.
-fn sample_from_head(
-    state: &mut RequestState,
-    head: &RowHead,
-    logits: &candle_core::Tensor,
-    i: usize,
-    ctx: &SampleContext,
-) -> Result<(Sampled, bool)> {
-    let params = &state.params;
-    if Sampler::is_plain_argmax(params, ctx) {
-        let token = head.top.first().filter(|c| c.1 > f32::NEG_INFINITY).map_or(0, |c| c.0);
-        return Ok((Sampled { token, logprob: None }, false));
+/// A sampled row of a step: its request, its index among the step's sampled rows, its grammar's
+/// mask, and how its token is chosen.
+struct RowChoice {
+    id: RequestId,
+    index: usize,
+    allowed: Option<Vec<u32>>,
+    choice: Choice,
+}
+
+impl RowChoice {
+    fn needs_row(&self) -> bool {
+        matches!(self.choice, Choice::Row { .. })
     }
-    let row = || -> Result<Vec<f32>> { Ok(readable(&logits.get(i)?)?.to_vec1::<f32>()?) };
-    if !Sampler::samples_from_head(params, head.top.len()) {
-        return Ok((state.sampler.sample(&row()?, params, ctx), true));
+}
+
+enum Choice {
+    /// The device's argmax.
+    Argmax(u32),
+    /// Chosen from the row's head.
+    Head(Sampled),
+    /// The host sampler on the whole row; `after_head` when a walk over its head drew the number
+    /// that the walk over the row continues with.
+    Row { after_head: bool },
+}
+
+/// A row for the host sampler, with its request's sampler: one parallel task.
+struct HostRow<'a> {
+    /// Index in the step's `rows`.
+    row: usize,
+    sampler: &'a mut Sampler,
+    params: &'a SamplingParams,
+    ctx: SampleContext<'a>,
+    logits: &'a [f32],
+    after_head: bool,
+    choice: Option<Sampled>,
+}
+
+impl HostRow<'_> {
+    fn sample(&mut self) {
+        self.choice = Some(if self.after_head {
+            self.sampler.sample_row_after_head(self.logits, self.params, &self.ctx)
+        } else {
+            self.sampler.sample(self.logits, self.params, &self.ctx)
+        });
     }
-    match state.sampler.sample_head(head, params, ctx) {
-        Some(choice) => Ok((choice, false)),
-        None => Ok((state.sampler.sample_row_after_head(&row()?, params, ctx), true)),
+}
+
+/// Rows `wanted` of `[rows, vocab]` logits on the device, copied to the host in one read back.
+fn fetch_rows(logits: &Tensor, wanted: &[u32]) -> Result<Vec<Vec<f32>>> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
     }
+    let index = Tensor::new(wanted, logits.device())?;
+    Ok(readable(&logits.index_select(&index, 0)?)?.to_vec2::<f32>()?)
 }
 
 /// What the sampler needs to know about `seq` besides its logits: its tokens, and EOS suppressed

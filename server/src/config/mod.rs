@@ -72,7 +72,7 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_GPU_MEMORY_UTILIZATION", value_name = "FRACTION")]
     pub gpu_memory_utilization: Option<f32>,
     /// On CUDA: capture decode steps as CUDA graphs (one per padded batch size, replayed with one
-    /// launch); a failed capture is logged and steps run eagerly [default: false].
+    /// launch); a failed capture is logged and steps run eagerly [default: true].
     #[arg(long, env = "SLUICE_CUDA_GRAPHS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub cuda_graphs: Option<bool>,
     /// Where sampled rows are read: auto (off the CPU from the device: greedy argmaxes, and for
@@ -385,7 +385,7 @@ fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
         config.gpu_memory_utilization = u;
     }
     // Graphs are a CUDA thing; on the CPU the engine would only pad steps (its test mode).
-    config.cuda_graphs = s.cuda_graphs.unwrap_or(false) && config.device != DeviceSpec::Cpu;
+    config.cuda_graphs = s.cuda_graphs.unwrap_or(true) && config.device != DeviceSpec::Cpu;
     if let Some(d) = &s.device_sampling {
         config.device_sampling = d.parse().map_err(|e| ConfigError(format!("`device_sampling`: {e}")))?;
     }

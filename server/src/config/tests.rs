@@ -226,7 +226,8 @@ fn gpu_settings_default_and_reach_the_engine_config() {
     };
     assert!(cuda(&["--config", &file.0.display().to_string()]), "from the file");
     assert!(!cuda(&["--config", &file.0.display().to_string(), "--cuda-graphs", "false"]), "the flag beats the file");
-    assert!(cuda(&["--cuda-graphs"]) && !cuda(&[]));
+    assert!(cuda(&["--cuda-graphs"]) && cuda(&[]), "on by default on CUDA");
+    assert!(!cuda(&["--cuda-graphs", "false"]));
     assert_eq!(e.device_sampling, DeviceSampling::Auto);
     let c = load(&["--model", &path, "--device-sampling", "host"]).unwrap();
     assert_eq!(c.engine.device_sampling, DeviceSampling::Host);
