@@ -11,6 +11,7 @@ use crate::model::{readable, Readout, StepLogits};
 use crate::sampling::{SampleContext, Sampled, Sampler, SamplingParams};
 use crate::scheduler::Batch;
 use crate::sequence::{RequestId, Sequence};
+use crate::structured::Constraint;
 
 use super::{RequestState, Worker};
 
@@ -79,14 +80,30 @@ impl Worker {
             failed: Vec::new(),
             readouts: ReadoutCounts::default(),
         };
-        // First what the step read back settles (argmaxes, heads); the rest waits for its row.
+        // A structured output's tokens are chosen among those its grammar allows next. The masks
+        // first, in parallel: inside a JSON string one walks most of the token trie.
+        let sampled: HashSet<RequestId> = batch.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
+        let mut grammars: Vec<GrammarMask> = self
+            .requests
+            .iter_mut()
+            .filter(|(id, _)| sampled.contains(id))
+            .filter_map(|(id, state)| Some(GrammarMask { id: *id, grammar: state.grammar.as_mut()?, mask: None }))
+            .collect();
+        if grammars.len() > 1 {
+            use rayon::prelude::*;
+            grammars.par_iter_mut().for_each(GrammarMask::compute);
+        } else {
+            grammars.iter_mut().for_each(GrammarMask::compute);
+        }
+        let mut masks: HashMap<RequestId, Result<Vec<u32>>> =
+            grammars.into_iter().filter_map(|g| Some((g.id, g.mask?))).collect();
+        // Then what the step read back settles (argmaxes, heads); the rest waits for its row.
         let mut rows: Vec<RowChoice> = Vec::with_capacity(logits.len());
         for (i, s) in batch.seqs.iter().filter(|s| s.sample).enumerate() {
             let (Some(seq), Some(state)) = (self.scheduler.sequence(s.id), self.requests.get_mut(&s.id)) else {
                 continue;
             };
-            // A structured output's tokens are chosen among those its grammar allows next.
-            let allowed = match state.grammar.as_mut().map(|g| g.allowed()).transpose() {
+            let allowed = match masks.remove(&s.id).transpose() {
                 Ok(allowed) => allowed,
                 Err(e) => {
                     out.failed.push((s.id, e));
@@ -218,6 +235,19 @@ enum Choice {
     /// The host sampler on the whole row; `after_head` when a walk over its head drew the number
     /// that the walk over the row continues with.
     Row { after_head: bool },
+}
+
+/// A sampled row's grammar and the mask of the tokens it allows next: one parallel task.
+struct GrammarMask<'a> {
+    id: RequestId,
+    grammar: &'a mut Constraint,
+    mask: Option<Result<Vec<u32>>>,
+}
+
+impl GrammarMask<'_> {
+    fn compute(&mut self) {
+        self.mask = Some(self.grammar.allowed());
+    }
 }
 
 /// A row for the host sampler, with its request's sampler: one parallel task.
