@@ -398,7 +398,7 @@ mod tests {
         let base = SamplingParams { temperature: 0.9, ..SamplingParams::default() };
         let suppress = [logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32];
         // The most likely token (in every head) and the least likely (past every head) suppressed:
-        // draws past the head must skip a suppressed id there too.
+        // the head cannot subtract the latter's weight, so these rows go to the host sampler.
         let least = logits.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
         let both_ends = [suppress[0], least];
         // The most likely token suppressed and far ahead of the rest: weights must count from the
@@ -408,6 +408,9 @@ mod tests {
         for (params, suppress, logits) in [
             (base.clone(), &[][..], &logits),
             (SamplingParams { temperature: 3.0, ..base.clone() }, &both_ends[..], &logits),
+            // Hot, with the most likely token suppressed: most draws fall past the head and the
+            // walk over the row must skip that token (it is in the head).
+            (SamplingParams { temperature: 3.0, ..base.clone() }, &suppress[..], &logits),
             (SamplingParams { top_k: 6, ..base.clone() }, &[][..], &logits),
             (SamplingParams { top_p: 0.7, ..base.clone() }, &suppress[..], &logits),
             (SamplingParams { min_p: 0.1, temperature: 1.4, ..base.clone() }, &[][..], &logits),

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::Tensor;
 
 use crate::error::{EngineError, Result};
-use crate::model::{readable, Readout, StepLogits};
+use crate::model::{Readout, StepLogits};
 use crate::sampling::{SampleContext, Sampled, Sampler, SamplingParams};
 use crate::scheduler::Batch;
 use crate::sequence::{RequestId, Sequence};
@@ -82,13 +82,20 @@ impl Worker {
         };
         // A structured output's tokens are chosen among those its grammar allows next. The masks
         // first, in parallel: inside a JSON string one walks most of the token trie.
-        let sampled: HashSet<RequestId> = batch.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
-        let mut grammars: Vec<GrammarMask> = self
-            .requests
-            .iter_mut()
-            .filter(|(id, _)| sampled.contains(id))
-            .filter_map(|(id, state)| Some(GrammarMask { id: *id, grammar: state.grammar.as_mut()?, mask: None }))
+        let constrained: HashSet<RequestId> = batch
+            .seqs
+            .iter()
+            .filter(|s| s.sample && self.requests.get(&s.id).is_some_and(|state| state.grammar.is_some()))
+            .map(|s| s.id)
             .collect();
+        let mut grammars: Vec<GrammarMask> = Vec::new();
+        if !constrained.is_empty() {
+            grammars.extend(
+                self.requests.iter_mut().filter(|(id, _)| constrained.contains(id)).filter_map(|(id, state)| {
+                    Some(GrammarMask { id: *id, grammar: state.grammar.as_mut()?, mask: None })
+                }),
+            );
+        }
         if grammars.len() > 1 {
             use rayon::prelude::*;
             grammars.par_iter_mut().for_each(GrammarMask::compute);
@@ -155,12 +162,15 @@ impl Worker {
         };
         let mut fetched = fetched.iter();
         let needed: HashSet<RequestId> = rows.iter().filter(|r| r.needs_row()).map(|r| r.id).collect();
-        let mut states: HashMap<RequestId, (&mut Sampler, &SamplingParams)> = self
-            .requests
-            .iter_mut()
-            .filter(|(id, _)| needed.contains(id))
-            .map(|(id, state)| (*id, (&mut state.sampler, &state.params)))
-            .collect();
+        let mut states: HashMap<RequestId, (&mut Sampler, &SamplingParams)> = HashMap::new();
+        if !needed.is_empty() {
+            states.extend(
+                self.requests
+                    .iter_mut()
+                    .filter(|(id, _)| needed.contains(id))
+                    .map(|(id, state)| (*id, (&mut state.sampler, &state.params))),
+            );
+        }
         let mut tasks: Vec<HostRow> = Vec::new();
         for (r, row) in rows.iter().enumerate() {
             let Choice::Row { after_head } = row.choice else { continue };
@@ -278,7 +288,8 @@ fn fetch_rows(logits: &Tensor, wanted: &[u32]) -> Result<Vec<Vec<f32>>> {
         return Ok(Vec::new());
     }
     let index = Tensor::new(wanted, logits.device())?;
-    Ok(readable(&logits.index_select(&index, 0)?)?.to_vec2::<f32>()?)
+    // `index_select` gives a compact tensor: nothing to make contiguous before the read.
+    Ok(logits.index_select(&index, 0)?.to_vec2::<f32>()?)
 }
 
 /// What the sampler needs to know about `seq` besides its logits: its tokens, and EOS suppressed
