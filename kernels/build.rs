@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The kernel sources, each compiled to `<name>.ptx`.
-const KERNELS: [&str; 4] = ["reshape_and_cache", "paged_attention", "fused", "sampling"];
+const KERNELS: [&str; 5] = ["reshape_and_cache", "paged_attention", "fused", "sampling", "gemv"];
 /// Included by every kernel.
 const HEADERS: [&str; 1] = ["common.cuh"];
 

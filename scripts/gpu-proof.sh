@@ -28,7 +28,7 @@ prepare() {
     eval "$(scripts/cuda-toolkit.sh --link)"
     export CUDA_COMPUTE_CAP=90
     cargo build --release --features cuda -p sluice-bench -p sluice-kernels -p sluice-server \
-        --bins --example greedy_logprobs --example paged_attention_bench
+        --bins --example greedy_logprobs --example paged_attention_bench --example gemv_bench
     # The kernel tests in the dev profile, so the CUDA bodies' debug-build value checks run too.
     local tests
     tests=$(cargo test -p sluice-kernels --features cuda --lib --no-run --message-format=json |
@@ -38,7 +38,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
         print(m["executable"])')
     cp target/release/sluice-bench target/release/sluice "$CARRY/bin/"
-    cp target/release/examples/greedy_logprobs target/release/examples/paged_attention_bench "$CARRY/bin/"
+    cp target/release/examples/{greedy_logprobs,paged_attention_bench,gemv_bench} "$CARRY/bin/"
     cp "$tests" "$CARRY/bin/kernels-tests"
     strip "$CARRY"/bin/*
     # The carry limit is 64 MiB: each binary is ~70 MB stripped (candle's PTX and kernels), ~9 MB in xz.
@@ -93,6 +93,8 @@ print(":".join(sorted(dirs)))') || libs=""
     } 2>&1 | tee "$LOGS/card.txt" || true
 
     step kernels 90 "$bin/kernels-tests" cuda --test-threads 1
+    # Small-batch projections: the GEMV kernel against cuBLAS on the 1B model's shapes.
+    step gemv 60 "$bin/gemv_bench" cuda
     step model 120 python3 scripts/gpu_proof/make_model.py "$model" "$CARRY/tokenizer" "$work/prompts.jsonl"
     step ours 90 sh -c "\"$bin/greedy_logprobs\" $model cuda bf16 32 <$work/prompts.jsonl >$LOGS/ours.jsonl"
     step compare 90 python3 scripts/gpu_proof/compare.py "$model" "$work/prompts.jsonl" "$LOGS/ours.jsonl"
@@ -117,6 +119,16 @@ print(":".join(sorted(dirs)))') || libs=""
         step "bench-graphs-bf16-$c" 90 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
             --concurrency "$c" --num-requests $((c == 1 ? 8 : 2 * c)) --max-tokens 128 --max-num-seqs 256 \
             --kv-cache-mib 16384 --cuda-graphs --json "$LOGS/bench-graphs-bf16-$c.json"
+    done
+    # Graphs with cuBLAS at every batch (--gemv false) against the default (the GEMV kernel up to 8
+    # rows), at batch 1 and 4.
+    for c in 1 4; do
+        ((c == 4)) && step "bench-graphs-bf16-$c" 60 "$bin/sluice-bench" engine --model "$model" --device cuda \
+            --dtype bf16 --concurrency "$c" --num-requests $((2 * c)) --max-tokens 128 --max-num-seqs 256 \
+            --kv-cache-mib 16384 --json "$LOGS/bench-graphs-bf16-$c.json"
+        step "bench-cublas-bf16-$c" 60 "$bin/sluice-bench" engine --model "$model" --device cuda --dtype bf16 \
+            --concurrency "$c" --num-requests $((c == 1 ? 8 : 2 * c)) --max-tokens 128 --max-num-seqs 256 \
+            --kv-cache-mib 16384 --gemv false --json "$LOGS/bench-cublas-bf16-$c.json"
     done
     # The server (prefix cache and structured outputs included), with graphs and without.
     step serve-graphs 80 python3 scripts/gpu_proof/serve_check.py "$bin/sluice" "$model" --dtype bf16

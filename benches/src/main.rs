@@ -137,6 +137,10 @@ struct EngineArgs {
     /// system prompt and the workload's instruction, here).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     prefix_caching: bool,
+    /// Off the CPU: dense projections of up to eight rows on Sluice's GEMV kernel (`false`: cuBLAS
+    /// at every batch).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    gemv: bool,
     /// Where sampled rows are read: auto (from the device off the CPU: argmaxes, heads of the
     /// distribution), device or host (every row copied whole).
     #[arg(long, default_value = "auto")]
@@ -263,7 +267,9 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
     config.gpu_weights = args.gpu_weights.parse().map_err(anyhow::Error::msg)?;
     config.cuda_graphs = args.cuda_graphs && config.device != DeviceSpec::Cpu;
     let cuda_graphs = config.cuda_graphs;
+    let on_device = config.device != DeviceSpec::Cpu;
     config.scheduler.prefix_caching = args.prefix_caching;
+    config.gemv = args.gemv;
     config.device_sampling = args.device_sampling.parse().map_err(anyhow::Error::msg)?;
     // Requests carry no seed: each gets the engine's seed plus its id, so a sampled run repeats.
     let response_format = if args.json_object { ResponseFormat::JsonObject } else { ResponseFormat::Text };
@@ -328,6 +334,10 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
             "device sampling: {} tokens from heads of the distribution, {} rows copied whole",
             stats.head_tokens, stats.fetched_rows
         );
+    }
+    if on_device {
+        let gemv = if engine.model_info().gemv { "Sluice's GEMV kernel" } else { "cuBLAS" };
+        println!("projections of up to eight rows: {gemv}");
     }
     if cuda_graphs {
         let g = stats.decode_graphs;

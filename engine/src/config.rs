@@ -83,6 +83,12 @@ pub struct EngineConfig {
     /// steps run eagerly, which only serves to test the padding. Off in `EngineConfig::new` (whose device is
     /// the CPU); `sluice serve` and `sluice-bench` turn it on for CUDA devices.
     pub cuda_graphs: bool,
+    /// Off the CPU: whether dense projections of up to eight rows (decode steps at small batch)
+    /// run on Sluice's GEMV kernel, a warp per output column so that every SM streams the weight,
+    /// rather than cuBLAS, whose tiles leave most of the GPU idle at one row. The kernel is checked
+    /// against a reference at load; if it fails there, cuBLAS serves every batch. On by default;
+    /// GGUF weights kept quantized (`GpuWeights::Quantized`) take candle's kernels either way.
+    pub gemv: bool,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Bytes of memory for the KV cache pools (all layers, K and V). `None`: 1 GiB on the CPU
@@ -115,6 +121,7 @@ impl EngineConfig {
             gpu_weights: GpuWeights::Quantized,
             device_sampling: DeviceSampling::Auto,
             cuda_graphs: false,
+            gemv: true,
             block_size: 16,
             kv_cache_memory: None,
             gpu_memory_utilization: 0.9,

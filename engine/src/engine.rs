@@ -15,7 +15,8 @@ use crate::config::{EngineConfig, DEFAULT_CPU_KV_CACHE_MEMORY};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{activation_reserve, gpu_memory, graph_reserve, KvBudget};
 use crate::model::{
-    bucket_for, read_gguf, GpuWeights, Llama, LoadOptions, ModelFormat, ModelRunner, WeightSource, MAX_GRAPH_BATCH,
+    bucket_for, check_gemv, read_gguf, GpuWeights, Llama, LoadOptions, ModelFormat, ModelRunner, WeightSource,
+    MAX_GRAPH_BATCH,
 };
 use crate::request::{Prompt, Request};
 use crate::scheduler::Scheduler;
@@ -78,6 +79,9 @@ pub struct ModelInfo {
     pub num_kv_blocks: usize,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// Whether dense projections of up to eight rows run on Sluice's GEMV kernel (`EngineConfig::gemv`,
+    /// off the CPU, once the kernel passed its check on the device).
+    pub gemv: bool,
 }
 
 /// A running engine. Cheap to share behind an `Arc`; `submit` may be called from any thread.
@@ -106,12 +110,14 @@ impl Engine {
         let model_config = source.config().clone();
         tracing::info!(model = %config.model.display(), layers = model_config.num_layers, "loading weights");
         let quantized_matmul = !device.is_cpu() && config.gpu_weights == GpuWeights::Quantized;
+        let gemv = !device.is_cpu() && config.gemv && check_gemv(&device, config.dtype);
         let options = LoadOptions {
             dtype: config.dtype,
             device,
             cpu_weights: config.cpu_weights,
             cpu_activations: config.cpu_activations,
             quantized_matmul,
+            gemv,
         };
         let model = Llama::load(&mut source, &options, &|done, total| {
             tracing::info!("loading weights: layer {done}/{total}");
@@ -156,8 +162,14 @@ impl Engine {
             seconds = started.elapsed().as_secs_f32(),
             "model loaded"
         );
-        let info =
-            ModelInfo { name, max_model_len, vocab_size, num_kv_blocks: num_blocks, block_size: config.block_size };
+        let info = ModelInfo {
+            name,
+            max_model_len,
+            vocab_size,
+            num_kv_blocks: num_blocks,
+            block_size: config.block_size,
+            gemv,
+        };
         let tokenizer = Arc::new(tokenizer);
         let scheduler = Scheduler::new(config.scheduler.clone(), num_blocks, config.block_size);
         let shared = Arc::new(Shared::default());

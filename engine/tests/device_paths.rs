@@ -155,6 +155,7 @@ fn load(quantized_matmul: bool) -> Llama {
         cpu_weights: CpuWeights::Repack(WeightFormat::F32),
         cpu_activations: CpuActivations::F32,
         quantized_matmul,
+        gemv: false,
     };
     Llama::load(&mut source, &options, &|_, _| {}).unwrap()
 }

@@ -34,6 +34,10 @@ pub(crate) const FUSED: Module =
 pub(crate) const SAMPLING: Module =
     Module { name: "sluice_sampling", ptx: include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx")) };
 
+/// `kernels/cuda/gemv.cu`.
+pub(crate) const GEMV: Module =
+    Module { name: "sluice_gemv", ptx: include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx")) };
+
 /// Loads kernel `<op>_<dtype>` of `module` on `dev` (compiled by the driver on first use).
 pub(crate) fn load(
     dev: &CudaDevice,

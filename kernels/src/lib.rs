@@ -16,10 +16,12 @@
 //! - [`activation`]: `silu_mul`, the SwiGLU activation in one pass on the CPU.
 //! - [`fused`]: `qkv_rope` and `swiglu`, a layer's elementwise steps in one launch each (for CUDA,
 //!   where the engine's small-batch decode step is bound by launches).
+//! - [`gemv`]: `y = x · Wᵀ` for up to eight rows against an `(out, in)` weight, a warp per output
+//!   column (on CUDA, the engine's projections at small decode batches).
 //! - `elem`: the element types the ops accept (f32, f16, bf16) and their widening to f32.
 //! - `storage`: borrowing a tensor's CPU storage as a typed slice.
 //! - `cuda` (`cuda` feature): the PTX built from `kernels/cuda/*.cu` and the helpers the ops'
-//!   CUDA bodies (`cache::cuda`, `attention::cuda`, `fused::cuda`) share.
+//!   CUDA bodies (`cache::cuda`, `attention::cuda`, `fused::cuda`, `gemv::cuda`) share.
 //! - `test_util` (tests only): the `test_device!` macro and random tensor helpers.
 //!
 //! # The KV cache
@@ -39,6 +41,7 @@ pub mod cache;
 mod cuda;
 mod elem;
 pub mod fused;
+pub mod gemv;
 pub mod matmul;
 pub mod sampling;
 mod storage;

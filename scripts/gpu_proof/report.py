@@ -42,6 +42,7 @@ print(f"Copy bandwidth measured here: {bw / 1e12:.2f} TB/s. Decode step floor: {
 print("| run | batch | output tok/s | median TPOT ms | floor / TPOT | vs batch 1 |")
 print("| --- | --- | --- | --- | --- | --- |")
 for run, files in (("bf16 safetensors", "bench-bf16-*.json"), ("bf16, CUDA graphs", "bench-graphs-bf16-*.json"),
+                   ("bf16, CUDA graphs, cuBLAS at every batch", "bench-cublas-bf16-*.json"),
                    ("top-p 0.95, T 0.1, heads", "bench-sampled-t0.1-auto-*.json"),
                    ("top-p 0.95, T 0.1, whole rows", "bench-sampled-t0.1-host-*.json"),
                    ("top-p 0.95, T 1.0, heads", "bench-sampled-t1.0-auto-*.json"),
@@ -62,7 +63,8 @@ print("\nTargets: batch-1 decode >= 60% of the floor; batch 256 >= 25x batch 1.\
 for title, name in (("Steps", "steps.txt"), ("Kernel tests (step 1)", "kernels.log"),
                     ("Logits against transformers (step 2)", "compare.log"),
                     ("CUDA graphs against eager steps", "graphs-exact.log"), ("...all prompts at once", "graphs-together.log"),
-                    ("Paged attention bandwidth (step 4)", "attention.log"), ("Server, CUDA graphs (step 5)", "serve-graphs.log"),
+                    ("Paged attention bandwidth (step 4)", "attention.log"),
+                    ("Small-batch projections: GEMV against cuBLAS", "gemv.log"), ("Server, CUDA graphs (step 5)", "serve-graphs.log"),
                     ("Server, eager (step 5)", "serve.log"),
                     ("GGUF quantized against dense (step 6)", "gguf-compare.log")):
     text = read(name)

@@ -11,6 +11,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use sluice_kernels::gemv;
 use sluice_kernels::matmul::{PackedLinear, QuantizedLinear, WeightFormat};
 
 use super::config::LlamaConfig;
@@ -59,6 +60,11 @@ pub struct LayerCache {
 /// With int8 activations (`CpuActivations`) an int8 or int4 weight runs on `QuantizedLinear`
 /// instead: integer dot products, rows still identical at every batch size.
 ///
+/// Off the CPU a dense weight stays as stored, `[out, in]` ([`Linear::Rows`]): up to
+/// [`gemv::MAX_ROWS`] rows go through `sluice_kernels::gemv` (when `LoadOptions::gemv`), more
+/// through cuBLAS on its transpose (as PyTorch's `F.linear`). A row's numbers are then the same
+/// at any batch up to eight, and may differ (by rounding) above.
+///
 /// On CUDA a GGUF weight of a type candle's quantized kernels cover stays quantized, on candle's
 /// `QMatMul` ([`QLinear`]), unless `GpuWeights::Dense` asks for dense weights. Those kernels take
 /// one path up to 8 rows and another above, so there a row's numbers can depend on the batch.
@@ -69,6 +75,9 @@ pub enum Linear {
     Quantized(QuantizedLinear),
     /// `[in, out]`, contiguous: x `[n, in]` · w_t → `[n, out]`.
     Dense(Tensor),
+    /// Off the CPU: `w` `[out, in]`, contiguous, as stored; `gemv` says whether small batches take
+    /// `sluice_kernels::gemv`.
+    Rows { w: Tensor, gemv: bool },
     /// GGUF blocks on candle's quantized matmul.
     QMatMul(QLinear),
 }
@@ -81,6 +90,7 @@ impl std::fmt::Debug for Linear {
                 write!(f, "Linear::Quantized({:?}, {}x{})", q.format(), q.out_features(), q.in_features())
             }
             Self::Dense(w) => write!(f, "Linear::Dense({:?})", w.shape()),
+            Self::Rows { w, gemv } => write!(f, "Linear::Rows({:?}, gemv: {gemv})", w.shape()),
             Self::QMatMul(q) => write!(f, "Linear::{q:?}"),
         }
     }
@@ -135,6 +145,13 @@ impl Linear {
         };
         let ws =
             names.iter().map(|name| source.get(name, options.dtype, &options.device)).collect::<Result<Vec<_>>>()?;
+        if !options.device.is_cpu() {
+            let w = match ws.as_slice() {
+                [w] => w.contiguous()?,
+                _ => Tensor::cat(&ws, 0)?,
+            };
+            return Ok(Self::Rows { w, gemv: options.gemv });
+        }
         if let (true, Some(format @ (WeightFormat::Int8 | WeightFormat::Int4))) = (int8, format) {
             let w = match ws.as_slice() {
                 [w] => w.clone(),
@@ -164,6 +181,8 @@ impl Linear {
                 }
                 Ok(x.matmul(w_t)?)
             }
+            Self::Rows { w, gemv: true } if gemv::supports(x.dim(0)?, x.dim(1)?, x.dtype()) => Ok(gemv::gemv(x, w)?),
+            Self::Rows { w, .. } => Ok(x.matmul(&w.t()?)?),
         }
     }
 
@@ -172,7 +191,7 @@ impl Linear {
         match self {
             Self::Packed(p) => p.weight_bytes(),
             Self::Quantized(q) => q.weight_bytes(),
-            Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Self::Dense(w) | Self::Rows { w, .. } => w.elem_count() * w.dtype().size_in_bytes(),
             Self::QMatMul(q) => q.weight_bytes(),
         }
     }
@@ -237,6 +256,10 @@ pub struct LoadOptions {
     /// `GpuWeights::Dense` is asked for; on the CPU it works too (tests compare it there), but
     /// candle's quantized CPU matmul is slower than the packed kernels.
     pub quantized_matmul: bool,
+    /// Off the CPU: whether dense projections of up to [`gemv::MAX_ROWS`] rows run on
+    /// `sluice_kernels::gemv` rather than cuBLAS. The engine sets it from `EngineConfig::gemv` once
+    /// [`check_gemv`] has passed on the device.
+    pub gemv: bool,
 }
 
 /// A loaded Llama-family model.
@@ -393,6 +416,65 @@ impl Llama {
     }
 }
 
+/// Whether `sluice_kernels::gemv` computes what it should on `device` for `dtype`: every row count
+/// it takes, against an f64 reference on the host, within the dtype's rounding. The engine runs it
+/// once at load and keeps cuBLAS for every batch if it fails (saying so in its log).
+pub fn check_gemv(device: &Device, dtype: DType) -> bool {
+    match gemv_disagreement(device, dtype, |x, w| Ok(gemv::gemv(x, w)?)) {
+        Ok(None) => true,
+        Ok(Some(what)) => {
+            tracing::warn!(%what, "gemv disagrees with its reference on this device: small batches use cuBLAS");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "gemv failed on this device: small batches use cuBLAS");
+            false
+        }
+    }
+}
+
+/// What [`check_gemv`] finds wrong with `op` standing for `gemv`, if anything.
+fn gemv_disagreement(
+    device: &Device,
+    dtype: DType,
+    op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Option<String>> {
+    use rand::{Rng, SeedableRng};
+    {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x9e37);
+        let tolerance = match dtype {
+            DType::F32 => 1e-5,
+            DType::F16 => 2e-3,
+            _ => 8e-3,
+        };
+        for (n, k) in [(257, 1024), (19, 4096 + 8)] {
+            let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let w = Tensor::from_vec(w, (n, k), &Device::Cpu)?.to_dtype(dtype)?;
+            let w_host = w.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+            let w = w.to_device(device)?;
+            for m in 1..=gemv::MAX_ROWS {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let x = Tensor::from_vec(x, (m, k), &Device::Cpu)?.to_dtype(dtype)?;
+                let x_host = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                let got = op(&x.to_device(device)?, &w)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                let (mut diff, mut norm) = (0.0f64, 0.0f64);
+                for (x_row, got_row) in x_host.iter().zip(&got) {
+                    for (w_row, g) in w_host.iter().zip(got_row) {
+                        let want: f64 = x_row.iter().zip(w_row).map(|(a, b)| a * b).sum();
+                        diff += (g - want) * (g - want);
+                        norm += want * want;
+                    }
+                }
+                let err = (diff / norm).sqrt();
+                if err.is_nan() || err > tolerance || got.len() != m || got.iter().any(|r| r.len() != n) {
+                    return Ok(Some(format!("({m}, {k}) x ({n}, {k}): relative error {err}")));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// RoPE cos/sin tables, `[max_positions, head_dim / 2]` each.
 fn rope_tables(c: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let inv_freq = c.rope_inv_freq();
@@ -404,4 +486,71 @@ fn rope_tables(c: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor
     let cos = freqs.cos()?.to_dtype(dtype)?.to_device(device)?;
     let sin = freqs.sin()?.to_dtype(dtype)?.to_device(device)?;
     Ok((cos, sin))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(rows: usize, cols: usize, seed: u64) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let data: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Ok(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    }
+
+    /// A weight kept as stored (the layout used off the CPU) gives the transposed weight's products
+    /// at every batch, through `gemv` up to its row limit when asked and the matmul otherwise.
+    #[test]
+    fn stored_weights_take_gemv_up_to_its_rows_and_the_matmul_above() -> Result<()> {
+        let w = random(40, 64, 1)?;
+        let dense = Linear::Dense(w.t()?.contiguous()?);
+        let with_gemv = Linear::Rows { w: w.clone(), gemv: true };
+        let without = Linear::Rows { w: w.clone(), gemv: false };
+        for m in [1, 5, gemv::MAX_ROWS, gemv::MAX_ROWS + 1, 12] {
+            let x = random(m, 64, 2 + m as u64)?;
+            let want = dense.forward(&x)?;
+            let (a, b) = (with_gemv.forward(&x)?, without.forward(&x)?);
+            assert!(max_diff(&a, &want)? < 1e-4 && max_diff(&b, &want)? < 1e-4, "{m} rows");
+            let by_gemv = gemv::gemv(&x, &w).ok();
+            let by_matmul = x.matmul(&w.t()?)?;
+            if m <= gemv::MAX_ROWS {
+                assert_eq!(max_diff(&a, by_gemv.as_ref().expect("gemv takes these rows"))?, 0.0, "{m} rows: gemv");
+            } else {
+                assert!(by_gemv.is_none(), "{m} rows are past gemv's limit");
+                assert_eq!(max_diff(&a, &by_matmul)?, 0.0, "{m} rows: matmul");
+            }
+            assert_eq!(max_diff(&b, &by_matmul)?, 0.0, "{m} rows without gemv: matmul");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_gemv_check_passes_where_the_kernel_is_right() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            assert!(check_gemv(&Device::Cpu, dtype), "{dtype:?}");
+        }
+        // A kernel one row off, or a little off everywhere, or one that fails, is refused.
+        let last_row_wrong = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+            let y = gemv::gemv(x, w)?;
+            let m = y.dim(0)?;
+            if m < 3 {
+                return Ok(y);
+            }
+            Ok(Tensor::cat(&[y.narrow(0, 0, m - 1)?, y.narrow(0, m - 1, 1)?.zeros_like()?], 0)?)
+        };
+        let scaled = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok((gemv::gemv(x, w)? * 1.02)?) };
+        let failing =
+            |_: &Tensor, _: &Tensor| -> Result<Tensor> { Err(crate::error::EngineError::Model("no kernel".into())) };
+        for dtype in [DType::F32, DType::BF16] {
+            let found = gemv_disagreement(&Device::Cpu, dtype, last_row_wrong).unwrap();
+            assert!(found.as_deref().is_some_and(|w| w.starts_with("(3, 1024)")), "{dtype:?}: {found:?}");
+            assert!(gemv_disagreement(&Device::Cpu, dtype, scaled).unwrap().is_some(), "{dtype:?}");
+            assert!(gemv_disagreement(&Device::Cpu, dtype, failing).is_err(), "{dtype:?}");
+        }
+    }
 }

@@ -1,0 +1,133 @@
+// gemv: `y = x · Wᵀ` for a few rows, the shape of a decode step's projections at small batch.
+//
+// The CUDA body of `sluice_kernels::gemv` (`kernels/src/gemv.rs`, which documents the operands):
+// `x` (m, k) with 1 <= m <= kMaxRows, `w` (n, k) row-major (a Hugging Face weight as stored), `y`
+// (m, n); one dtype (f32, f16 or bf16), f32 accumulation, one rounding per output.
+//
+// Why not cuBLAS: at m = 1 a GEMM tiles the n outputs into a few dozen tiles (a 2048-wide
+// projection is 16 to 32 tiles for 132 SMs), so most of the chip idles while each tile streams its
+// share of the weight. Here one warp computes one output column over the whole of `k`, reading its
+// weight row 16 bytes a lane at a time, `kUnroll` loads in flight: a 2048-wide projection is 2048
+// warps, and every SM streams. `x` is a few KiB and read by every warp: it stays in L1/L2.
+//
+// Order: lane `l` owns the 16-byte chunks l, l + 32, l + 64, ... of the row and adds their
+// products in that order (element by element within a chunk), then the warp sums its lanes with
+// a fixed butterfly (`warp_sum`). A row of `y` therefore gets the same bits whatever `m` is (each
+// of the `m` rows is summed the same way), and the same bits on every run.
+//
+// The host checks the shapes, that `k` is a multiple of a chunk's elements, and that `x` and `w`
+// start 16-byte aligned (so every chunk is).
+
+#include "common.cuh"
+
+namespace {
+
+using sluice::from_f32;
+using sluice::kWarpSize;
+using sluice::to_f32;
+using sluice::warp_sum;
+
+constexpr int kMaxRows = 8;          // rows of `x` one launch takes; the host checks it
+constexpr int kWarpsPerBlock = 4;    // output columns per block
+constexpr int kUnroll = 4;           // 16-byte weight loads a lane has in flight
+
+// Elements of T in one 16-byte chunk.
+template <typename T> struct Chunk { static constexpr int kLen = 16 / static_cast<int>(sizeof(T)); };
+
+// A 16-byte chunk widened to f32.
+template <typename T>
+__device__ __forceinline__ void widen(const uint4& raw, float* out) {
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < Chunk<T>::kLen; ++i) {
+        out[i] = to_f32(e[i]);
+    }
+}
+
+// Adds chunk `c`'s products (weight chunk `wr` against each row of `x`) to `acc`, in element order.
+template <typename T, int M>
+__device__ __forceinline__ void accumulate(float (&acc)[M], const uint4& wr, const uint4* __restrict__ x,
+                                           uint32_t chunks, uint32_t c) {
+    constexpr int kLen = Chunk<T>::kLen;
+    float wv[kLen];
+    widen<T>(wr, wv);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        float xv[kLen];
+        widen<T>(__ldg(x + static_cast<size_t>(m) * chunks + c), xv);
+#pragma unroll
+        for (int i = 0; i < kLen; ++i) {
+            acc[m] = fmaf(wv[i], xv[i], acc[m]);
+        }
+    }
+}
+
+// One warp per output column: grid ceil(n / kWarpsPerBlock), block kWarpsPerBlock * 32.
+template <typename T, int M>
+__device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, uint32_t n, uint32_t k) {
+    const uint32_t col = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarpSize;
+    const uint32_t lane = threadIdx.x % kWarpSize;
+    if (col >= n) {
+        return;
+    }
+    const uint32_t chunks = k / Chunk<T>::kLen;
+    const uint4* row = reinterpret_cast<const uint4*>(w + static_cast<size_t>(col) * k);
+    const uint4* xs = reinterpret_cast<const uint4*>(x);
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        acc[m] = 0.f;
+    }
+    uint32_t c = lane;
+    // Whole groups of kUnroll chunks: the loads first, then the products, in chunk order.
+    for (; c + (kUnroll - 1) * kWarpSize < chunks; c += kUnroll * kWarpSize) {
+        uint4 wr[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            // Streamed: every weight byte is read once a step; keep L1 for `x`.
+            wr[u] = __ldcs(row + c + u * kWarpSize);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            accumulate<T, M>(acc, wr[u], xs, chunks, c + u * kWarpSize);
+        }
+    }
+    for (; c < chunks; c += kWarpSize) {
+        accumulate<T, M>(acc, __ldcs(row + c), xs, chunks, c);
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        acc[m] = warp_sum(acc[m]);
+    }
+    // Every lane holds every sum; lane m stores row m's.
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        if (lane == static_cast<uint32_t>(m)) {
+            y[static_cast<size_t>(m) * n + col] = from_f32<T>(acc[m]);
+        }
+    }
+}
+
+}  // namespace
+
+#define SLUICE_GEMV_ROWS(T, NAME, M)                                                                   \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)                           \
+        gemv##M##_##NAME(T* y, const T* x, const T* w, uint32_t n, uint32_t k) {                       \
+        gemv<T, M>(y, x, w, n, k);                                                                     \
+    }
+
+#define SLUICE_GEMV(T, NAME)                                                                           \
+    SLUICE_GEMV_ROWS(T, NAME, 1)                                                                       \
+    SLUICE_GEMV_ROWS(T, NAME, 2)                                                                       \
+    SLUICE_GEMV_ROWS(T, NAME, 3)                                                                       \
+    SLUICE_GEMV_ROWS(T, NAME, 4)                                                                       \
+    SLUICE_GEMV_ROWS(T, NAME, 5)                                                                       \
+    SLUICE_GEMV_ROWS(T, NAME, 6)                                                                       \
+    SLUICE_GEMV_ROWS(T, NAME, 7)                                                                       \
+    SLUICE_GEMV_ROWS(T, NAME, 8)
+
+static_assert(kMaxRows == 8, "one SLUICE_GEMV_ROWS per row count");
+
+SLUICE_GEMV(float, f32)
+SLUICE_GEMV(__half, f16)
+SLUICE_GEMV(__nv_bfloat16, bf16)

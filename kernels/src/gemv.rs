@@ -1,0 +1,126 @@
+//! `gemv`: `y = x · Wᵀ` for a handful of rows against a weight stored as Hugging Face stores it,
+//! `(out, in)` row-major: the engine's projections at small decode batches on CUDA.
+//!
+//! There a decode step reads every weight once for one to eight rows, so a projection's time is
+//! the time to stream its weight. cuBLAS tiles a one-row product into a few dozen output tiles,
+//! which leaves most of an H100's 132 SMs idle; `kernels/cuda/gemv.cu` gives every output column
+//! a warp of its own instead (see there), so every SM streams.
+//!
+//! Numerics: f32 products and sums, one rounding of each output to the element type. Each row of
+//! `y` is summed the same way whatever the number of rows, so a sequence's projections have the
+//! same bits alone or with up to [`MAX_ROWS`] - 1 others, and the same bits on every run. The CPU
+//! body sums each output in plain `k` order (not the kernel's lane order): it exists to test the
+//! kernel and to run `gemv_bench` off a GPU.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+use crate::elem::Elem;
+use crate::storage::contiguous_slice;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(test)]
+mod tests;
+
+/// Most rows of `x` one call takes.
+pub const MAX_ROWS: usize = 8;
+
+/// Bytes the kernel reads at once per lane; `k` must be a whole number of them and `x` and `w`
+/// must start on such a boundary.
+const CHUNK_BYTES: usize = 16;
+
+/// Whether [`gemv`] takes `m` rows of `k` elements of `dtype`: `1 <= m <= MAX_ROWS`, `dtype` f32,
+/// f16 or bf16, and rows a whole number of 16-byte chunks.
+pub fn supports(m: usize, k: usize, dtype: DType) -> bool {
+    (1..=MAX_ROWS).contains(&m)
+        && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        && k > 0
+        && (k * dtype.size_in_bytes()).is_multiple_of(CHUNK_BYTES)
+}
+
+/// `x: (m, k)` against `w: (n, k)` → `(m, n)` = `x · wᵀ`, with `m`, `k` and the dtype as
+/// [`supports`] requires, `x` and `w` of one dtype on one device and `w` contiguous. `x` is made
+/// contiguous (and copied if its first element is not 16-byte aligned in its buffer).
+pub fn gemv(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let (n, w_k) = w.dims2()?;
+    if w_k != k {
+        bail!("gemv: `x` is ({m}, {k}) but `w` is ({n}, {w_k})")
+    }
+    if w.dtype() != x.dtype() || !w.device().same_device(x.device()) {
+        bail!("gemv: `w` must have `x`'s dtype and device")
+    }
+    if !supports(m, k, x.dtype()) {
+        bail!(
+            "gemv: takes 1 to {MAX_ROWS} rows of f32, f16 or bf16 whose width is a multiple of 16 bytes, got ({m}, {k}) \
+             of {:?}",
+            x.dtype()
+        )
+    }
+    let elem = x.dtype().size_in_bytes();
+    if !w.is_contiguous() || !(w.layout().start_offset() * elem).is_multiple_of(CHUNK_BYTES) {
+        bail!("gemv: `w` must be contiguous and start on a 16-byte boundary")
+    }
+    let mut x = x.contiguous()?;
+    if !(x.layout().start_offset() * elem).is_multiple_of(CHUNK_BYTES) {
+        x = x.copy()?;
+    }
+    x.apply_op2_no_bwd(w, &Gemv)
+}
+
+struct Gemv;
+
+impl Gemv {
+    /// The CPU body over one element type: each output a plain f32 dot product in `k` order.
+    fn cpu<T: Elem>(x: &[T], w: &[T], m: usize, n: usize, k: usize) -> Vec<T> {
+        let mut out = Vec::with_capacity(m * n);
+        for row in x.chunks_exact(k).take(m) {
+            out.extend(w.chunks_exact(k).take(n).map(|col| {
+                let dot = row.iter().zip(col).fold(0.0f32, |acc, (a, b)| a.widen1().mul_add(b.widen1(), acc));
+                T::from_f64(dot as f64)
+            }));
+        }
+        out
+    }
+}
+
+impl CustomOp2 for Gemv {
+    fn name(&self) -> &'static str {
+        "sluice-gemv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = x_l.shape().dims2()?;
+        let (n, _) = w_l.shape().dims2()?;
+        macro_rules! body {
+            ($t:ty) => {{
+                let out = Self::cpu::<$t>(contiguous_slice(x, x_l, "x")?, contiguous_slice(w, w_l, "w")?, m, n, k);
+                Ok((<$t as candle_core::WithDType>::to_cpu_storage_owned(out), Shape::from((m, n))))
+            }};
+        }
+        match x.dtype() {
+            DType::F32 => body!(f32),
+            DType::F16 => body!(half::f16),
+            DType::BF16 => body!(half::bf16),
+            other => bail!("gemv: `x` must be f32, f16 or bf16, got {other:?}"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        w: &candle_core::CudaStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::gemv((x, x_l), (w, w_l))
+    }
+}

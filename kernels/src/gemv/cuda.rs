@@ -1,0 +1,67 @@
+//! The CUDA body of `gemv`: launches `kernels/cuda/gemv.cu`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{bail, CudaStorage, DType, Layout, Shape};
+
+use super::{CHUNK_BYTES, MAX_ROWS};
+use crate::cuda::{contiguous_view, load, to_u32, GEMV};
+
+/// Output columns per block: one warp each (`kWarpsPerBlock` in `gemv.cu`).
+const COLUMNS_PER_BLOCK: usize = 4;
+
+pub(super) fn gemv(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    match x.0.dtype() {
+        DType::F32 => gemv_t::<f32>(x, w),
+        DType::F16 => gemv_t::<half::f16>(x, w),
+        DType::BF16 => gemv_t::<half::bf16>(x, w),
+        other => bail!("gemv: `x` must be f32, f16 or bf16, got {other:?}"),
+    }
+}
+
+fn gemv_t<T: CudaDType + DeviceRepr>(
+    (x, x_l): (&CudaStorage, &Layout),
+    (w, w_l): (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = x.device().clone();
+    let (m, k) = x_l.shape().dims2()?;
+    let (n, w_k) = w_l.shape().dims2()?;
+    let (xs, ws) = (contiguous_view::<T>(x, x_l, "x")?, contiguous_view::<T>(w, w_l, "w")?);
+    // The public function checked these; the kernel's reads depend on them.
+    if !(1..=MAX_ROWS).contains(&m) || w_k != k || xs.len() != m * k || ws.len() != n * k {
+        bail!("gemv: operands ({m}, {k}) and ({n}, {w_k}) do not fit")
+    }
+    if !(k * std::mem::size_of::<T>()).is_multiple_of(CHUNK_BYTES) {
+        bail!("gemv: a row of {k} elements is not a whole number of 16-byte chunks")
+    }
+    let stream = dev.cuda_stream();
+    {
+        let (x_ptr, _x_read) = xs.device_ptr(&stream);
+        let (w_ptr, _w_read) = ws.device_ptr(&stream);
+        if !(x_ptr as usize).is_multiple_of(CHUNK_BYTES) || !(w_ptr as usize).is_multiple_of(CHUNK_BYTES) {
+            bail!("gemv: `x` and `w` must start on a 16-byte boundary")
+        }
+    }
+    let len = m * n;
+    // SAFETY: every one of the `n` columns' warps writes its `m` outputs before anything reads
+    // them; the spare element of an empty output is outside its shape.
+    let mut out = unsafe { dev.alloc::<T>(len.max(1))? };
+    if len > 0 {
+        let func = load(&dev, &GEMV, &format!("gemv{m}"), x.dtype())?;
+        let mut builder = stream.launch_builder(&func);
+        let (n32, k32) = (to_u32(n, "n")?, to_u32(k, "k")?);
+        builder.arg(&mut out).arg(&xs).arg(&ws).arg(&n32).arg(&k32);
+        let blocks = to_u32(n.div_ceil(COLUMNS_PER_BLOCK), "blocks")?;
+        let threads = (COLUMNS_PER_BLOCK * 32) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `gemv<m>_<T>` in `gemv.cu` (a `T*`, two `const T*`, two u32);
+        // `xs` holds `m * k` and `ws` `n * k` elements, both 16-byte aligned with `k` a whole
+        // number of 16-byte chunks (checked above); `out` holds `m * n`; one warp per column.
+        unsafe { builder.launch(cfg) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, n))))
+}

@@ -1,0 +1,117 @@
+use candle_core::{DType, Device, Result, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::*;
+use crate::test_util::{test_device, uniform};
+
+/// `x · wᵀ` in f64 on the host, from the (rounded) operands.
+fn reference(x: &Tensor, w: &Tensor) -> Result<Vec<Vec<f64>>> {
+    let x = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let w = w.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    Ok(x.iter().map(|row| w.iter().map(|col| row.iter().zip(col).map(|(a, b)| a * b).sum()).collect()).collect())
+}
+
+/// ‖got − want‖ / ‖want‖ (infinite if `got` has a NaN or the wrong shape).
+fn relative_error(got: &Tensor, want: &[Vec<f64>]) -> Result<f64> {
+    let got = got.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    if got.len() != want.len() || got.iter().zip(want).any(|(g, w)| g.len() != w.len()) {
+        return Ok(f64::INFINITY);
+    }
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+        if g.is_nan() {
+            return Ok(f64::INFINITY);
+        }
+        diff += (g - w) * (g - w);
+        norm += w * w;
+    }
+    Ok((diff / norm).sqrt())
+}
+
+/// Each output rounded once to the dtype, sums in f32.
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        _ => 8e-3,
+    }
+}
+
+/// Against an f64 reference, for the three dtypes, every row count and widths that take the
+/// unrolled loop, its remainder, or only the remainder; fresh random operands each time.
+fn gemv_matches_a_reference(dev: &Device) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(11);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for m in 1..=MAX_ROWS {
+            for (n, k) in [(1, 8), (37, 64), (130, 1032), (300, 2048), (5, 4096 + 8)] {
+                let x = uniform(&mut rng, &[m, k], dtype, dev)?;
+                let w = uniform(&mut rng, &[n, k], dtype, dev)?;
+                let y = gemv(&x, &w)?;
+                assert_eq!(y.dims(), [m, n]);
+                let err = relative_error(&y, &reference(&x, &w)?)?;
+                assert!(err <= tolerance(dtype), "{dtype:?} ({m}, {k}) x ({n}, {k}): relative error {err}");
+            }
+        }
+    }
+    Ok(())
+}
+test_device!(gemv_matches_a_reference);
+
+/// A row gets the same bits alone as with up to seven others, and the same bits run after run.
+fn rows_are_the_same_at_every_row_count(dev: &Device) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(12);
+    for dtype in [DType::F32, DType::BF16] {
+        let (n, k) = (260, 2048 + 64);
+        let x = uniform(&mut rng, &[MAX_ROWS, k], dtype, dev)?;
+        let w = uniform(&mut rng, &[n, k], dtype, dev)?;
+        let all = gemv(&x, &w)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        for m in 1..=MAX_ROWS {
+            let some = gemv(&x.narrow(0, 0, m)?, &w)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (i, row) in some.iter().enumerate() {
+                let same = row.iter().zip(&all[i]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dtype:?}: row {i} of {m} differs from row {i} of {MAX_ROWS}");
+            }
+        }
+        let again = gemv(&x, &w)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        assert_eq!(again, all, "{dtype:?}: a second run differs");
+    }
+    Ok(())
+}
+test_device!(rows_are_the_same_at_every_row_count);
+
+/// A view of `x` that starts off a 16-byte boundary is copied, not refused or misread.
+fn an_unaligned_view_of_x_is_copied(dev: &Device) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(13);
+    let (n, k) = (40, 64);
+    let flat = uniform(&mut rng, &[3 * k + 1], DType::BF16, dev)?;
+    // Starts one element (2 bytes) into the buffer.
+    let x = flat.narrow(0, 1, 3 * k)?.reshape((3, k))?;
+    let w = uniform(&mut rng, &[n, k], DType::BF16, dev)?;
+    let err = relative_error(&gemv(&x, &w)?, &reference(&x, &w)?)?;
+    assert!(err <= tolerance(DType::BF16), "relative error {err}");
+    Ok(())
+}
+test_device!(an_unaligned_view_of_x_is_copied);
+
+/// Operands outside what the kernel takes are refused with an error, never run.
+fn unsupported_operands_are_refused(dev: &Device) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(14);
+    let w = uniform(&mut rng, &[16, 64], DType::BF16, dev)?;
+    let nine = uniform(&mut rng, &[MAX_ROWS + 1, 64], DType::BF16, dev)?;
+    assert!(gemv(&nine, &w).is_err(), "more than MAX_ROWS rows");
+    let narrow_k = uniform(&mut rng, &[2, 60], DType::BF16, dev)?;
+    let w60 = uniform(&mut rng, &[16, 60], DType::BF16, dev)?;
+    assert!(gemv(&narrow_k, &w60).is_err(), "rows of 120 bytes");
+    let f32_x = uniform(&mut rng, &[2, 64], DType::F32, dev)?;
+    assert!(gemv(&f32_x, &w).is_err(), "mixed dtypes");
+    let other_k = uniform(&mut rng, &[2, 72], DType::BF16, dev)?;
+    assert!(gemv(&other_k, &w).is_err(), "k differs");
+    let w_t = uniform(&mut rng, &[64, 16], DType::BF16, dev)?.t()?;
+    assert!(gemv(&uniform(&mut rng, &[2, 64], DType::BF16, dev)?, &w_t).is_err(), "a transposed weight");
+    let empty = Tensor::zeros((0, 64), DType::BF16, dev)?;
+    assert!(gemv(&empty, &w).is_err(), "no rows");
+    assert!(supports(1, 8, DType::BF16) && supports(8, 4, DType::F32) && !supports(1, 4, DType::BF16));
+    Ok(())
+}
+test_device!(unsupported_operands_are_refused);
