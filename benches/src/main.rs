@@ -335,6 +335,17 @@ fn engine_bench(args: EngineArgs) -> anyhow::Result<()> {
             stats.head_tokens, stats.fetched_rows
         );
     }
+    let t = stats.step_times;
+    println!(
+        "engine thread per step (µs): {:.0} in all = schedule {:.0} + model {:.0} + sampling {:.0} + tokens out {:.0} \
+         + other {:.0}",
+        t.mean_us(t.total),
+        t.mean_us(t.schedule),
+        t.mean_us(t.model),
+        t.mean_us(t.sample),
+        t.mean_us(t.emit),
+        t.mean_us(t.total.saturating_sub(t.schedule + t.model + t.sample + t.emit))
+    );
     if on_device {
         let gemv = if engine.model_info().gemv { "Sluice's GEMV kernel" } else { "cuBLAS" };
         println!("projections of up to eight rows: {gemv}");

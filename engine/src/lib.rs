@@ -44,7 +44,7 @@ pub use request::{Prompt, Request};
 pub use sampling::{SamplingParams, TokenLogprob};
 pub use scheduler::SchedulerConfig;
 pub use sequence::RequestId;
-pub use stats::EngineStats;
+pub use stats::{EngineStats, StepTimes};
 pub use stream::{Completion, Finish, FinishReason, StreamEvent, Timings, TokenEvent, TokenStream, Usage};
 pub use structured::ResponseFormat;
 pub use tokenizer::Tokenizer;

@@ -18,6 +18,7 @@ use crate::model::{ModelRunner, StepLogits};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::scheduler::{AddError, Batch, Scheduler};
 use crate::sequence::{RequestId, Sequence};
+use crate::stats::StepTimes;
 use crate::stop::StopStrings;
 use crate::stream::{Finish, FinishReason, StreamEvent, Timings, TokenEvent, Usage};
 use crate::structured::Constraint;
@@ -79,6 +80,10 @@ pub(crate) struct Worker {
     // Token ids that end generation unless `ignore_eos`.
     eos: Vec<u32>,
     shutting_down: bool,
+    // Where the time of the iterations that ran a step went (published with the stats), and the
+    // phases of the step under way.
+    times: StepTimes,
+    step_times: StepTimes,
 }
 
 impl Worker {
@@ -99,6 +104,8 @@ impl Worker {
             shared,
             commands,
             requests: HashMap::new(),
+            times: StepTimes::default(),
+            step_times: StepTimes::default(),
             eos,
             shutting_down: false,
         }
@@ -124,6 +131,8 @@ impl Worker {
                     None => self.wait_for_command(Some(Instant::now() + Duration::from_millis(10))),
                 },
             };
+            // An iteration's time counts from here: after any wait for work.
+            let iteration = Instant::now();
             if let Some(c) = first {
                 self.handle(c);
             }
@@ -138,7 +147,8 @@ impl Worker {
                 self.publish_stats(true);
                 continue;
             }
-            let batch = self.scheduler.schedule(Instant::now());
+            let scheduling = Instant::now();
+            let batch = self.scheduler.schedule(scheduling);
             metrics::record_preemptions(batch.preempted.len());
             self.note_admissions(&batch);
             for id in batch.rejected.clone() {
@@ -146,7 +156,12 @@ impl Worker {
             }
             wake_at = batch.wake_at;
             if !batch.is_empty() {
+                // The step's phases go to `step_times`, added to `times` whole once the step is
+                // done, so that stats published during it never count a step in part.
+                self.step_times = StepTimes { steps: 1, schedule: scheduling.elapsed(), ..StepTimes::default() };
                 self.step(&batch);
+                self.step_times.total = iteration.elapsed();
+                self.times.add(&self.step_times);
             }
             self.publish_stats(true);
         }
@@ -255,7 +270,11 @@ impl Worker {
     /// Runs one model step and hands out its tokens. A failed step fails the requests in it (the
     /// others go on) and counts towards the circuit breaker.
     fn step(&mut self, batch: &Batch) {
-        let logits = match self.execute(batch) {
+        let started = Instant::now();
+        let executed = self.execute(batch);
+        let sampling = Instant::now();
+        self.step_times.model += sampling.saturating_duration_since(started);
+        let logits = match executed {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, sequences = batch.seqs.len(), "model step failed");
@@ -278,6 +297,8 @@ impl Worker {
             self.breaker_changed(state);
         }
         let SampledStep { tokens: sampled, failed, readouts } = self.sample_step(batch, &logits);
+        let emitting = Instant::now();
+        self.step_times.sample += emitting.saturating_duration_since(sampling);
         let pairs: Vec<(RequestId, u32)> = sampled.iter().map(|(id, c)| (*id, c.token)).collect();
         self.scheduler.update(batch, &pairs);
         metrics::record_step(&StepRecord { seqs: batch.seqs.len(), tokens: batch.num_tokens, generated: pairs.len() });
@@ -309,6 +330,7 @@ impl Worker {
             tracing::error!(error = %e, request = id, "choosing a sampled row's token failed");
             self.fail(id, e);
         }
+        self.step_times.emit += emitting.elapsed();
     }
 
     /// Turns a new token into a stream event, and finishes the request when it should stop.
@@ -432,6 +454,7 @@ impl Worker {
             s.prefix_cache_queries = counters.prefix_cache_queries;
             s.prefix_cache_hits = counters.prefix_cache_hits;
             s.breaker = self.breaker.state();
+            s.step_times = self.times;
             s.alive = alive;
         }
     }

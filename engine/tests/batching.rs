@@ -66,5 +66,16 @@ fn chunked_prefill_and_preemption_keep_outputs_identical() {
             assert_eq!(a, t, "{p:?}: output changed under chunked prefill and preemption (graphs {cuda_graphs})");
         }
         common::wait_for_empty_pool(&tight);
+        // The engine thread's time per step, in phases that fit inside their iterations.
+        // (A step's times are published once its iteration ends, a moment after its tokens.)
+        let t = (0..500)
+            .map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                tight.stats().step_times
+            })
+            .find(|t| t.steps >= stats.steps)
+            .expect("every step's times are published");
+        assert!(t.model > std::time::Duration::ZERO, "{t:?}");
+        assert!(t.total >= t.schedule + t.model + t.sample + t.emit, "{t:?}");
     }
 }
