@@ -5,6 +5,9 @@
 //   q, k and v with rotary embeddings applied to q and k (half-split pairs, as candle's `rope_thd`),
 //   written as three contiguous planes of one buffer: q `(n, heads, head_dim)`, then k and v
 //   `(n, kv_heads, head_dim)`.
+// - qkv_rope_cache: the same, with the rotary tables gathered by position inside the kernel and k
+//   and v written straight into their paged-cache slots (qkv_rope + reshape_and_cache in one launch,
+//   instead of two gathers, one split and two scatters).
 // - swiglu: `(n, 2 * inter)` (gate, then up, per row) -> `(n, inter)` of `silu(gate) * up`.
 // - add_rms_norm: the residual sum `s = x + y` (rounded to T, as a separate add would store it) and
 //   `rms_norm(s) * weight`, as two contiguous planes of one buffer: s, then the normed rows.
@@ -52,6 +55,57 @@ __device__ void qkv_rope(T* __restrict__ out, const T* __restrict__ qkv, const T
     const T* v_in = x + static_cast<size_t>(heads + kv_heads) * head_dim;
     for (uint32_t j = threadIdx.x; j < v_len; j += blockDim.x) {
         v_out[j] = v_in[j];
+    }
+}
+
+// qkv_rope with the tables gathered by position and k, v stored straight into their cache slots:
+// one block per row. Row `r` rotates by `cos_table`/`sin_table` row `positions[r]` (a row at a
+// position past the tables is malformed: its q is written as zeros and nothing is stored) and
+// writes q into `q_out` (n, heads, head_dim); its rotated k and its v go to slot `slots[r]` of the
+// caches (num_slots, kv_heads, head_dim), unless the slot is PAD_SLOT or out of range. Every value
+// is computed as `qkv_rope` computes it, so q and the cache rows are the same bits as `qkv_rope`
+// followed by `reshape_and_cache`.
+template <typename T>
+__device__ void qkv_rope_cache(T* __restrict__ q_out, T* __restrict__ k_cache, T* __restrict__ v_cache,
+                               const T* __restrict__ qkv, const T* __restrict__ cos_table,
+                               const T* __restrict__ sin_table, const uint32_t* __restrict__ positions,
+                               const uint32_t* __restrict__ slots, uint32_t heads, uint32_t kv_heads,
+                               uint32_t head_dim, uint32_t max_positions, size_t num_slots) {
+    const uint32_t row = blockIdx.x;
+    const uint32_t half = head_dim / 2;
+    const size_t width = static_cast<size_t>(heads + 2 * kv_heads) * head_dim;
+    const T* x = qkv + row * width;
+    T* q_row = q_out + static_cast<size_t>(row) * heads * head_dim;
+    const uint32_t pos = positions[row];
+    const uint32_t raw_slot = slots[row];
+    const bool in_table = pos < max_positions;
+    const bool store = in_table && raw_slot != 0xffffffffu && static_cast<size_t>(raw_slot) < num_slots;
+    const size_t slot_row = static_cast<size_t>(raw_slot) * kv_heads * head_dim;
+    if (!in_table) {
+        for (uint32_t j = threadIdx.x; j < heads * head_dim; j += blockDim.x) {
+            q_row[j] = from_f32<T>(0.f);
+        }
+        return;
+    }
+    const T* c = cos_table + static_cast<size_t>(pos) * half;
+    const T* s = sin_table + static_cast<size_t>(pos) * half;
+    const uint32_t pairs = (heads + (store ? kv_heads : 0)) * half;
+    for (uint32_t p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const uint32_t h = p / half, i = p % half;
+        const T* src = x + static_cast<size_t>(h) * head_dim;
+        const float x1 = to_f32(src[i]), x2 = to_f32(src[i + half]);
+        const float cc = to_f32(c[i]), ss = to_f32(s[i]);
+        T* dst = h < heads ? q_row + static_cast<size_t>(h) * head_dim
+                           : k_cache + slot_row + static_cast<size_t>(h - heads) * head_dim;
+        dst[i] = from_f32<T>(x1 * cc - x2 * ss);
+        dst[i + half] = from_f32<T>(x2 * cc + x1 * ss);
+    }
+    if (store) {
+        const uint32_t v_len = kv_heads * head_dim;
+        const T* v_in = x + static_cast<size_t>(heads + kv_heads) * head_dim;
+        for (uint32_t j = threadIdx.x; j < v_len; j += blockDim.x) {
+            v_cache[slot_row + j] = v_in[j];
+        }
     }
 }
 
@@ -111,6 +165,13 @@ __device__ void add_rms_norm(T* __restrict__ out, const T* __restrict__ x, const
                                                 uint32_t n, uint32_t heads, uint32_t kv_heads,          \
                                                 uint32_t head_dim) {                                    \
         qkv_rope<T>(out, qkv, cos, sin, n, heads, kv_heads, head_dim);                                  \
+    }                                                                                                  \
+    extern "C" __global__ void qkv_rope_cache_##NAME(                                                  \
+        T* q_out, T* k_cache, T* v_cache, const T* qkv, const T* cos_table, const T* sin_table,        \
+        const uint32_t* positions, const uint32_t* slots, uint32_t heads, uint32_t kv_heads,           \
+        uint32_t head_dim, uint32_t max_positions, size_t num_slots) {                                 \
+        qkv_rope_cache<T>(q_out, k_cache, v_cache, qkv, cos_table, sin_table, positions, slots, heads,  \
+                          kv_heads, head_dim, max_positions, num_slots);                               \
     }                                                                                                  \
     extern "C" __global__ void swiglu_##NAME(T* out, const T* gate_up, uint32_t n, uint32_t inter) {   \
         swiglu<T>(out, gate_up, n, inter);                                                             \

@@ -154,7 +154,7 @@ impl InplaceOp3 for ReshapeAndCache {
 }
 
 /// Checks that every slot lies in a cache of `num_slots` slots or is [`PAD_SLOT`].
-fn check_slots(slots: &[u32], num_slots: usize) -> candle_core::Result<()> {
+pub(crate) fn check_slots(slots: &[u32], num_slots: usize) -> candle_core::Result<()> {
     if let Some((i, slot)) = slots.iter().enumerate().find(|(_, &s)| s != PAD_SLOT && s as usize >= num_slots) {
         bail!("`slot_mapping[{i}]` = {slot} is out of range: the cache has {num_slots} slots")
     }

@@ -84,6 +84,132 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, weight: &Tensor, eps: f32) -> candle
     Ok((sum, normed))
 }
 
+/// [`qkv_rope`] with the rotary tables gathered by position and the keys and values stored into
+/// the paged cache ([`crate::reshape_and_cache`]), in one launch on CUDA: returns q
+/// `(n, heads, head_dim)` and writes each row's rotated k and its v into slot `slot_mapping[i]` of
+/// `key_cache` and `value_cache` (a [`crate::PAD_SLOT`] row is not stored).
+///
+/// - `qkv`: `(n, (heads + 2 * kv_heads) * head_dim)`; `cos`, `sin`: the whole tables,
+///   `(max_positions, head_dim / 2)`, of `qkv`'s dtype (f32, f16 or bf16).
+/// - `positions`, `slot_mapping`: `(n,)` U32.
+/// - `key_cache`, `value_cache`: `(num_blocks, block_size, kv_heads, head_dim)` of `qkv`'s dtype.
+///
+/// The results are the bits of `qkv_rope` on the gathered tables followed by `reshape_and_cache`,
+/// which is what the CPU body runs (and where a position past the tables or a slot out of range is
+/// an error, nothing written). On CUDA only debug builds read the positions and slots back to check
+/// them (not while a graph is captured); in any build the kernel writes a row whose position is past
+/// the tables as a q of zeros, stores nothing for it, and skips a slot out of range.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_cache(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    positions: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slot_mapping: &Tensor,
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+) -> candle_core::Result<Tensor> {
+    let n = qkv.dim(0)?;
+    let width = (heads + 2 * kv_heads) * head_dim;
+    if qkv.dims() != [n, width] {
+        bail!("`qkv` must be (n, {width}) for {heads} + 2 × {kv_heads} heads of {head_dim}, got {:?}", qkv.dims())
+    }
+    if !head_dim.is_multiple_of(2) {
+        bail!("`head_dim` must be even, got {head_dim}")
+    }
+    for (name, t) in [("cos", cos), ("sin", sin)] {
+        if t.rank() != 2 || t.dim(1)? != head_dim / 2 || t.dims() != cos.dims() {
+            bail!("`{name}` must be (max_positions, head_dim / 2 = {}), got {:?}", head_dim / 2, t.dims())
+        }
+        if t.dtype() != qkv.dtype() || !t.device().same_device(qkv.device()) {
+            bail!("`{name}` must have `qkv`'s dtype and device")
+        }
+    }
+    for (name, t) in [("positions", positions), ("slot_mapping", slot_mapping)] {
+        if t.dims() != [n] || t.dtype() != DType::U32 || !t.device().same_device(qkv.device()) {
+            bail!("`{name}` must be a ({n},) U32 tensor on `qkv`'s device, got {:?} {:?}", t.dims(), t.dtype())
+        }
+    }
+    crate::cache::check_cache_pair(key_cache, value_cache)?;
+    if key_cache.dims()[2..] != [kv_heads, head_dim] || key_cache.dtype() != qkv.dtype() {
+        bail!(
+            "the caches must be (num_blocks, block_size, {kv_heads}, {head_dim}) of `qkv`'s dtype, got {:?} {:?}",
+            key_cache.dims(),
+            key_cache.dtype()
+        )
+    }
+    if !key_cache.device().same_device(qkv.device()) {
+        bail!("the caches must be on `qkv`'s device")
+    }
+    if !qkv.device().is_cuda() {
+        let (cos, sin) = (cos.index_select(positions, 0)?, sin.index_select(positions, 0)?);
+        let (q, k, v) = qkv_rope(qkv, &cos, &sin, heads, kv_heads, head_dim)?;
+        crate::reshape_and_cache(&k, &v, key_cache, value_cache, slot_mapping)?;
+        return Ok(q);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let op = QkvRopeCache {
+            heads,
+            kv_heads,
+            head_dim,
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+            key_cache: key_cache.clone(),
+            value_cache: value_cache.clone(),
+        };
+        let q = qkv.contiguous()?.apply_op3_no_bwd(&positions.contiguous()?, &slot_mapping.contiguous()?, &op)?;
+        q.reshape((n, heads, head_dim))
+    }
+    #[cfg(not(feature = "cuda"))]
+    bail!("qkv_rope_cache: a CUDA tensor without the `cuda` feature")
+}
+
+/// The CUDA launch of [`qkv_rope_cache`]: a custom op over `(qkv, positions, slot_mapping)` that
+/// returns q and writes the caches it holds (see `fused::cuda::qkv_rope_cache`).
+#[cfg(feature = "cuda")]
+struct QkvRopeCache {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    cos: Tensor,
+    sin: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for QkvRopeCache {
+    fn name(&self) -> &'static str {
+        "sluice-qkv-rope-cache"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        bail!("qkv_rope_cache: the fused op runs on CUDA; the CPU composes qkv_rope and reshape_and_cache")
+    }
+
+    fn cuda_fwd(
+        &self,
+        qkv: &candle_core::CudaStorage,
+        qkv_l: &Layout,
+        positions: &candle_core::CudaStorage,
+        positions_l: &Layout,
+        slots: &candle_core::CudaStorage,
+        slots_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::qkv_rope_cache(self, (qkv, qkv_l), (positions, positions_l), (slots, slots_l))
+    }
+}
+
 /// `gate_up: (n, 2 * inter)` (gate, then up, per row; f32, f16 or bf16) → `(n, inter)` of
 /// `silu(gate) * up`.
 pub fn swiglu(gate_up: &Tensor) -> candle_core::Result<Tensor> {
@@ -353,6 +479,78 @@ mod tests {
         Ok(())
     }
     test_device!(qkv_rope_matches_candle);
+
+    /// The fused op against the ops it stands for (tables gathered, `qkv_rope`, `reshape_and_cache`),
+    /// bit for bit: q, and both caches, padding rows and shuffled slots included.
+    fn qkv_rope_cache_is_qkv_rope_then_reshape_and_cache(dev: &Device) -> Result<()> {
+        use rand::seq::SliceRandom;
+        use rand::Rng;
+        let mut rng = StdRng::seed_from_u64(8);
+        let (num_blocks, block_size, max_positions) = (12, 4, 300);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (n, h, kv, d) in [(1, 9, 3, 64), (5, 4, 2, 8), (33, 32, 8, 64), (3, 2, 1, 128)] {
+                let qkv = uniform(&mut rng, &[n, (h + 2 * kv) * d], dtype, dev)?;
+                let cos = uniform(&mut rng, &[max_positions, d / 2], dtype, dev)?;
+                let sin = uniform(&mut rng, &[max_positions, d / 2], dtype, dev)?;
+                let positions: Vec<u32> = (0..n).map(|_| rng.random_range(0..max_positions as u32)).collect();
+                let mut slots: Vec<u32> = (0..(num_blocks * block_size) as u32).collect();
+                slots.shuffle(&mut rng);
+                slots.truncate(n);
+                if n > 1 {
+                    slots[n / 2] = crate::PAD_SLOT;
+                }
+                let positions = Tensor::new(positions, dev)?;
+                let slot_mapping = Tensor::new(slots, dev)?;
+                let k_cache = uniform(&mut rng, &[num_blocks, block_size, kv, d], dtype, dev)?;
+                let v_cache = uniform(&mut rng, &[num_blocks, block_size, kv, d], dtype, dev)?;
+                let (k_want, v_want) = (k_cache.copy()?, v_cache.copy()?);
+
+                let q = qkv_rope_cache(&qkv, &cos, &sin, &positions, &k_cache, &v_cache, &slot_mapping, (h, kv, d))?;
+                let (cos_rows, sin_rows) = (cos.index_select(&positions, 0)?, sin.index_select(&positions, 0)?);
+                let (q_want, k, v) = qkv_rope(&qkv, &cos_rows, &sin_rows, h, kv, d)?;
+                crate::reshape_and_cache(&k, &v, &k_want, &v_want, &slot_mapping)?;
+                let what = format!("{dtype:?} ({n}, {h}, {kv}, {d})");
+                assert_eq!(q.dims(), [n, h, d], "{what}");
+                for (name, got, want) in
+                    [("q", &q, &q_want), ("k cache", &k_cache, &k_want), ("v cache", &v_cache, &v_want)]
+                {
+                    assert_eq!(max_diff(got, want)?, 0.0, "{what}: {name}");
+                }
+            }
+        }
+        Ok(())
+    }
+    test_device!(qkv_rope_cache_is_qkv_rope_then_reshape_and_cache);
+
+    /// Operands that do not fit are refused; on the CPU a position past the tables is an error
+    /// that leaves the caches as they were.
+    fn qkv_rope_cache_refuses_what_does_not_fit(dev: &Device) -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(9);
+        let (h, kv, d) = (4, 2, 8);
+        let qkv = uniform(&mut rng, &[2, (h + 2 * kv) * d], DType::F32, dev)?;
+        let cos = uniform(&mut rng, &[16, d / 2], DType::F32, dev)?;
+        let sin = uniform(&mut rng, &[16, d / 2], DType::F32, dev)?;
+        let k_cache = uniform(&mut rng, &[4, 4, kv, d], DType::F32, dev)?;
+        let v_cache = uniform(&mut rng, &[4, 4, kv, d], DType::F32, dev)?;
+        let slots = Tensor::new(&[3u32, 9], dev)?;
+        let ok = Tensor::new(&[1u32, 15], dev)?;
+        let call = |qkv: &Tensor, positions: &Tensor, slots: &Tensor, dims| {
+            qkv_rope_cache(qkv, &cos, &sin, positions, &k_cache, &v_cache, slots, dims)
+        };
+        assert!(call(&qkv, &ok, &slots, (h, kv, 2 * d)).is_err(), "qkv too narrow for the heads");
+        assert!(call(&qkv, &Tensor::new(&[1u32], dev)?, &slots, (h, kv, d)).is_err(), "one position for two rows");
+        assert!(call(&qkv, &ok, &Tensor::new(&[1f32, 2.], dev)?, (h, kv, d)).is_err(), "f32 slots");
+        assert!(call(&qkv.to_dtype(DType::BF16)?, &ok, &slots, (h, kv, d)).is_err(), "dtypes differ");
+        if dev.is_cpu() {
+            let before = (k_cache.copy()?, v_cache.copy()?);
+            assert!(call(&qkv, &Tensor::new(&[1u32, 16], dev)?, &slots, (h, kv, d)).is_err(), "past the tables");
+            assert!(call(&qkv, &ok, &Tensor::new(&[3u32, 16], dev)?, (h, kv, d)).is_err(), "slot out of range");
+            assert_eq!(max_diff(&k_cache, &before.0)? + max_diff(&v_cache, &before.1)?, 0.0, "caches untouched");
+        }
+        assert_eq!(call(&qkv, &ok, &slots, (h, kv, d))?.dims(), [2, h, d]);
+        Ok(())
+    }
+    test_device!(qkv_rope_cache_refuses_what_does_not_fit);
 
     /// What candle-nn's `rope_thd` computes over `(b, t, h, d)` with `(t, d / 2)` tables, written
     /// out in f32 tensor ops (this crate does not depend on candle-nn): pairs (i, i + d/2) rotated.

@@ -19,7 +19,7 @@ use super::cpu_weights::{CpuActivations, CpuWeights};
 use super::loader::{QuantizedWeight, WeightSource};
 use super::ops;
 use super::qmatmul::{GgufBlocks, QLinear};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 
 /// Metadata for one step's packed tokens, as device tensors. Built by the `ModelRunner`.
 #[derive(Debug)]
@@ -351,8 +351,11 @@ impl Llama {
         let n = input.token_ids.dim(0)?;
         let (h, kv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let scale = 1.0 / (d as f32).sqrt();
-        let cos = self.cos.index_select(&input.positions, 0)?; // [n, d/2]
-        let sin = self.sin.index_select(&input.positions, 0)?; // [n, d/2]
+        // On CUDA one launch per layer rotates q and k and stores k and v in the cache
+        // (`qkv_rope_cache`, which gathers the tables itself); elsewhere the tables' rows are
+        // gathered once per step (when first needed) for `ops::qkv_rope` and `reshape_and_cache`.
+        let fused_cache = self.device.is_cuda() && d.is_multiple_of(2);
+        let mut tables: Option<(Tensor, Tensor)> = None; // [n, d/2] each
 
         let mut x = self.embed.index_select(&input.token_ids, 0)?; // [n, hidden]
                                                                    // The last layer's MLP output, still to be added to `x`: off the CPU the add is fused with
@@ -361,9 +364,30 @@ impl Llama {
         for (layer, lc) in self.layers.iter().zip(cache) {
             let normed = layer.attn_norm.add_forward(&mut x, pending.take())?;
             let qkv = layer.qkv.forward(&normed)?; // [n, (h + 2kv) * d]
-            let (q, k, v) = ops::qkv_rope(&qkv, &cos, &sin, (h, kv, d))?; // [n, h | kv, d]
-            let (k, v) = (k.to_dtype(lc.k.dtype())?, v.to_dtype(lc.v.dtype())?);
-            sluice_kernels::reshape_and_cache(&k, &v, &lc.k, &lc.v, &input.slot_mapping)?;
+            let q = if fused_cache && [qkv.dtype(), lc.k.dtype(), lc.v.dtype()] == [self.dtype; 3] {
+                sluice_kernels::fused::qkv_rope_cache(
+                    &qkv,
+                    &self.cos,
+                    &self.sin,
+                    &input.positions,
+                    &lc.k,
+                    &lc.v,
+                    &input.slot_mapping,
+                    (h, kv, d),
+                )?
+            } else {
+                if tables.is_none() {
+                    let gather = |t: &Tensor| t.index_select(&input.positions, 0);
+                    tables = Some((gather(&self.cos)?, gather(&self.sin)?));
+                }
+                let Some((cos, sin)) = tables.as_ref() else {
+                    return Err(EngineError::Model("the rotary tables' rows were not gathered".into()));
+                };
+                let (q, k, v) = ops::qkv_rope(&qkv, cos, sin, (h, kv, d))?; // [n, h | kv, d]
+                let (k, v) = (k.to_dtype(lc.k.dtype())?, v.to_dtype(lc.v.dtype())?);
+                sluice_kernels::reshape_and_cache(&k, &v, &lc.k, &lc.v, &input.slot_mapping)?;
+                q
+            };
             let attn = sluice_kernels::paged_attention(
                 &q,
                 &lc.k,
@@ -544,8 +568,7 @@ mod tests {
             Ok(Tensor::cat(&[y.narrow(0, 0, m - 1)?, y.narrow(0, m - 1, 1)?.zeros_like()?], 0)?)
         };
         let scaled = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok((gemv::gemv(x, w)? * 1.02)?) };
-        let failing =
-            |_: &Tensor, _: &Tensor| -> Result<Tensor> { Err(crate::error::EngineError::Model("no kernel".into())) };
+        let failing = |_: &Tensor, _: &Tensor| -> Result<Tensor> { Err(EngineError::Model("no kernel".into())) };
         for dtype in [DType::F32, DType::BF16] {
             let found = gemv_disagreement(&Device::Cpu, dtype, last_row_wrong).unwrap();
             assert!(found.as_deref().is_some_and(|w| w.starts_with("(3, 1024)")), "{dtype:?}: {found:?}");

@@ -3,10 +3,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{bail, CudaStorage, DType, Layout, Shape};
+use candle_core::{bail, CudaStorage, DType, Layout, Shape, Storage, Tensor};
 
-use super::QkvRope;
-use crate::cuda::{contiguous_view, load, to_u32, FUSED};
+use super::{QkvRope, QkvRopeCache};
+use crate::cuda::{capturing, contiguous_view, cuda, load, to_u32, FUSED};
 
 /// Threads per block of both kernels.
 const THREADS: u32 = 256;
@@ -70,6 +70,105 @@ fn qkv_rope_t<T: CudaDType + DeviceRepr>(
         unsafe { builder.launch(cfg) }.w()?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
+}
+
+pub(super) fn qkv_rope_cache(
+    op: &QkvRopeCache,
+    qkv: (&CudaStorage, &Layout),
+    positions: (&CudaStorage, &Layout),
+    slots: (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    match qkv.0.dtype() {
+        DType::F32 => qkv_rope_cache_t::<f32>(op, qkv, positions, slots),
+        DType::F16 => qkv_rope_cache_t::<half::f16>(op, qkv, positions, slots),
+        DType::BF16 => qkv_rope_cache_t::<half::bf16>(op, qkv, positions, slots),
+        other => bail!("qkv_rope_cache: `qkv` must be f32, f16 or bf16, got {other:?}"),
+    }
+}
+
+fn qkv_rope_cache_t<T: CudaDType + DeviceRepr>(
+    op: &QkvRopeCache,
+    (qkv, qkv_l): (&CudaStorage, &Layout),
+    (positions, positions_l): (&CudaStorage, &Layout),
+    (slots, slots_l): (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = qkv.device().clone();
+    let n = qkv_l.dims()[0];
+    let (h, kv, d) = (op.heads, op.kv_heads, op.head_dim);
+    let x = contiguous_view::<T>(qkv, qkv_l, "qkv")?;
+    let positions = contiguous_view::<u32>(positions, positions_l, "positions")?;
+    let slots = contiguous_view::<u32>(slots, slots_l, "slot_mapping")?;
+    // The tables and caches the op holds (the public function checked their shapes and dtypes).
+    fn storage<'a>(
+        t: &'a Tensor,
+        what: &str,
+    ) -> candle_core::Result<(impl std::ops::Deref<Target = Storage> + 'a, Layout)> {
+        let (s, l) = t.storage_and_layout();
+        if !matches!(&*s, Storage::Cuda(_)) {
+            bail!("qkv_rope_cache: `{what}` is not on the GPU")
+        }
+        Ok((s, l.clone()))
+    }
+    let ((cos_s, cos_l), (sin_s, sin_l)) = (storage(&op.cos, "cos")?, storage(&op.sin, "sin")?);
+    let ((k_s, k_l), (v_s, v_l)) = (storage(&op.key_cache, "key_cache")?, storage(&op.value_cache, "value_cache")?);
+    let cos = contiguous_view::<T>(cuda(&cos_s, "cos")?, &cos_l, "cos")?;
+    let sin = contiguous_view::<T>(cuda(&sin_s, "sin")?, &sin_l, "sin")?;
+    let k_cache = contiguous_view::<T>(cuda(&k_s, "key_cache")?, &k_l, "key_cache")?;
+    let v_cache = contiguous_view::<T>(cuda(&v_s, "value_cache")?, &v_l, "value_cache")?;
+    let half = d / 2;
+    let max_positions = cos_l.dims()[0];
+    let num_slots = k_l.dims()[0] * k_l.dims()[1];
+    if x.len() != n * (h + 2 * kv) * d
+        || positions.len() != n
+        || slots.len() != n
+        || cos.len() != max_positions * half
+        || sin.len() != cos.len()
+        || k_cache.len() != num_slots * kv * d
+        || v_cache.len() != k_cache.len()
+    {
+        bail!("qkv_rope_cache: operand sizes do not fit ({n}, {h} + 2 × {kv} heads of {d})")
+    }
+    // Reading back waits for the GPU, so only debug builds check the values (and not while a graph
+    // is captured); the kernel bounds both in any build.
+    if cfg!(debug_assertions) && !capturing(&dev) && n > 0 {
+        if let Some((i, p)) =
+            dev.clone_dtoh(&positions)?.into_iter().enumerate().find(|&(_, p)| p as usize >= max_positions)
+        {
+            bail!("`positions[{i}]` = {p} is past the rotary tables' {max_positions} positions")
+        }
+        crate::cache::check_slots(&dev.clone_dtoh(&slots)?, num_slots)?;
+    }
+    let len = n * h * d;
+    // SAFETY: every row's block writes all `h * d` elements of its q (rotated pairs, or zeros for a
+    // row past the tables) before anything reads them; the spare element of an empty output is
+    // outside its shape.
+    let mut q = unsafe { dev.alloc::<T>(len.max(1))? };
+    if len > 0 {
+        let func = load(&dev, &FUSED, "qkv_rope_cache", qkv.dtype())?;
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
+        let sizes = [
+            to_u32(h, "heads")?,
+            to_u32(kv, "kv_heads")?,
+            to_u32(d, "head_dim")?,
+            to_u32(max_positions, "max_positions")?,
+        ];
+        builder.arg(&mut q).arg(&k_cache).arg(&v_cache).arg(&x).arg(&cos).arg(&sin).arg(&positions).arg(&slots);
+        for size in &sizes {
+            builder.arg(size);
+        }
+        builder.arg(&num_slots);
+        let cfg = LaunchConfig { grid_dim: (to_u32(n, "n")?, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `qkv_rope_cache_<T>` in `fused.cu` (three `T*`, three
+        // `const T*`, two `const uint32_t*`, four u32, a size_t); one block per row. The views
+        // hold exactly the elements the kernel may index (checked above): it reads row `r`'s
+        // table rows only when `positions[r] < max_positions` and writes cache rows only for a
+        // slot below `num_slots`. The caches are written in place through views of tensors this
+        // op holds, as `reshape_and_cache` writes them: the engine's step is their only user, on
+        // this stream, so nothing reads them concurrently.
+        unsafe { builder.launch(cfg) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(q, dev), Shape::from(len)))
 }
 
 pub(super) fn swiglu(s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
