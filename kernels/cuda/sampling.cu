@@ -205,7 +205,63 @@ __device__ void top_candidates(const float* __restrict__ logits, const float* __
     }
 }
 
+// argmax_rows: each row's greedy token, the lowest id holding the row's largest logit (NaN skipped,
+// -0 equal to +0), or 0 when nothing is above -inf. One block per row: each thread keeps the first
+// best of its strided ids, then (value, id) pairs merge by "larger value, else lower id", which is
+// associative and commutative, so the result is exact and the same on every run.
+constexpr int kArgmaxThreads = 1024;
+
+__device__ __forceinline__ void better(float& v, uint32_t& id, float other_v, uint32_t other_id) {
+    if (other_v > v || (other_v == v && other_id < id)) {
+        v = other_v;
+        id = other_id;
+    }
+}
+
+__device__ void argmax_rows(const float* __restrict__ logits, uint32_t* __restrict__ out, uint32_t vocab) {
+    __shared__ float warp_v[kArgmaxThreads / sluice::kWarpSize];
+    __shared__ uint32_t warp_id[kArgmaxThreads / sluice::kWarpSize];
+    const float* row = logits + static_cast<size_t>(blockIdx.x) * vocab;
+    float v = -INFINITY;
+    uint32_t id = 0xffffffffu;
+    for (uint32_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float x = row[i];
+        if (x > v) {  // false for NaN, and for a later equal value
+            v = x;
+            id = i;
+        }
+    }
+#pragma unroll
+    for (int o = sluice::kWarpSize / 2; o > 0; o /= 2) {
+        better(v, id, __shfl_xor_sync(sluice::kFullMask, v, o), __shfl_xor_sync(sluice::kFullMask, id, o));
+    }
+    const int warp = threadIdx.x / sluice::kWarpSize, lane = threadIdx.x % sluice::kWarpSize;
+    const int warps = (blockDim.x + sluice::kWarpSize - 1) / sluice::kWarpSize;
+    if (lane == 0) {
+        warp_v[warp] = v;
+        warp_id[warp] = id;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < warps ? warp_v[lane] : -INFINITY;
+        id = lane < warps ? warp_id[lane] : 0xffffffffu;
+#pragma unroll
+        for (int o = sluice::kWarpSize / 2; o > 0; o /= 2) {
+            better(v, id, __shfl_xor_sync(sluice::kFullMask, v, o), __shfl_xor_sync(sluice::kFullMask, id, o));
+        }
+        if (lane == 0) {
+            out[blockIdx.x] = v > -INFINITY ? id : 0u;
+        }
+    }
+}
+
 }  // namespace
+
+// Launch: grid (rows), block (kArgmaxThreads), as `kernels/src/sampling/cuda.rs` does.
+extern "C" __global__ void __launch_bounds__(kArgmaxThreads)
+    argmax_rows_f32(const float* logits, uint32_t* out, uint32_t vocab) {
+    argmax_rows(logits, out, vocab);
+}
 
 // Launch: grid (rows), block (kThreads), as `kernels/src/sampling/cuda.rs` does; k <= kMaxK.
 extern "C" __global__ void __launch_bounds__(kThreads)

@@ -7,7 +7,7 @@
 //! samples from the head of the distribution, and fetches the whole row only in the rare case the
 //! head does not settle the choice (see the engine's `Sampler::sample_head`).
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 
 use crate::storage::contiguous_slice;
 
@@ -53,6 +53,56 @@ pub fn top_candidates(logits: &Tensor, inv_temps: &Tensor, k: usize) -> candle_c
         bail!("top_candidates: `k` must be in 1..={}, got {k}", vocab.min(MAX_CANDIDATES))
     }
     logits.contiguous()?.apply_op2_no_bwd(&inv_temps.contiguous()?, &TopCandidates { k })
+}
+
+/// Each row's greedy token: `logits` `(rows, vocab)` f32 → `(rows,)` u32, the lowest id holding
+/// the row's largest value (NaN skipped, `-0` equal to `+0`), or 0 for a row with nothing above
+/// `-inf`. Exact, and the same on every device: one launch on CUDA, where only the ids need copying
+/// back.
+pub fn argmax_rows(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, vocab) = logits.dims2()?;
+    if logits.dtype() != DType::F32 {
+        bail!("argmax_rows: `logits` must be f32, got {:?}", logits.dtype())
+    }
+    if u32::try_from(vocab).is_err() {
+        bail!("argmax_rows: a vocabulary of {vocab} does not fit u32 ids")
+    }
+    logits.contiguous()?.apply_op1_no_bwd(&ArgmaxRows)
+}
+
+struct ArgmaxRows;
+
+/// The greedy token of one row (see [`argmax_rows`]).
+fn argmax_row(row: &[f32]) -> u32 {
+    let mut best = (f32::NEG_INFINITY, 0u32);
+    for (i, &x) in row.iter().enumerate() {
+        if x > best.0 {
+            best = (x, i as u32);
+        }
+    }
+    best.1
+}
+
+impl CustomOp1 for ArgmaxRows {
+    fn name(&self) -> &'static str {
+        "sluice-argmax-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = l.shape().dims2()?;
+        let x = contiguous_slice::<f32>(s, l, "logits")?;
+        let ids: Vec<u32> = if vocab == 0 { vec![0; rows] } else { x.chunks_exact(vocab).map(argmax_row).collect() };
+        Ok((CpuStorage::U32(ids), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::argmax_rows((s, l))
+    }
 }
 
 /// Splits one output row of [`top_candidates`] into `(id, logit)` pairs and the two sums.
@@ -143,8 +193,50 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    use super::{split_row, top_candidates};
+    use super::{argmax_rows, split_row, top_candidates};
     use crate::test_util::test_device;
+
+    /// Against a full sort's first entry, on rows of ties (bf16-like steps and `-0` beside `+0`),
+    /// NaN, infinities, nothing above `-inf`, and a vocabulary not a multiple of the block.
+    fn argmax_rows_is_the_first_of_a_full_sort(dev: &Device) -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(21);
+        for vocab in [1usize, 7, 1024, 1025, 49_152 + 3] {
+            let mut rows: Vec<Vec<f32>> = (0..6)
+                .map(|r| {
+                    (0..vocab)
+                        .map(|_| match r {
+                            0 => rng.random_range(-20.0f32..20.0),
+                            1 => rng.random_range(0..5) as f32 * 0.5,
+                            2 => {
+                                if rng.random_bool(0.5) {
+                                    -0.0
+                                } else {
+                                    0.0
+                                }
+                            }
+                            _ => rng.random_range(-3.0f32..3.0),
+                        })
+                        .collect()
+                })
+                .collect();
+            for i in (0..vocab).step_by(3) {
+                rows[3][i] = f32::NAN;
+            }
+            rows[4].iter_mut().for_each(|x| *x = if rng.random_bool(0.5) { f32::NEG_INFINITY } else { f32::NAN });
+            rows[5][vocab / 2] = f32::INFINITY;
+            rows[5][vocab - 1] = f32::INFINITY;
+            let logits = Tensor::from_vec(rows.concat(), (rows.len(), vocab), dev)?;
+            let got = argmax_rows(&logits)?.to_vec1::<u32>()?;
+            for (r, row) in rows.iter().enumerate() {
+                let first = sorted(row)[0];
+                let want = if first.1 > f32::NEG_INFINITY { first.0 } else { 0 };
+                assert_eq!(got[r], want, "vocab {vocab}, row {r}");
+            }
+        }
+        assert!(argmax_rows(&Tensor::zeros((2, 8), candle_core::DType::BF16, dev)?).is_err(), "bf16 logits");
+        Ok(())
+    }
+    test_device!(argmax_rows_is_the_first_of_a_full_sort);
 
     /// The head a full sort gives: `(id, value)` descending, ties to the lower id, NaN as -inf.
     fn sorted(row: &[f32]) -> Vec<(u32, f32)> {

@@ -29,7 +29,7 @@ use candle_core::{DType, Tensor};
 use sluice_kernels::PAD_SLOT;
 
 use super::llama::{LayerCache, Llama, StepInput};
-use super::readout::DeviceArgmax;
+use super::readout::device_argmax;
 use super::runner::{block_tables, HostStep};
 use crate::error::{EngineError, Result};
 use crate::scheduler::{Batch, Scheduler};
@@ -139,7 +139,6 @@ impl DecodeGraphs {
         &mut self,
         model: &Llama,
         cache: &[LayerCache],
-        argmax: &DeviceArgmax,
         batch: &Batch,
         scheduler: &Scheduler,
         want_ids: bool,
@@ -161,9 +160,9 @@ impl DecodeGraphs {
             // that the capture finds them on the device.
             {
                 let _uploads = capture::cache_uploads(model.device());
-                self.step_into_buffers(model, cache, argmax, bucket)?;
+                self.step_into_buffers(model, cache, bucket)?;
             }
-            match self.record(model, cache, argmax, bucket) {
+            match self.record(model, cache, bucket) {
                 Ok(graph) => {
                     tracing::info!(bucket, "decode step captured as a CUDA graph");
                     self.graphs.insert(bucket, graph);
@@ -174,7 +173,7 @@ impl DecodeGraphs {
             (self.logits.narrow(0, 0, n)?, Some(self.ids.narrow(0, 0, n)?))
         } else {
             let logits = model.forward(&self.step_input(bucket)?, cache)?;
-            let ids = if want_ids { Some(argmax.rows(&logits)?.narrow(0, 0, n)?) } else { None };
+            let ids = if want_ids { Some(device_argmax(&logits)?.narrow(0, 0, n)?) } else { None };
             (logits.narrow(0, 0, n)?, ids)
         };
         self.counts.eager += 1;
@@ -191,28 +190,16 @@ impl DecodeGraphs {
 
     /// The bucket's step on the fixed inputs, its logits and argmax written into the buffers
     /// that outlive it (every tensor it makes is dropped before it returns).
-    fn step_into_buffers(
-        &self,
-        model: &Llama,
-        cache: &[LayerCache],
-        argmax: &DeviceArgmax,
-        bucket: usize,
-    ) -> Result<()> {
+    fn step_into_buffers(&self, model: &Llama, cache: &[LayerCache], bucket: usize) -> Result<()> {
         let logits = model.forward(&self.step_input(bucket)?, cache)?;
         self.logits.slice_set(&logits, 0, 0)?;
-        self.ids.slice_set(&argmax.rows(&logits)?, 0, 0)?;
+        self.ids.slice_set(&device_argmax(&logits)?, 0, 0)?;
         Ok(())
     }
 
     /// Captures the bucket's step ([`DecodeGraphs::step_into_buffers`]) without running it.
-    fn record(
-        &self,
-        model: &Llama,
-        cache: &[LayerCache],
-        argmax: &DeviceArgmax,
-        bucket: usize,
-    ) -> Result<capture::Graph> {
-        capture::record(model.device(), || self.step_into_buffers(model, cache, argmax, bucket))
+    fn record(&self, model: &Llama, cache: &[LayerCache], bucket: usize) -> Result<capture::Graph> {
+        capture::record(model.device(), || self.step_into_buffers(model, cache, bucket))
     }
 
     /// The bucket's inputs as views into the buffers. `meta` holds, `bucket` entries each: token

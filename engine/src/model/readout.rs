@@ -1,5 +1,5 @@
 //! What a step hands back for its sampled rows ([`Readout`], [`StepLogits`]) and the device-side
-//! pieces behind it: the greedy argmax on the device ([`DeviceArgmax`]) and the start-up check of
+//! pieces behind it: the greedy argmax on the device ([`device_argmax`]) and the start-up check of
 //! the `top_candidates` kernel against its CPU body.
 
 use candle_core::{Device, Tensor};
@@ -149,37 +149,11 @@ fn heads_agree(want: &[Vec<f32>], got: &[Vec<f32>], k: usize) -> bool {
 
 /// The argmax of each row of `[rows, vocab]` f32 logits by the sampler's greedy rule: the lowest
 /// id holding the row's largest value, NaN counting as `-inf`, and 0 for a row with nothing above
-/// `-inf`. Elementwise ops and two reductions where the logits live; only the ids are copied back.
-/// (candle's own `argmax` promises neither the lowest id on ties, which bf16 logits make common,
-/// nor a NaN rule.)
-#[derive(Debug)]
-pub struct DeviceArgmax {
-    // Uploaded once: `[vocab]` u32 ids, and scalars broadcast to each step's shape.
-    ids: Tensor,
-    neg_inf: Tensor,
-    none: Tensor,
-}
-
-impl DeviceArgmax {
-    /// The constants for a vocabulary of `vocab` on `device`.
-    pub fn new(vocab: usize, device: &Device) -> Result<Self> {
-        Ok(Self {
-            ids: Tensor::arange(0u32, vocab as u32, device)?,
-            neg_inf: Tensor::new(f32::NEG_INFINITY, device)?,
-            none: Tensor::new(u32::MAX, device)?,
-        })
-    }
-
-    /// `logits: [rows, vocab]` f32 → `[rows]` u32.
-    pub fn rows(&self, logits: &Tensor) -> Result<Tensor> {
-        let shape = logits.dims2()?;
-        let clean = logits.eq(logits)?.where_cond(logits, &self.neg_inf.broadcast_as(shape)?)?; // NaN → -inf
-        let max = clean.max_keepdim(1)?; // [rows, 1]
-        let hit = clean.broadcast_eq(&max)?; // [rows, vocab]
-        let first = hit.where_cond(&self.ids.broadcast_as(shape)?, &self.none.broadcast_as(shape)?)?.min_keepdim(1)?;
-        let found = max.broadcast_gt(&self.neg_inf)?; // [rows, 1]
-        Ok(found.where_cond(&first, &first.zeros_like()?)?.squeeze(1)?)
-    }
+/// `-inf` (`sluice_kernels::sampling::argmax_rows`: one launch where the logits live; only the ids
+/// are copied back). candle's own `argmax` promises neither the lowest id on ties, which bf16
+/// logits make common, nor a NaN rule.
+pub fn device_argmax(logits: &Tensor) -> Result<Tensor> {
+    Ok(sluice_kernels::sampling::argmax_rows(logits)?)
 }
 
 #[cfg(test)]
@@ -261,7 +235,7 @@ mod tests {
         }
         let flat: Vec<f32> = rows.iter().flatten().copied().collect();
         let logits = Tensor::from_vec(flat, (rows.len(), vocab), &Device::Cpu)?;
-        let got = DeviceArgmax::new(vocab, &Device::Cpu)?.rows(&logits)?.to_vec1::<u32>()?;
+        let got = device_argmax(&logits)?.to_vec1::<u32>()?;
         let want: Vec<u32> = rows.iter().map(|r| host_greedy(r)).collect();
         assert_eq!(got, want);
         Ok(())

@@ -7,7 +7,7 @@ use sluice_kernels::sampling::{split_row, top_candidates, MAX_CANDIDATES};
 
 use super::graphs::{DecodeGraphs, GraphCounts};
 use super::llama::{LayerCache, Llama, StepInput};
-use super::readout::{check_heads, readable, DeviceArgmax, DeviceSampling, Readout, StepLogits, HEAD_SIZE};
+use super::readout::{check_heads, device_argmax, readable, DeviceSampling, Readout, StepLogits, HEAD_SIZE};
 use crate::error::{EngineError, Result};
 use crate::sampling::RowHead;
 use crate::scheduler::{Batch, Scheduler};
@@ -23,7 +23,6 @@ pub struct ModelRunner {
     // Whether heads may be read: device sampling is on and `top_candidates` passed its check on
     // this device (see `check_heads`).
     heads: bool,
-    argmax: DeviceArgmax,
     // Decode steps at fixed batch sizes, replayed as CUDA graphs (see `graphs`), when asked for.
     graphs: Option<DecodeGraphs>,
     // What `graphs` had done when it was dropped after a failed capture.
@@ -38,14 +37,12 @@ impl ModelRunner {
         let device_sampling = !model.device().is_cpu();
         // Heads wait for `with_device_sampling`, which checks the kernel first.
         let heads = false;
-        let argmax = DeviceArgmax::new(model.vocab_size(), model.device())?;
         Ok(Self {
             model,
             cache,
             block_size,
             device_sampling,
             heads,
-            argmax,
             graphs: None,
             graph_counts: GraphCounts::default(),
         })
@@ -100,7 +97,7 @@ impl ModelRunner {
     /// reads its sampled rows back as `readout` asks (nothing when no row is sampled).
     pub fn execute(&mut self, batch: &Batch, scheduler: &Scheduler, readout: Readout) -> Result<StepLogits> {
         if let Some(graphs) = self.graphs.as_mut().filter(|g| g.fits(batch, scheduler)) {
-            let out = graphs.run(&self.model, &self.cache, &self.argmax, batch, scheduler, readout == Readout::Argmax);
+            let out = graphs.run(&self.model, &self.cache, batch, scheduler, readout == Readout::Argmax);
             if graphs.failed() {
                 // Padded eager steps only cost more than the plain ones.
                 self.graph_counts = graphs.counts();
@@ -137,7 +134,7 @@ impl ModelRunner {
             Readout::Logits => StepLogits::Rows(logits.to_vec2::<f32>()?),
             Readout::Argmax => StepLogits::Ids(match ids {
                 Some(ids) => ids.to_vec1::<u32>()?,
-                None => self.argmax.rows(logits)?.to_vec1::<u32>()?,
+                None => device_argmax(logits)?.to_vec1::<u32>()?,
             }),
             Readout::Heads { k, inv_temps } => {
                 let inv_temps = Tensor::from_slice(inv_temps, inv_temps.len(), logits.device())?;

@@ -10,6 +10,36 @@ use crate::cuda::{contiguous_view, load, to_u32, SAMPLING};
 
 /// Threads per block; must equal `kThreads` in `sampling.cu`.
 const THREADS: u32 = 512;
+/// Threads per block of `argmax_rows`; must equal `kArgmaxThreads` in `sampling.cu`.
+const ARGMAX_THREADS: u32 = 1024;
+
+pub(super) fn argmax_rows((logits, logits_l): (&CudaStorage, &Layout)) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = logits.device().clone();
+    let (rows, vocab) = logits_l.shape().dims2()?;
+    let x = contiguous_view::<f32>(logits, logits_l, "logits")?;
+    if x.len() != rows * vocab {
+        bail!("argmax_rows: {} logits for {rows} rows of {vocab}", x.len())
+    }
+    // SAFETY: each row's block writes its id before anything reads it; the spare element of an
+    // empty output lies outside its shape.
+    let mut out = unsafe { dev.alloc::<u32>(rows.max(1))? };
+    if rows > 0 {
+        let func = load(&dev, &SAMPLING, "argmax_rows", DType::F32)?;
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
+        let vocab = to_u32(vocab, "vocab")?;
+        builder.arg(&x).arg(&mut out).arg(&vocab);
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(rows, "rows")?, 1, 1),
+            block_dim: (ARGMAX_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `argmax_rows_f32` in `sampling.cu` (the f32 input of
+        // rows * vocab elements, the u32 output of rows, vocab as u32); one block per row.
+        unsafe { builder.launch(cfg) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
+}
 
 pub(super) fn top_candidates(
     k: usize,
