@@ -13,7 +13,7 @@ use super::{Batch, Geometry, PagedAttention};
 use crate::cuda::{capturing, contiguous_view, cuda, load, to_u32, PAGED_ATTENTION};
 
 /// Warps per (row, head) block; must equal `kWarps` in `paged_attention.cu`.
-const WARPS: u32 = 4;
+const WARPS: u32 = 8;
 /// Largest `head_dim` the kernel holds in registers (`kMaxHeadDim` in `paged_attention.cu`).
 const MAX_HEAD_DIM: usize = 256;
 /// Largest `head_dim` of the grouped kernel (`kGroupMaxHeadDim`).
