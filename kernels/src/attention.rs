@@ -47,7 +47,7 @@ use crate::storage::{contiguous_slice, cpu};
 /// positions `0..=pos` in order, a max-subtracted softmax, then `sum(p * v)` in position order.
 /// A row's reduction is never split across threads, so the output is bit-identical across batch
 /// compositions. The CUDA body keeps the same guarantee with its own fixed order (a row's positions
-/// split over four warps by position alone, merged in warp order), so CUDA and CPU agree to f32
+/// split over eight warps by position alone, merged in warp order), so CUDA and CPU agree to f32
 /// rounding, not bit for bit. On CUDA, when `num_heads / num_kv_heads` is 2, 3, 4 or 8 and
 /// `head_dim <= 128`, one block serves all the query heads of a kv head (each K/V row read once for
 /// the group); otherwise one block serves one head. The choice depends on the shapes alone, so a

@@ -1,6 +1,6 @@
 //! The CUDA body of `paged_attention`: launches `kernels/cuda/paged_attention.cu`.
 //!
-//! One thread block of four warps per (query row, head); see the `.cu` file for the algorithm and
+//! One thread block of eight warps per (query row, head); see the `.cu` file for the algorithm and
 //! why its results do not depend on the batch. `attention::tests` compares it with the CPU body
 //! wherever a GPU is present (`benches/GPU.md`).
 
