@@ -130,6 +130,16 @@ print(":".join(sorted(dirs)))') || libs=""
             --concurrency "$c" --num-requests $((c == 1 ? 8 : 2 * c)) --max-tokens 128 --max-num-seqs 256 \
             --kv-cache-mib 16384 --gemv false --json "$LOGS/bench-cublas-bf16-$c.json"
     done
+    # Where an eager decode step's GPU time goes, kernel by kernel (Nsight Compute's durations for
+    # a window of ~3 steps of one greedy request; needs ncu, which the Firecracker image has).
+    local ncu
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1 || true)
+    if [[ -n $ncu ]]; then
+        step profile 150 "$ncu" --clock-control none --csv --metrics gpu__time_duration.sum \
+            --launch-skip 4000 --launch-count 480 "$bin/sluice-bench" engine --model "$model" --device cuda \
+            --dtype bf16 --concurrency 1 --num-requests 1 --max-tokens 256 --kv-cache-mib 4096 --cuda-graphs false
+        step profile-summary 20 python3 scripts/gpu_proof/kernel_profile.py "$LOGS/profile.log"
+    fi
     # The server (prefix cache and structured outputs included), with graphs and without.
     step serve-graphs 80 python3 scripts/gpu_proof/serve_check.py "$bin/sluice" "$model" --dtype bf16
     cp "$work/serve.log" "$LOGS/serve-graphs-server.log" 2>/dev/null || true

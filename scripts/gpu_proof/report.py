@@ -64,7 +64,8 @@ for title, name in (("Steps", "steps.txt"), ("Kernel tests (step 1)", "kernels.l
                     ("Logits against transformers (step 2)", "compare.log"),
                     ("CUDA graphs against eager steps", "graphs-exact.log"), ("...all prompts at once", "graphs-together.log"),
                     ("Paged attention bandwidth (step 4)", "attention.log"),
-                    ("Small-batch projections: GEMV against cuBLAS", "gemv.log"), ("Server, CUDA graphs (step 5)", "serve-graphs.log"),
+                    ("Small-batch projections: GEMV against cuBLAS", "gemv.log"),
+                    ("An eager decode step's kernels at batch 1 (ncu)", "profile-summary.log"), ("Server, CUDA graphs (step 5)", "serve-graphs.log"),
                     ("Server, eager (step 5)", "serve.log"),
                     ("GGUF quantized against dense (step 6)", "gguf-compare.log")):
     text = read(name)
