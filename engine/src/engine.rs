@@ -174,8 +174,16 @@ impl Engine {
         let scheduler = Scheduler::new(config.scheduler.clone(), num_blocks, config.block_size);
         let shared = Arc::new(Shared::default());
         let (tx, rx) = crossbeam_channel::unbounded();
-        let worker = Worker::new(runner, scheduler, config.breaker, tokenizer.clone(), shared.clone(), rx);
-        let thread = std::thread::Builder::new().name("sluice-engine".into()).spawn(move || worker.run())?;
+        let mut worker = Worker::new(runner, scheduler, config.breaker, tokenizer.clone(), shared.clone(), rx);
+        // The engine thread first captures the decode graphs (on CUDA with `cuda_graphs`; they
+        // replay only on the thread that captured them), and the engine is ready once it has.
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let thread = std::thread::Builder::new().name("sluice-engine".into()).spawn(move || {
+            worker.capture_decode_graphs();
+            let _ = ready_tx.send(());
+            worker.run()
+        })?;
+        ready_rx.recv().map_err(|_| EngineError::Model("the engine thread stopped while starting".into()))?;
         let grammars = Arc::new(OnceLock::new());
         let (cell, tok) = (grammars.clone(), tokenizer.clone());
         std::thread::Builder::new().name("sluice-grammars".into()).spawn(move || {

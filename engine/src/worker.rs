@@ -111,6 +111,26 @@ impl Worker {
         }
     }
 
+    /// Captures the decode graphs of every batch size before the first request (see
+    /// `ModelRunner::capture_decode_graphs`); without them, or off CUDA, does nothing. A failure
+    /// is logged and leaves graphs to be captured as batch sizes first occur (or off, if a capture
+    /// itself failed).
+    pub(crate) fn capture_decode_graphs(&mut self) {
+        let started = Instant::now();
+        match self.runner.capture_decode_graphs() {
+            Ok(0) => {}
+            Ok(buckets) => tracing::info!(
+                buckets,
+                seconds = started.elapsed().as_secs_f32(),
+                "decode steps captured as CUDA graphs"
+            ),
+            Err(e) => tracing::warn!(error = %e, "capturing the decode graphs at start-up failed"),
+        }
+        if let Ok(mut s) = self.shared.stats.lock() {
+            s.decode_graphs = self.runner.graph_counts();
+        }
+    }
+
     /// The loop. Sleeps on the command channel when there is nothing to do (no busy-wait), until
     /// the admission window opens when requests wait for it, and until the cool-down ends while
     /// the circuit breaker is open (requests already in hand are held, not failed).

@@ -9,7 +9,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use sluice_engine::model::{read_gguf, Llama, LoadOptions, ModelRunner, QLinear, Readout, StepLogits, WeightSource};
+use sluice_engine::model::{
+    read_gguf, DecodeGraphs, LayerCache, Llama, LoadOptions, ModelRunner, QLinear, Readout, StepLogits, WeightSource,
+};
 use sluice_engine::sampling::{SampleContext, Sampler};
 use sluice_engine::scheduler::Scheduler;
 use sluice_engine::sequence::Sequence;
@@ -141,6 +143,39 @@ fn padded_decode_steps_generate_exactly_what_plain_steps_do() {
         assert!(counts.eager > 20, "{sampling:?}: {counts:?}");
         assert_eq!((counts.captured, counts.replayed), (0, 0), "nothing to capture on the CPU");
         common::wait_for_empty_pool(&padded);
+    }
+}
+
+/// The step that precedes each capture at start-up, padding rows only, leaves every cache row as
+/// it was (its slots are the padding slot) and gives a row of logits per padding row.
+#[test]
+fn a_step_of_padding_rows_stores_nothing() {
+    let model = load(false);
+    let c = model.config().clone();
+    let (blocks, block_size) = (6, 16);
+    let dims = (blocks, block_size, c.num_kv_heads, c.head_dim);
+    let cache: Vec<LayerCache> = (0..c.num_layers)
+        .map(|_| LayerCache {
+            k: Tensor::rand(-1f32, 1f32, dims, &Device::Cpu).unwrap(),
+            v: Tensor::rand(-1f32, 1f32, dims, &Device::Cpu).unwrap(),
+        })
+        .collect();
+    let before: Vec<(Vec<f32>, Vec<f32>)> = cache
+        .iter()
+        .map(|l| (l.k.flatten_all().unwrap().to_vec1().unwrap(), l.v.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
+    let graphs = DecodeGraphs::new(&model, 8, blocks, block_size).unwrap();
+    for bucket in [1, 4, 8] {
+        let logits = graphs.padding_step(&model, &cache, bucket).unwrap();
+        assert_eq!(logits.dims(), [bucket, model.vocab_size()]);
+        let rows = logits.to_vec2::<f32>().unwrap();
+        assert!(rows.iter().flatten().all(|x| x.is_finite()), "bucket {bucket}");
+        // Every padding row is the same step (token 0 at position 0), so the same logits.
+        assert!(rows.iter().all(|r| r == &rows[0]), "bucket {bucket}");
+    }
+    for (layer, (l, (k, v))) in cache.iter().zip(&before).enumerate() {
+        assert_eq!(&l.k.flatten_all().unwrap().to_vec1::<f32>().unwrap(), k, "layer {layer} keys");
+        assert_eq!(&l.v.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v, "layer {layer} values");
     }
 }
 

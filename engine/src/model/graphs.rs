@@ -180,6 +180,43 @@ impl DecodeGraphs {
         Ok(out)
     }
 
+    /// Captures every bucket up to the largest not captured yet, each from a step of padding rows
+    /// only (which stores nothing in the cache), so that no request meets a capture later; returns
+    /// how many were captured. Nothing to do off CUDA, or once a capture has failed (which turns
+    /// graphs off, as in [`DecodeGraphs::run`]). Must run on the thread that will replay them.
+    pub fn capture_all(&mut self, model: &Llama, cache: &[LayerCache]) -> Result<usize> {
+        let mut captured = 0;
+        let mut bucket = 1;
+        while self.capture && bucket <= self.max_batch {
+            if !self.graphs.contains_key(&bucket) {
+                self.write_rows([&[]; 4], &[], bucket)?;
+                {
+                    let _uploads = capture::cache_uploads(model.device());
+                    self.step_into_buffers(model, cache, bucket)?;
+                }
+                match self.record(model, cache, bucket) {
+                    Ok(graph) => {
+                        self.graphs.insert(bucket, graph);
+                        self.counts.captured += 1;
+                        captured += 1;
+                    }
+                    Err(e) => self.give_up(bucket, &e),
+                }
+            }
+            bucket = bucket_for(bucket + 1);
+        }
+        Ok(captured)
+    }
+
+    /// The `[bucket, vocab]` logits of a decode step of padding rows only, run eagerly: the step
+    /// [`capture_all`] runs before each capture, which must store nothing in the cache.
+    ///
+    /// [`capture_all`]: DecodeGraphs::capture_all
+    pub fn padding_step(&self, model: &Llama, cache: &[LayerCache], bucket: usize) -> Result<Tensor> {
+        self.write_rows([&[]; 4], &[], bucket)?;
+        model.forward(&self.step_input(bucket)?, cache)
+    }
+
     /// Turns graphs off after a capture or replay failed: decode steps run eagerly from now on.
     fn give_up(&mut self, bucket: usize, e: &EngineError) {
         tracing::warn!(bucket, error = %e, "CUDA graph failed; decode steps run eagerly from now on");
@@ -228,9 +265,19 @@ impl DecodeGraphs {
                 step.token_ids.len()
             )));
         }
+        self.write_rows([&step.token_ids, &step.positions, &step.slot_mapping, &step.seq_lens], &step.tables, bucket)
+    }
+
+    /// Writes `n` rows (token ids, positions, slots and context lengths, `n` each; their block
+    /// tables), then padding, into the bucket's inputs. With no rows the step is all padding: it
+    /// stores nothing in the cache.
+    fn write_rows(&self, rows: [&[u32]; 4], tables: &[&[u32]], bucket: usize) -> Result<()> {
+        let n = rows[3].len();
+        if rows.iter().any(|r| r.len() != n) || tables.len() != n || n > bucket {
+            return Err(EngineError::Model(format!("{n} rows do not fit a decode step of {bucket}")));
+        }
         let mut meta = vec![0u32; 6 * bucket + 1];
-        for (i, part) in [&step.token_ids, &step.positions, &step.slot_mapping, &step.seq_lens].into_iter().enumerate()
-        {
+        for (i, part) in rows.into_iter().enumerate() {
             meta[i * bucket..i * bucket + n].copy_from_slice(part);
         }
         for i in 0..bucket {
@@ -242,7 +289,7 @@ impl DecodeGraphs {
             meta[4 * bucket + i] = i as u32;
             meta[5 * bucket + i + 1] = i as u32 + 1;
         }
-        let (rows, used) = block_tables(&step.tables, bucket);
+        let (rows, used) = block_tables(tables, bucket);
         if used > self.width {
             return Err(EngineError::Model(format!("a block table of {used} blocks is wider than {}", self.width)));
         }

@@ -56,6 +56,19 @@ impl ModelRunner {
         Ok(self)
     }
 
+    /// On CUDA with decode graphs: captures every bucket now (see [`DecodeGraphs::capture_all`]),
+    /// on the thread that will run the steps; returns how many. If a capture fails, graphs are
+    /// off from then on and steps run eagerly.
+    pub fn capture_decode_graphs(&mut self) -> Result<usize> {
+        let Some(graphs) = self.graphs.as_mut() else { return Ok(0) };
+        let captured = graphs.capture_all(&self.model, &self.cache);
+        if graphs.failed() {
+            self.graph_counts = graphs.counts();
+            self.graphs = None;
+        }
+        captured
+    }
+
     /// What the decode-graph path has done (all zeros when it is off).
     pub fn graph_counts(&self) -> GraphCounts {
         self.graphs.as_ref().map_or(self.graph_counts, DecodeGraphs::counts)
