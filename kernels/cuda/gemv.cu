@@ -108,7 +108,88 @@ __device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __rest
     }
 }
 
+// gemv_norm: `y = rms_norm(s) · W'ᵀ` with `s = x + r` (or `x`), for the projection that follows an
+// RMS norm whose weight was folded into the projection's (`W' = W · diag(norm weight)`, done once at
+// load). Each warp reads all of `s`'s row for its dot product anyway, so it also sums the squares
+// and scales its dot by `rsqrt(mean(s²) + eps)` at the end: no separate norm launch, no pass over
+// the row before the product. `s` is rounded to T before use, as the residual stream stores it,
+// and with `r` the warp of column 0 writes it to `sum` (the new residual stream). Same chunk order
+// and warp sum as `gemv`, so a row's bits do not depend on `m` either.
+template <typename T, int M, bool kAdd>
+__device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __restrict__ x, const T* __restrict__ r,
+                          const T* __restrict__ w, uint32_t n, uint32_t k, float eps) {
+    constexpr int kLen = Chunk<T>::kLen;
+    const uint32_t col = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarpSize;
+    const uint32_t lane = threadIdx.x % kWarpSize;
+    if (col >= n) {
+        return;
+    }
+    const uint32_t chunks = k / kLen;
+    const uint4* row = reinterpret_cast<const uint4*>(w + static_cast<size_t>(col) * k);
+    const uint4* xs = reinterpret_cast<const uint4*>(x);
+    const uint4* rs = reinterpret_cast<const uint4*>(r);
+    uint4* sums = reinterpret_cast<uint4*>(sum);
+    float acc[M], squares[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        acc[m] = 0.f;
+        squares[m] = 0.f;
+    }
+#pragma unroll 4
+    for (uint32_t c = lane; c < chunks; c += kWarpSize) {
+        float wv[kLen];
+        widen<T>(__ldcs(row + c), wv);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const size_t at = static_cast<size_t>(m) * chunks + c;
+            float sv[kLen];
+            widen<T>(__ldg(xs + at), sv);
+            if (kAdd) {
+                float rv[kLen];
+                widen<T>(__ldg(rs + at), rv);
+                uint4 packed;
+                T* out = reinterpret_cast<T*>(&packed);
+#pragma unroll
+                for (int i = 0; i < kLen; ++i) {
+                    out[i] = from_f32<T>(sv[i] + rv[i]);
+                    sv[i] = to_f32(out[i]);
+                }
+                if (col == 0) {
+                    sums[at] = packed;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < kLen; ++i) {
+                acc[m] = fmaf(wv[i], sv[i], acc[m]);
+                squares[m] = fmaf(sv[i], sv[i], squares[m]);
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        acc[m] = warp_sum(acc[m]);
+        squares[m] = warp_sum(squares[m]);
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        if (lane == static_cast<uint32_t>(m)) {
+            y[static_cast<size_t>(m) * n + col] =
+                from_f32<T>(acc[m] * rsqrtf(squares[m] / static_cast<float>(k) + eps));
+        }
+    }
+}
+
 }  // namespace
+
+#define SLUICE_GEMV_NORM_ROWS(T, NAME, M)                                                              \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_norm##M##_##NAME(    \
+        T* y, const T* x, const T* w, uint32_t n, uint32_t k, float eps) {                             \
+        gemv_norm<T, M, false>(y, nullptr, x, nullptr, w, n, k, eps);                                  \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_add_norm##M##_##NAME( \
+        T* y, T* sum, const T* x, const T* r, const T* w, uint32_t n, uint32_t k, float eps) {         \
+        gemv_norm<T, M, true>(y, sum, x, r, w, n, k, eps);                                             \
+    }
 
 #define SLUICE_GEMV_ROWS(T, NAME, M)                                                                   \
     extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)                           \
@@ -127,6 +208,18 @@ __device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __rest
     SLUICE_GEMV_ROWS(T, NAME, 8)
 
 static_assert(kMaxRows == 8, "one SLUICE_GEMV_ROWS per row count");
+
+// gemv_norm takes at most kMaxNormRows rows: each warp rounds and squares all of `s`, which at more
+// rows costs more arithmetic than the weight's bytes take to stream.
+constexpr int kMaxNormRows = 2;
+#define SLUICE_GEMV_NORM(T, NAME)                                                                      \
+    SLUICE_GEMV_NORM_ROWS(T, NAME, 1)                                                                  \
+    SLUICE_GEMV_NORM_ROWS(T, NAME, 2)
+static_assert(kMaxNormRows == 2, "one SLUICE_GEMV_NORM_ROWS per row count");
+
+SLUICE_GEMV_NORM(float, f32)
+SLUICE_GEMV_NORM(__half, f16)
+SLUICE_GEMV_NORM(__nv_bfloat16, bf16)
 
 SLUICE_GEMV(float, f32)
 SLUICE_GEMV(__half, f16)

@@ -13,7 +13,7 @@
 //! kernel and to run `gemv_bench` off a GPU.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 use crate::elem::Elem;
 use crate::storage::contiguous_slice;
@@ -25,6 +25,10 @@ mod tests;
 
 /// Most rows of `x` one call takes.
 pub const MAX_ROWS: usize = 8;
+
+/// Most rows of `x` one [`gemv_norm`] call takes: its warps each round and square every row of the
+/// input, which past two rows costs more arithmetic than the weight takes to stream.
+pub const MAX_NORM_ROWS: usize = 2;
 
 /// Bytes the kernel reads at once per lane; `k` must be a whole number of them and `x` and `w`
 /// must start on such a boundary.
@@ -43,6 +47,58 @@ pub fn supports(m: usize, k: usize, dtype: DType) -> bool {
 /// [`supports`] requires, `x` and `w` of one dtype on one device and `w` contiguous. `x` is made
 /// contiguous (and copied if its first element is not 16-byte aligned in its buffer).
 pub fn gemv(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    checked(x, w)?.apply_op2_no_bwd(w, &Gemv)
+}
+
+/// The projection after an RMS norm, with the norm in it: `x: (m, k)` plus `residual` (if any,
+/// the same shape) against `w: (n, k)`, a projection's weight with the norm's weight folded in
+/// (`W · diag(norm weight)`, see [`fold_norm_weight`]), gives `(s, y)`: `s = x + residual` rounded to
+/// the dtype (`None` without a residual: it is `x`), and `y = (s / sqrt(mean(s²) + eps)) · wᵀ`
+/// (`m`, `n`): the residual add, `rms_norm` and the product in one launch on CUDA, for
+/// `1 <= m <= MAX_NORM_ROWS`, `n >= 1` and what [`supports`] requires.
+///
+/// Against the separate ops (add, `rms_norm` with the norm's weight, rounded to the dtype, then the
+/// product with `W`) the result differs by rounding: the normed row is not rounded, and `W` is
+/// rounded once more where the norm's weight was folded in.
+pub fn gemv_norm(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    w: &Tensor,
+    eps: f32,
+) -> candle_core::Result<(Option<Tensor>, Tensor)> {
+    let (m, k) = x.dims2()?;
+    let (n, _) = w.dims2()?;
+    if m > MAX_NORM_ROWS || n == 0 {
+        bail!("gemv_norm: takes 1 to {MAX_NORM_ROWS} rows and at least one output column, got ({m}, {k}) x ({n}, {k})")
+    }
+    let op = GemvNorm { eps };
+    let Some(r) = residual else {
+        return Ok((None, checked(x, w)?.apply_op2_no_bwd(w, &op)?));
+    };
+    if r.dims() != x.dims() || r.dtype() != x.dtype() || !r.device().same_device(x.device()) {
+        bail!("gemv_norm: `residual` must have `x`'s shape, dtype and device")
+    }
+    let x = checked(x, w)?;
+    let r = checked(r, w)?;
+    let flat = x.apply_op3_no_bwd(&r, w, &op)?;
+    let sum = flat.narrow(0, 0, m * k)?.reshape((m, k))?;
+    let y = flat.narrow(0, m * k, m * n)?.reshape((m, n))?;
+    Ok((Some(sum), y))
+}
+
+/// A projection's weight `w: (n, k)` with an RMS norm's weight `(k,)` folded in, `w · diag(norm)`,
+/// computed in f32 and rounded to `w`'s dtype: the weight [`gemv_norm`] takes.
+pub fn fold_norm_weight(w: &Tensor, norm: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, k) = w.dims2()?;
+    if norm.dims() != [k] {
+        bail!("fold_norm_weight: the norm's weight must be ({k},), got {:?}", norm.dims())
+    }
+    let norm = norm.to_dtype(DType::F32)?.reshape((1, k))?;
+    w.to_dtype(DType::F32)?.broadcast_mul(&norm)?.to_dtype(w.dtype())
+}
+
+/// `x` checked against `w` as [`gemv`] checks them, contiguous and 16-byte aligned (copied if not).
+fn checked(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let (m, k) = x.dims2()?;
     let (n, w_k) = w.dims2()?;
     if w_k != k {
@@ -66,7 +122,120 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if !(x.layout().start_offset() * elem).is_multiple_of(CHUNK_BYTES) {
         x = x.copy()?;
     }
-    x.apply_op2_no_bwd(w, &Gemv)
+    Ok(x)
+}
+
+struct GemvNorm {
+    eps: f32,
+}
+
+impl GemvNorm {
+    /// The CPU body over one element type: `s` rounded, its squares and its products with `w` in
+    /// f32 in `k` order, the product scaled at the end. Returns `s` (with a residual) then `y`.
+    fn cpu<T: Elem>(&self, x: &[T], r: Option<&[T]>, w: &[T], m: usize, n: usize, k: usize) -> Vec<T> {
+        let s: Vec<T> = match r {
+            Some(r) => x.iter().zip(r).map(|(a, b)| T::from_f64((a.widen1() + b.widen1()) as f64)).collect(),
+            None => x.to_vec(),
+        };
+        let mut out = if r.is_some() { s.clone() } else { Vec::with_capacity(m * n) };
+        for row in s.chunks_exact(k).take(m) {
+            let squares = row.iter().fold(0.0f32, |acc, v| v.widen1().mul_add(v.widen1(), acc));
+            let scale = 1.0 / (squares / k as f32 + self.eps).sqrt();
+            out.extend(w.chunks_exact(k).take(n).map(|col| {
+                let dot = row.iter().zip(col).fold(0.0f32, |acc, (a, b)| a.widen1().mul_add(b.widen1(), acc));
+                T::from_f64((dot * scale) as f64)
+            }));
+        }
+        out
+    }
+}
+
+impl CustomOp2 for GemvNorm {
+    fn name(&self) -> &'static str {
+        "sluice-gemv-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = x_l.shape().dims2()?;
+        let (n, _) = w_l.shape().dims2()?;
+        macro_rules! body {
+            ($t:ty) => {{
+                let (x, w) = (contiguous_slice::<$t>(x, x_l, "x")?, contiguous_slice::<$t>(w, w_l, "w")?);
+                let out = self.cpu(x, None, w, m, n, k);
+                Ok((<$t as candle_core::WithDType>::to_cpu_storage_owned(out), Shape::from((m, n))))
+            }};
+        }
+        match x.dtype() {
+            DType::F32 => body!(f32),
+            DType::F16 => body!(half::f16),
+            DType::BF16 => body!(half::bf16),
+            other => bail!("gemv_norm: `x` must be f32, f16 or bf16, got {other:?}"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        w: &candle_core::CudaStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::gemv_norm(self.eps, (x, x_l), None, (w, w_l))
+    }
+}
+
+impl CustomOp3 for GemvNorm {
+    fn name(&self) -> &'static str {
+        "sluice-gemv-add-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        r: &CpuStorage,
+        r_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = x_l.shape().dims2()?;
+        let (n, _) = w_l.shape().dims2()?;
+        macro_rules! body {
+            ($t:ty) => {{
+                let x = contiguous_slice::<$t>(x, x_l, "x")?;
+                let r = contiguous_slice::<$t>(r, r_l, "residual")?;
+                let w = contiguous_slice::<$t>(w, w_l, "w")?;
+                let out = self.cpu(x, Some(r), w, m, n, k);
+                Ok((<$t as candle_core::WithDType>::to_cpu_storage_owned(out), Shape::from(m * (k + n))))
+            }};
+        }
+        match x.dtype() {
+            DType::F32 => body!(f32),
+            DType::F16 => body!(half::f16),
+            DType::BF16 => body!(half::bf16),
+            other => bail!("gemv_norm: `x` must be f32, f16 or bf16, got {other:?}"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        r: &candle_core::CudaStorage,
+        r_l: &Layout,
+        w: &candle_core::CudaStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::gemv_norm(self.eps, (x, x_l), Some((r, r_l)), (w, w_l))
+    }
 }
 
 struct Gemv;

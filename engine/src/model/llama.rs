@@ -227,15 +227,66 @@ impl RmsNorm {
     }
 }
 
+/// An RMS norm and the projection that reads its output.
+///
+/// Off the CPU, when small batches take `sluice_kernels::gemv` (a [`Linear::Rows`] with `gemv`),
+/// the norm's weight is folded into the projection's at load (`folded`): then up to
+/// [`gemv::MAX_NORM_ROWS`] rows take the residual add, the norm and the product in one launch
+/// (`gemv::gemv_norm`), and more rows a norm without weight (the add fused in, on CUDA) and the
+/// product. Otherwise the norm and the projection run as they are.
+#[derive(Debug)]
+struct NormedLinear {
+    norm: RmsNorm,
+    linear: Linear,
+    folded: bool,
+}
+
+impl NormedLinear {
+    /// Folds `norm`'s weight into `linear`'s when `fold` asks and `linear` takes `gemv`.
+    fn new(norm: RmsNorm, mut linear: Linear, fold: bool) -> Result<Self> {
+        let folded = match &mut linear {
+            Linear::Rows { w, gemv: true } if fold => {
+                *w = gemv::fold_norm_weight(w, &norm.weight)?;
+                true
+            }
+            _ => false,
+        };
+        Ok(Self { norm, linear, folded })
+    }
+
+    /// Adds the branch output `y` (if any) to the residual stream `x` in place, normalises it and
+    /// projects it; `unit` is a weight of ones for the norm of a folded pair at larger batches.
+    fn forward(&self, x: &mut Tensor, y: Option<Tensor>, unit: &Tensor) -> Result<Tensor> {
+        if !self.folded {
+            let normed = self.norm.add_forward(x, y)?;
+            return self.linear.forward(&normed);
+        }
+        let (m, k) = x.dims2()?;
+        if let Linear::Rows { w, .. } = &self.linear {
+            let fits = m <= gemv::MAX_NORM_ROWS
+                && gemv::supports(m, k, x.dtype())
+                && y.as_ref().is_none_or(|y| y.dtype() == x.dtype());
+            if fits {
+                let (sum, out) = gemv::gemv_norm(x, y.as_ref(), w, self.norm.eps)?;
+                if let Some(sum) = sum {
+                    *x = sum;
+                }
+                return Ok(out);
+            }
+        }
+        let unit_norm = RmsNorm { weight: unit.clone(), eps: self.norm.eps };
+        let normed = unit_norm.add_forward(x, y)?;
+        self.linear.forward(&normed)
+    }
+}
+
 #[derive(Debug)]
 struct Layer {
-    attn_norm: RmsNorm,
-    // [hidden] → [(heads + 2 * kv_heads) * head_dim]
-    qkv: Linear,
+    // The input norm and [hidden] → [(heads + 2 * kv_heads) * head_dim]
+    qkv: NormedLinear,
     o: Linear,
-    mlp_norm: RmsNorm,
-    // [hidden] → [2 * intermediate]: gate, then up
-    gate_up: Linear,
+    // The post-attention norm and [hidden] → [2 * intermediate]: gate, then up
+    gate_up: NormedLinear,
     down: Linear,
 }
 
@@ -268,8 +319,11 @@ pub struct Llama {
     config: LlamaConfig,
     embed: Tensor, // [vocab, hidden]
     layers: Vec<Layer>,
-    norm: RmsNorm,
-    lm_head: Linear,
+    // The final norm and the LM head.
+    head: NormedLinear,
+    // `[hidden]` ones in `dtype`: the weight of a norm whose own weight is folded into its
+    // projection, at batches `gemv_norm` does not take.
+    unit: Tensor,
     cos: Tensor, // [max_positions, head_dim / 2]
     sin: Tensor, // [max_positions, head_dim / 2]
     dtype: DType,
@@ -288,16 +342,16 @@ impl Llama {
         for i in 0..config.num_layers {
             let name = |part: &str| format!("model.layers.{i}.{part}.weight");
             let names = |parts: &[&str]| parts.iter().map(|p| name(p)).collect::<Vec<_>>();
+            let attn_norm = RmsNorm { weight: source.get(&name("input_layernorm"), dtype, device)?, eps };
+            let qkv =
+                Linear::load(source, &names(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]), options)?;
+            let o = Linear::load(source, &names(&["self_attn.o_proj"]), options)?;
+            let mlp_norm = RmsNorm { weight: source.get(&name("post_attention_layernorm"), dtype, device)?, eps };
+            let gate_up = Linear::load(source, &names(&["mlp.gate_proj", "mlp.up_proj"]), options)?;
             let layer = Layer {
-                attn_norm: RmsNorm { weight: source.get(&name("input_layernorm"), dtype, device)?, eps },
-                qkv: Linear::load(
-                    source,
-                    &names(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-                    options,
-                )?,
-                o: Linear::load(source, &names(&["self_attn.o_proj"]), options)?,
-                mlp_norm: RmsNorm { weight: source.get(&name("post_attention_layernorm"), dtype, device)?, eps },
-                gate_up: Linear::load(source, &names(&["mlp.gate_proj", "mlp.up_proj"]), options)?,
+                qkv: NormedLinear::new(attn_norm, qkv, options.gemv)?,
+                o,
+                gate_up: NormedLinear::new(mlp_norm, gate_up, options.gemv)?,
                 down: Linear::load(source, &names(&["mlp.down_proj"]), options)?,
             };
             layers.push(layer);
@@ -309,9 +363,10 @@ impl Llama {
         } else {
             "model.embed_tokens.weight"
         };
-        let lm_head = Linear::load(source, &[head.to_string()], options)?;
+        let head = NormedLinear::new(norm, Linear::load(source, &[head.to_string()], options)?, options.gemv)?;
+        let unit = Tensor::ones(config.hidden_size, dtype, device)?;
         let (cos, sin) = rope_tables(&config, dtype, device)?;
-        Ok(Self { config, embed, layers, norm, lm_head, cos, sin, dtype, device: device.clone() })
+        Ok(Self { config, embed, layers, head, unit, cos, sin, dtype, device: device.clone() })
     }
 
     /// The hyper-parameters.
@@ -362,8 +417,7 @@ impl Llama {
                                                                    // the next RMS norm (the next layer's, or the final one on the sampled rows only).
         let mut pending: Option<Tensor> = None;
         for (layer, lc) in self.layers.iter().zip(cache) {
-            let normed = layer.attn_norm.add_forward(&mut x, pending.take())?;
-            let qkv = layer.qkv.forward(&normed)?; // [n, (h + 2kv) * d]
+            let qkv = layer.qkv.forward(&mut x, pending.take(), &self.unit)?; // [n, (h + 2kv) * d]
             let q = if fused_cache && [qkv.dtype(), lc.k.dtype(), lc.v.dtype()] == [self.dtype; 3] {
                 sluice_kernels::fused::qkv_rope_cache(
                     &qkv,
@@ -398,15 +452,14 @@ impl Llama {
                 scale,
             )?; // [n, h, d]
             let attn_out = layer.o.forward(&attn.reshape((n, h * d))?)?;
-            let normed = layer.mlp_norm.add_forward(&mut x, Some(attn_out))?;
             // [n, 2 * intermediate]
-            let gate_up = layer.gate_up.forward(&normed)?;
+            let gate_up = layer.gate_up.forward(&mut x, Some(attn_out), &self.unit)?;
             // The exact packed path keeps the kernels' SwiGLU (its own `exp`, the same bits on every
             // instruction set); the others compute candle's expression with the C library's `expf`.
             // (This scalar SwiGLU is ~8% of a step at concurrency 32 on the int8 path, but the
             // kernels' SwiGLU there, last bits apart, flips the default model's near tie on "What
             // is the capital of France?" to a French answer.)
-            let act = if matches!(layer.gate_up, Linear::Packed(_)) {
+            let act = if matches!(layer.gate_up.linear, Linear::Packed(_)) {
                 sluice_kernels::activation::silu_mul(&gate_up)?
             } else {
                 ops::silu_mul(&gate_up, c.intermediate_size)?
@@ -420,7 +473,7 @@ impl Llama {
         }
         let mut last = x.index_select(&input.sample_rows, 0)?; // [num_sampled, hidden]
         let pending = pending.map(|p| p.index_select(&input.sample_rows, 0)).transpose()?;
-        let logits = self.lm_head.forward(&self.norm.add_forward(&mut last, pending)?)?; // [num_sampled, vocab]
+        let logits = self.head.forward(&mut last, pending, &self.unit)?; // [num_sampled, vocab]
         Ok(logits.to_dtype(DType::F32)?)
     }
 
@@ -429,9 +482,14 @@ impl Llama {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| l.qkv.weight_bytes() + l.o.weight_bytes() + l.gate_up.weight_bytes() + l.down.weight_bytes())
+            .map(|l| {
+                l.qkv.linear.weight_bytes()
+                    + l.o.weight_bytes()
+                    + l.gate_up.linear.weight_bytes()
+                    + l.down.weight_bytes()
+            })
             .sum();
-        layers + self.lm_head.weight_bytes()
+        layers + self.head.linear.weight_bytes()
     }
 
     /// The vocabulary size (logits' width).
@@ -444,7 +502,13 @@ impl Llama {
 /// it takes, against an f64 reference on the host, within the dtype's rounding. The engine runs it
 /// once at load and keeps cuBLAS for every batch if it fails (saying so in its log).
 pub fn check_gemv(device: &Device, dtype: DType) -> bool {
-    match gemv_disagreement(device, dtype, |x, w| Ok(gemv::gemv(x, w)?)) {
+    let product = |x: &Tensor, w: &Tensor| Ok(gemv::gemv(x, w)?);
+    let normed = |x: &Tensor, r: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
+        let (sum, y) = gemv::gemv_norm(x, Some(r), w, NORM_CHECK_EPS)?;
+        let sum = sum.ok_or_else(|| EngineError::Model("gemv_norm gave no sum for a residual".into()))?;
+        Ok((sum, y))
+    };
+    match gemv_disagreement(device, dtype, product, normed) {
         Ok(None) => true,
         Ok(Some(what)) => {
             tracing::warn!(%what, "gemv disagrees with its reference on this device: small batches use cuBLAS");
@@ -457,46 +521,76 @@ pub fn check_gemv(device: &Device, dtype: DType) -> bool {
     }
 }
 
-/// What [`check_gemv`] finds wrong with `op` standing for `gemv`, if anything.
+/// The norm's epsilon in [`check_gemv`]'s `gemv_norm` cases.
+const NORM_CHECK_EPS: f32 = 1e-5;
+
+/// What [`check_gemv`] finds wrong, if anything, with `product` standing for `gemv` (every row
+/// count) and `normed` for `gemv_norm` with a residual (`(x, r, w)` → `(x + r, y)`; its row counts),
+/// against f64 references on the host.
 fn gemv_disagreement(
     device: &Device,
     dtype: DType,
-    op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    product: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    normed: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
 ) -> Result<Option<String>> {
     use rand::{Rng, SeedableRng};
-    {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x9e37);
-        let tolerance = match dtype {
-            DType::F32 => 1e-5,
-            DType::F16 => 2e-3,
-            _ => 8e-3,
-        };
-        for (n, k) in [(257, 1024), (19, 4096 + 8)] {
-            let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-            let w = Tensor::from_vec(w, (n, k), &Device::Cpu)?.to_dtype(dtype)?;
-            let w_host = w.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-            let w = w.to_device(device)?;
-            for m in 1..=gemv::MAX_ROWS {
-                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-                let x = Tensor::from_vec(x, (m, k), &Device::Cpu)?.to_dtype(dtype)?;
-                let x_host = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-                let got = op(&x.to_device(device)?, &w)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-                let (mut diff, mut norm) = (0.0f64, 0.0f64);
-                for (x_row, got_row) in x_host.iter().zip(&got) {
-                    for (w_row, g) in w_host.iter().zip(got_row) {
-                        let want: f64 = x_row.iter().zip(w_row).map(|(a, b)| a * b).sum();
-                        diff += (g - want) * (g - want);
-                        norm += want * want;
-                    }
-                }
-                let err = (diff / norm).sqrt();
-                if err.is_nan() || err > tolerance || got.len() != m || got.iter().any(|r| r.len() != n) {
-                    return Ok(Some(format!("({m}, {k}) x ({n}, {k}): relative error {err}")));
-                }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x9e37);
+    let tolerance = match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        _ => 8e-3,
+    };
+    let mut random = |rows: usize, cols: usize| -> Result<Tensor> {
+        let data: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Ok(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?.to_dtype(dtype)?)
+    };
+    let host = |t: &Tensor| -> Result<Vec<Vec<f64>>> { Ok(t.to_dtype(DType::F64)?.to_vec2::<f64>()?) };
+    // ‖got − x·wᵀ‖ / ‖x·wᵀ‖, each row of `x` scaled by `scale` first; infinite on a wrong shape.
+    let error = |x: &[Vec<f64>], scale: &[f64], w: &[Vec<f64>], got: &[Vec<f64>]| -> f64 {
+        if got.len() != x.len() || got.iter().any(|r| r.len() != w.len()) {
+            return f64::INFINITY;
+        }
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for ((x_row, s), got_row) in x.iter().zip(scale).zip(got) {
+            for (w_row, g) in w.iter().zip(got_row) {
+                let want = s * x_row.iter().zip(w_row).map(|(a, b)| a * b).sum::<f64>();
+                diff += (g - want) * (g - want);
+                norm += want * want;
             }
         }
-        Ok(None)
+        (diff / norm).sqrt()
+    };
+    for (n, k) in [(257, 1024), (19, 4096 + 8)] {
+        let w = random(n, k)?;
+        let w_host = host(&w)?;
+        let w = w.to_device(device)?;
+        for m in 1..=gemv::MAX_ROWS {
+            let x = random(m, k)?;
+            let got = host(&product(&x.to_device(device)?, &w)?)?;
+            let err = error(&host(&x)?, &vec![1.0; m], &w_host, &got);
+            if err.is_nan() || err > tolerance {
+                return Ok(Some(format!("gemv ({m}, {k}) x ({n}, {k}): relative error {err}")));
+            }
+        }
+        for m in 1..=gemv::MAX_NORM_ROWS {
+            let (x, r) = (random(m, k)?, random(m, k)?);
+            let s = (&x + &r)?; // rounded to the dtype, as the kernel's sum must be
+            let (sum, got) = normed(&x.to_device(device)?, &r.to_device(device)?, &w)?;
+            let s_host = host(&s)?;
+            if host(&sum)? != s_host {
+                return Ok(Some(format!("gemv_norm ({m}, {k}): the residual sum is not x + r")));
+            }
+            let scale: Vec<f64> = s_host
+                .iter()
+                .map(|row| 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / k as f64 + NORM_CHECK_EPS as f64).sqrt())
+                .collect();
+            let err = error(&s_host, &scale, &w_host, &host(&got)?);
+            if err.is_nan() || err > tolerance {
+                return Ok(Some(format!("gemv_norm ({m}, {k}) x ({n}, {k}): relative error {err}")));
+            }
+        }
     }
+    Ok(None)
 }
 
 /// RoPE cos/sin tables, `[max_positions, head_dim / 2]` each.
@@ -553,6 +647,37 @@ mod tests {
         Ok(())
     }
 
+    /// A norm folded into its projection computes what the norm then the projection do, at every
+    /// batch (the one-launch `gemv_norm` up to its rows, a norm of ones and `gemv` or the matmul
+    /// above), and leaves the same residual stream.
+    #[test]
+    fn a_folded_norm_gives_what_the_norm_then_the_projection_give() -> Result<()> {
+        let (n, k) = (48, 64);
+        let w = random(n, k, 3)?;
+        let weight = (random(1, k, 4)?.squeeze(0)?.affine(0.5, 1.0))?;
+        let norm = || RmsNorm { weight: weight.clone(), eps: 1e-5 };
+        let plain = NormedLinear::new(norm(), Linear::Dense(w.t()?.contiguous()?), true)?;
+        let folded = NormedLinear::new(norm(), Linear::Rows { w: w.clone(), gemv: true }, true)?;
+        let unfolded = NormedLinear::new(norm(), Linear::Rows { w: w.clone(), gemv: false }, true)?;
+        assert!(!plain.folded && folded.folded && !unfolded.folded, "only a gemv weight is folded");
+        let unit = Tensor::ones(k, DType::F32, &Device::Cpu)?;
+        for m in [1, gemv::MAX_NORM_ROWS, 5, gemv::MAX_ROWS + 4] {
+            let (x, r) = (random(m, k, 10 + m as u64)?, random(m, k, 20 + m as u64)?);
+            let (mut x_plain, mut x_folded, mut x_unfolded) = (x.clone(), x.clone(), x.clone());
+            let want = plain.forward(&mut x_plain, Some(r.clone()), &unit)?;
+            let got = folded.forward(&mut x_folded, Some(r.clone()), &unit)?;
+            let other = unfolded.forward(&mut x_unfolded, Some(r.clone()), &unit)?;
+            assert!(max_diff(&got, &want)? < 1e-4 && max_diff(&other, &want)? < 1e-4, "{m} rows");
+            assert_eq!(max_diff(&x_folded, &x_plain)? + max_diff(&x_unfolded, &x_plain)?, 0.0, "{m} rows: x + r");
+            // No residual: the stream stays as it was.
+            let mut same = x.clone();
+            let alone = folded.forward(&mut same, None, &unit)?;
+            assert!(max_diff(&alone, &plain.forward(&mut x.clone(), None, &unit)?)? < 1e-4, "{m} rows, no residual");
+            assert_eq!(max_diff(&same, &x)?, 0.0);
+        }
+        Ok(())
+    }
+
     #[test]
     fn the_gemv_check_passes_where_the_kernel_is_right() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
@@ -569,11 +694,29 @@ mod tests {
         };
         let scaled = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok((gemv::gemv(x, w)? * 1.02)?) };
         let failing = |_: &Tensor, _: &Tensor| -> Result<Tensor> { Err(EngineError::Model("no kernel".into())) };
+        let right = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok(gemv::gemv(x, w)?) };
+        let normed = |x: &Tensor, r: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
+            let (sum, y) = gemv::gemv_norm(x, Some(r), w, NORM_CHECK_EPS)?;
+            Ok((sum.expect("a residual was given"), y))
+        };
+        // gemv_norm without the norm, or with a sum that is not x + r.
+        let unnormed = |x: &Tensor, r: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
+            let s = (x + r)?;
+            Ok((s.clone(), gemv::gemv(&s, w)?))
+        };
+        let wrong_sum = |x: &Tensor, r: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
+            let (_, y) = gemv::gemv_norm(x, Some(r), w, NORM_CHECK_EPS)?;
+            Ok((x.clone(), y))
+        };
         for dtype in [DType::F32, DType::BF16] {
-            let found = gemv_disagreement(&Device::Cpu, dtype, last_row_wrong).unwrap();
-            assert!(found.as_deref().is_some_and(|w| w.starts_with("(3, 1024)")), "{dtype:?}: {found:?}");
-            assert!(gemv_disagreement(&Device::Cpu, dtype, scaled).unwrap().is_some(), "{dtype:?}");
-            assert!(gemv_disagreement(&Device::Cpu, dtype, failing).is_err(), "{dtype:?}");
+            let found = gemv_disagreement(&Device::Cpu, dtype, last_row_wrong, normed).unwrap();
+            assert!(found.as_deref().is_some_and(|w| w.starts_with("gemv (3, 1024)")), "{dtype:?}: {found:?}");
+            assert!(gemv_disagreement(&Device::Cpu, dtype, scaled, normed).unwrap().is_some(), "{dtype:?}");
+            assert!(gemv_disagreement(&Device::Cpu, dtype, failing, normed).is_err(), "{dtype:?}");
+            let found = gemv_disagreement(&Device::Cpu, dtype, right, unnormed).unwrap();
+            assert!(found.as_deref().is_some_and(|w| w.starts_with("gemv_norm (1, 1024)")), "{dtype:?}: {found:?}");
+            let found = gemv_disagreement(&Device::Cpu, dtype, right, wrong_sum).unwrap();
+            assert!(found.as_deref().is_some_and(|w| w.contains("not x + r")), "{dtype:?}: {found:?}");
         }
     }
 }

@@ -5,7 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchCon
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Shape};
 
-use super::{CHUNK_BYTES, MAX_ROWS};
+use super::{CHUNK_BYTES, MAX_NORM_ROWS, MAX_ROWS};
 use crate::cuda::{contiguous_view, load, to_u32, GEMV};
 
 /// Output columns per block: one warp each (`kWarpsPerBlock` in `gemv.cu`).
@@ -64,4 +64,92 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         unsafe { builder.launch(cfg) }.w()?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, n))))
+}
+
+pub(super) fn gemv_norm(
+    eps: f32,
+    x: (&CudaStorage, &Layout),
+    r: Option<(&CudaStorage, &Layout)>,
+    w: (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    match x.0.dtype() {
+        DType::F32 => gemv_norm_t::<f32>(eps, x, r, w),
+        DType::F16 => gemv_norm_t::<half::f16>(eps, x, r, w),
+        DType::BF16 => gemv_norm_t::<half::bf16>(eps, x, r, w),
+        other => bail!("gemv_norm: `x` must be f32, f16 or bf16, got {other:?}"),
+    }
+}
+
+/// Launches `gemv_norm<m>_<T>` (no residual: the output is `y`, `(m, n)`) or `gemv_add_norm<m>_<T>`
+/// (the output is `s`, `m * k` elements, then `y`, `m * n`).
+fn gemv_norm_t<T: CudaDType + DeviceRepr>(
+    eps: f32,
+    (x, x_l): (&CudaStorage, &Layout),
+    r: Option<(&CudaStorage, &Layout)>,
+    (w, w_l): (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = x.device().clone();
+    let (m, k) = x_l.shape().dims2()?;
+    let (n, w_k) = w_l.shape().dims2()?;
+    let (xs, ws) = (contiguous_view::<T>(x, x_l, "x")?, contiguous_view::<T>(w, w_l, "w")?);
+    let rs = match r {
+        Some((r, r_l)) => Some(contiguous_view::<T>(r, r_l, "residual")?),
+        None => None,
+    };
+    // The public function checked these; the kernel's reads depend on them.
+    if !(1..=MAX_NORM_ROWS.min(MAX_ROWS)).contains(&m)
+        || w_k != k
+        || xs.len() != m * k
+        || ws.len() != n * k
+        || rs.as_ref().is_some_and(|r| r.len() != m * k)
+    {
+        bail!("gemv_norm: operands ({m}, {k}) and ({n}, {w_k}) do not fit")
+    }
+    if !(k * std::mem::size_of::<T>()).is_multiple_of(CHUNK_BYTES) {
+        bail!("gemv_norm: a row of {k} elements is not a whole number of 16-byte chunks")
+    }
+    let stream = dev.cuda_stream();
+    {
+        let (x_ptr, _x_read) = xs.device_ptr(&stream);
+        let (w_ptr, _w_read) = ws.device_ptr(&stream);
+        let r_ptr = rs.as_ref().map(|r| r.device_ptr(&stream));
+        let aligned = |p: u64| (p as usize).is_multiple_of(CHUNK_BYTES);
+        if !aligned(x_ptr) || !aligned(w_ptr) || r_ptr.as_ref().is_some_and(|(p, _)| !aligned(*p)) {
+            bail!("gemv_norm: `x`, `residual` and `w` must start on a 16-byte boundary")
+        }
+    }
+    if n == 0 {
+        bail!("gemv_norm: a weight with no output column (whose warp would write `s`)")
+    }
+    let sum_len = if rs.is_some() { m * k } else { 0 };
+    let len = sum_len + m * n;
+    // SAFETY: every column's warp writes its `m` outputs, and column 0's warp (there is one: n >= 1)
+    // writes all `m * k` elements of `s` when there is a residual, before anything reads them.
+    let mut out = unsafe { dev.alloc::<T>(len)? };
+    let func =
+        load(&dev, &GEMV, &format!("{}{m}", if rs.is_some() { "gemv_add_norm" } else { "gemv_norm" }), x.dtype())?;
+    let mut builder = stream.launch_builder(&func);
+    let (n32, k32) = (to_u32(n, "n")?, to_u32(k, "k")?);
+    let blocks = to_u32(n.div_ceil(COLUMNS_PER_BLOCK), "blocks")?;
+    let threads = (COLUMNS_PER_BLOCK * 32) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    match &rs {
+        Some(rs) => {
+            let (mut sum, mut y) = out.split_at_mut(sum_len);
+            builder.arg(&mut y).arg(&mut sum).arg(&xs).arg(rs).arg(&ws).arg(&n32).arg(&k32).arg(&eps);
+            // SAFETY: the arguments match `gemv_add_norm<m>_<T>` in `gemv.cu` (two `T*`, three
+            // `const T*`, two u32, an f32); `xs` and `rs` hold `m * k` and `ws` `n * k` elements,
+            // 16-byte aligned with `k` a whole number of 16-byte chunks (checked above); `sum`
+            // holds `m * k` (16-byte aligned: the buffer's start) and `y` `m * n`.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        None => {
+            builder.arg(&mut out).arg(&xs).arg(&ws).arg(&n32).arg(&k32).arg(&eps);
+            // SAFETY: the arguments match `gemv_norm<m>_<T>` in `gemv.cu` (a `T*`, two `const T*`,
+            // two u32, an f32); the sizes and alignment are as above; `out` holds `m * n`.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+    }
+    let shape = if rs.is_some() { Shape::from(len) } else { Shape::from((m, n)) };
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }

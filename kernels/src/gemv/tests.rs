@@ -115,3 +115,91 @@ fn unsupported_operands_are_refused(dev: &Device) -> Result<()> {
     Ok(())
 }
 test_device!(unsupported_operands_are_refused);
+
+/// `gemv_norm` against an f64 reference of the add, the norm and the product, with and without a
+/// residual, for every row count it takes; the new residual stream is `x + r` rounded, exactly.
+fn gemv_norm_matches_a_reference(dev: &Device) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(15);
+    let eps = 1e-5;
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for m in 1..=MAX_NORM_ROWS {
+            for (n, k) in [(1, 8), (37, 64), (300, 2048), (5, 4096 + 8)] {
+                let x = uniform(&mut rng, &[m, k], dtype, dev)?;
+                let r = uniform(&mut rng, &[m, k], dtype, dev)?;
+                let w = uniform(&mut rng, &[n, k], dtype, dev)?;
+                for residual in [None, Some(&r)] {
+                    let (sum, y) = gemv_norm(&x, residual, &w, eps)?;
+                    let s = match residual {
+                        Some(r) => (&x + r)?,
+                        None => x.clone(),
+                    };
+                    match (&sum, residual) {
+                        (Some(sum), Some(_)) => {
+                            assert_eq!(sum.dims(), [m, k]);
+                            let diff = (sum.to_dtype(DType::F32)? - s.to_dtype(DType::F32)?)?.abs()?.max_all()?;
+                            assert_eq!(diff.to_scalar::<f32>()?, 0.0, "{dtype:?}: the sum is x + r rounded");
+                        }
+                        (None, None) => {}
+                        _ => panic!("a sum exactly when there is a residual"),
+                    }
+                    // (s / rms(s)) · wᵀ in f64.
+                    let s64 = s.to_dtype(DType::F64)?;
+                    let rms = (s64.sqr()?.mean_keepdim(1)? + eps as f64)?.sqrt()?;
+                    let normed = s64.broadcast_div(&rms)?;
+                    let want = reference(&normed, &w)?;
+                    let err = relative_error(&y, &want)?;
+                    let what = format!("{dtype:?} ({m}, {k}) x ({n}, {k}), residual {}", residual.is_some());
+                    assert!(err <= tolerance(dtype), "{what}: relative error {err}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+test_device!(gemv_norm_matches_a_reference);
+
+/// With the norm's weight folded into the projection's, `gemv_norm` computes what the separate
+/// ops do (add, `rms_norm` times the norm's weight, rounded, then the product), to rounding; a
+/// row's bits are the same alone as with the other row.
+fn gemv_norm_with_a_folded_weight_is_the_norm_then_the_product(dev: &Device) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(16);
+    let eps = 1e-5;
+    for dtype in [DType::F32, DType::BF16] {
+        let (n, k) = (200, 1024);
+        let x = uniform(&mut rng, &[2, k], dtype, dev)?;
+        let r = uniform(&mut rng, &[2, k], dtype, dev)?;
+        let w = uniform(&mut rng, &[n, k], dtype, dev)?;
+        // A norm weight around 1, as trained models have.
+        let norm = uniform(&mut rng, &[k], DType::F32, dev)?.affine(0.5, 1.0)?.to_dtype(dtype)?;
+        let s = (&x + &r)?.to_dtype(DType::F32)?;
+        let rms = (s.sqr()?.mean_keepdim(1)? + eps as f64)?.sqrt()?;
+        let normed = s.broadcast_div(&rms)?.broadcast_mul(&norm.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+        let want = reference(&normed, &w)?;
+        let (_, y) = gemv_norm(&x, Some(&r), &fold_norm_weight(&w, &norm)?, eps)?;
+        let err = relative_error(&y, &want)?;
+        assert!(err <= 2.0 * tolerance(dtype), "{dtype:?}: relative error {err}");
+        let folded = fold_norm_weight(&w, &norm)?;
+        let both = gemv_norm(&x, Some(&r), &folded, eps)?.1.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        for (i, row) in both.iter().enumerate() {
+            let one = gemv_norm(&x.narrow(0, i, 1)?, Some(&r.narrow(0, i, 1)?), &folded, eps)?.1;
+            assert_eq!(&one.to_dtype(DType::F32)?.to_vec2::<f32>()?[0], row, "{dtype:?}: row {i}");
+        }
+    }
+    Ok(())
+}
+test_device!(gemv_norm_with_a_folded_weight_is_the_norm_then_the_product);
+
+fn gemv_norm_refuses_what_it_does_not_take(dev: &Device) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(17);
+    let w = uniform(&mut rng, &[16, 64], DType::BF16, dev)?;
+    let three = uniform(&mut rng, &[MAX_NORM_ROWS + 1, 64], DType::BF16, dev)?;
+    assert!(gemv_norm(&three, None, &w, 1e-5).is_err(), "more than MAX_NORM_ROWS rows");
+    let x = uniform(&mut rng, &[1, 64], DType::BF16, dev)?;
+    let r = uniform(&mut rng, &[2, 64], DType::BF16, dev)?;
+    assert!(gemv_norm(&x, Some(&r), &w, 1e-5).is_err(), "a residual of another shape");
+    let none = Tensor::zeros((0, 64), DType::BF16, dev)?;
+    assert!(gemv_norm(&x, None, &none, 1e-5).is_err(), "no output column");
+    assert!(fold_norm_weight(&w, &uniform(&mut rng, &[63], DType::BF16, dev)?).is_err(), "a norm of another width");
+    Ok(())
+}
+test_device!(gemv_norm_refuses_what_it_does_not_take);
