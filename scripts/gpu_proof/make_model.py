@@ -23,6 +23,12 @@ config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=2048, intermed
 torch.manual_seed(0)
 with torch.device("cuda"):
     model = LlamaForCausalLM(config).to(torch.bfloat16)
+    # RMS norm weights are initialised to 1; a trained model's are not, and the CUDA path folds them
+    # into the projections that follow: draw them from [0.5, 1.5) so that the fold is exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
 model.save_pretrained(model_dir, safe_serialization=True)
 # The keys our loader reads, at top level whatever this transformers version writes.
 path = os.path.join(model_dir, "config.json")
