@@ -282,24 +282,48 @@ impl Scheduler {
         batch.preempted.push(id);
     }
 
+    /// Whether a running sequence shares with `tokens` (whole blocks a waiting sequence could
+    /// reuse, of which the first `cached` tokens are in the cache) whole blocks past `cached` that it
+    /// has not computed yet: once it has, they are in the cache. (One it has computed is in the
+    /// cache already, so this never waits on a sequence that will not register anything.)
+    fn computing_shared_blocks(&self, tokens: &[u32], cached: usize) -> bool {
+        let bs = self.blocks.block_size();
+        self.running.iter().filter_map(|id| self.sequences.get(id)).any(|p| {
+            if p.num_computed_tokens >= tokens.len() {
+                return false;
+            }
+            let common = tokens.iter().zip(&p.token_ids).take_while(|(a, b)| a == b).count();
+            let shared = common / bs * bs;
+            shared > cached && p.num_computed_tokens < shared
+        })
+    }
+
     fn admit(&mut self, budget: &mut usize, batch: &mut Batch) {
         while *budget > 0 && self.running.len() < self.config.max_num_seqs {
             let Some(id) = self.waiting.peek() else {
                 break;
             };
-            let Some(seq) = self.sequences.get_mut(&id) else {
+            let Some(seq) = self.sequences.get(&id) else {
                 self.waiting.pop();
                 continue;
             };
             // Whole blocks of its tokens already in the cache, short of the last token: that one
             // always runs, as its logits give the next token.
-            let hits = if self.config.prefix_caching {
-                let bs = self.blocks.block_size();
-                self.blocks.lookup(&seq.token_ids[..seq.num_tokens().saturating_sub(1) / bs * bs])
-            } else {
-                Vec::new()
+            let bs = self.blocks.block_size();
+            let reusable = &seq.token_ids[..seq.num_tokens().saturating_sub(1) / bs * bs];
+            let hits = if self.config.prefix_caching { self.blocks.lookup(reusable) } else { Vec::new() };
+            let cached = hits.len() * bs;
+            // Whole blocks it shares with a running sequence that is still computing them: it waits
+            // for them (holding the queue, as any admission that must wait does) rather than
+            // computing them a second time in the same steps. Twins admitted together (`n`
+            // choices, a burst of requests with one system prompt) compute their prefix once.
+            if self.config.prefix_caching && self.computing_shared_blocks(reusable, cached) {
+                break;
+            }
+            let Some(seq) = self.sequences.get_mut(&id) else {
+                self.waiting.pop();
+                continue;
             };
-            let cached = hits.len() * self.blocks.block_size();
             let len = (seq.num_tokens() - cached).min(*budget);
             match self.blocks.can_allocate_cached(&hits, cached + len, seq.max_len()) {
                 AllocStatus::Ok => {}

@@ -352,17 +352,51 @@ fn prefix_cache_shares_blocks_between_running_sequences() {
 }
 
 #[test]
-fn prefix_cache_twins_admitted_together_both_compute_then_share_later() {
+fn prefix_cache_twins_arriving_together_compute_their_prefix_once() {
     let mut cfg = caching();
     cfg.max_batch_size = 2;
+    let mut sim = Sim::new(cfg.clone(), 32);
+    let a = sim.add_prompt(run(1000, 9), 2, 0, 0);
+    let b = sim.add_prompt(run(1000, 9), 2, 0, 0);
+    let first = sim.step(0);
+    assert_eq!(Sim::ids(&first), vec![a], "b waits for the blocks a is computing");
+    let second = sim.step(1);
+    assert_eq!(first_slot(&[second], b), (8, 1), "then finds them cached");
+    sim.run_to_end(2);
+    let c = sim.s.counters();
+    assert_eq!((c.prefix_cache_queries, c.prefix_cache_hits), (18, 8));
+    sim.assert_pool_full();
+
+    // Without prefix caching both compute everything at once.
+    cfg.prefix_caching = false;
     let mut sim = Sim::new(cfg, 32);
     let a = sim.add_prompt(run(1000, 9), 2, 0, 0);
     let b = sim.add_prompt(run(1000, 9), 2, 0, 0);
     let batches = sim.run_to_end(0);
     assert_eq!((first_slot(&batches, a), first_slot(&batches, b)), ((0, 9), (0, 9)));
-    assert_eq!(sim.s.block_manager().num_cached(), 2, "one copy of each block is kept");
-    let c = sim.add_prompt(run(1000, 9), 2, 0, 100);
-    assert_eq!(first_slot(&sim.run_to_end(100), c), (8, 1));
+    sim.assert_pool_full();
+}
+
+#[test]
+fn prefix_cache_waits_for_a_shared_prefix_prefilled_in_chunks() {
+    // A 30-token prompt at 8 tokens a step takes four steps; a second prompt sharing its first
+    // 24 tokens (six blocks) waits until those are computed, then computes only its own end. A
+    // third request with nothing shared, behind it in the queue, waits with it (strict order).
+    let mut cfg = caching();
+    cfg.max_batch_size = 3;
+    cfg.max_batch_tokens = 8;
+    let mut sim = Sim::new(cfg, 64);
+    let a = sim.add_prompt(run(1000, 30), 2, 0, 0);
+    let mut shared = run(1000, 24);
+    shared.extend(run(5000, 5));
+    let b = sim.add_prompt(shared, 2, 0, 0);
+    let c = sim.add_prompt(run(9000, 6), 2, 0, 0);
+    let batches = sim.run_to_end(0);
+    let step_of = |id| batches.iter().position(|x| x.seqs.iter().any(|s| s.id == id)).unwrap();
+    assert_eq!(first_slot(&batches, b).0, 24, "six blocks found cached");
+    assert!(step_of(b) >= 3, "b is admitted once a has computed 24 tokens (step {})", step_of(b));
+    assert!(step_of(c) >= step_of(b), "c does not overtake b");
+    assert_eq!(first_slot(&batches, a), (0, 8));
     sim.assert_pool_full();
 }
 
