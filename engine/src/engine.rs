@@ -179,11 +179,14 @@ impl Engine {
         // replay only on the thread that captured them), and the engine is ready once it has.
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new().name("sluice-engine".into()).spawn(move || {
-            worker.capture_decode_graphs();
-            let _ = ready_tx.send(());
-            worker.run()
+            let ready = worker.capture_decode_graphs();
+            let start = ready.is_ok();
+            let _ = ready_tx.send(ready);
+            if start {
+                worker.run()
+            }
         })?;
-        ready_rx.recv().map_err(|_| EngineError::Model("the engine thread stopped while starting".into()))?;
+        ready_rx.recv().map_err(|_| EngineError::Model("the engine thread stopped while starting".into()))??;
         let grammars = Arc::new(OnceLock::new());
         let (cell, tok) = (grammars.clone(), tokenizer.clone());
         std::thread::Builder::new().name("sluice-grammars".into()).spawn(move || {

@@ -112,10 +112,11 @@ impl Worker {
     }
 
     /// Captures the decode graphs of every batch size before the first request (see
-    /// `ModelRunner::capture_decode_graphs`); without them, or off CUDA, does nothing. A failure
-    /// is logged and leaves graphs to be captured as batch sizes first occur (or off, if a capture
-    /// itself failed).
-    pub(crate) fn capture_decode_graphs(&mut self) {
+    /// `ModelRunner::capture_decode_graphs`); without them, or off CUDA, does nothing. A bucket
+    /// that fails is logged and handled there; then the device must still work: a kernel that
+    /// faulted leaves it unusable, and that is an error here (the engine does not start) rather
+    /// than a failure of every request later.
+    pub(crate) fn capture_decode_graphs(&mut self) -> crate::error::Result<()> {
         let started = Instant::now();
         match self.runner.capture_decode_graphs() {
             Ok(0) => {}
@@ -126,9 +127,15 @@ impl Worker {
             ),
             Err(e) => tracing::warn!(error = %e, "capturing the decode graphs at start-up failed"),
         }
+        self.runner
+            .model()
+            .device()
+            .synchronize()
+            .map_err(|e| EngineError::Model(format!("the GPU failed while the decode graphs were captured: {e}")))?;
         if let Ok(mut s) = self.shared.stats.lock() {
             s.decode_graphs = self.runner.graph_counts();
         }
+        Ok(())
     }
 
     /// The loop. Sleeps on the command channel when there is nothing to do (no busy-wait), until

@@ -24,6 +24,16 @@ namespace {
 using sluice::from_f32;
 using sluice::to_f32;
 
+// The rotation of a pair, each product and sum rounded on its own (no contraction into an FMA,
+// which the compiler could do differently in two kernels): the same bits in `qkv_rope` and
+// `qkv_rope_cache`, and as the CPU body computes them.
+__device__ __forceinline__ float rotate_first(float x1, float x2, float cc, float ss) {
+    return __fsub_rn(__fmul_rn(x1, cc), __fmul_rn(x2, ss));
+}
+__device__ __forceinline__ float rotate_second(float x1, float x2, float cc, float ss) {
+    return __fadd_rn(__fmul_rn(x2, cc), __fmul_rn(x1, ss));
+}
+
 // One block per row.
 template <typename T>
 __device__ void qkv_rope(T* __restrict__ out, const T* __restrict__ qkv, const T* __restrict__ cos,
@@ -48,8 +58,8 @@ __device__ void qkv_rope(T* __restrict__ out, const T* __restrict__ qkv, const T
         const float cc = to_f32(c[i]), ss = to_f32(s[i]);
         T* dst = h < heads ? q_out + static_cast<size_t>(h) * head_dim
                            : k_out + static_cast<size_t>(h - heads) * head_dim;
-        dst[i] = from_f32<T>(x1 * cc - x2 * ss);
-        dst[i + half] = from_f32<T>(x2 * cc + x1 * ss);
+        dst[i] = from_f32<T>(rotate_first(x1, x2, cc, ss));
+        dst[i + half] = from_f32<T>(rotate_second(x1, x2, cc, ss));
     }
     const uint32_t v_len = kv_heads * head_dim;
     const T* v_in = x + static_cast<size_t>(heads + kv_heads) * head_dim;
@@ -97,8 +107,8 @@ __device__ void qkv_rope_cache(T* __restrict__ q_out, T* __restrict__ k_cache, T
         const float cc = to_f32(c[i]), ss = to_f32(s[i]);
         T* dst = h < heads ? q_row + static_cast<size_t>(h) * head_dim
                            : k_cache + slot_row + static_cast<size_t>(h - heads) * head_dim;
-        dst[i] = from_f32<T>(x1 * cc - x2 * ss);
-        dst[i + half] = from_f32<T>(x2 * cc + x1 * ss);
+        dst[i] = from_f32<T>(rotate_first(x1, x2, cc, ss));
+        dst[i + half] = from_f32<T>(rotate_second(x1, x2, cc, ss));
     }
     if (store) {
         const uint32_t v_len = kv_heads * head_dim;

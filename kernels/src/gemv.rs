@@ -87,14 +87,24 @@ pub fn gemv_norm(
 }
 
 /// A projection's weight `w: (n, k)` with an RMS norm's weight `(k,)` folded in, `w · diag(norm)`,
-/// computed in f32 and rounded to `w`'s dtype: the weight [`gemv_norm`] takes.
+/// computed in f32 and rounded to `w`'s dtype: the weight [`gemv_norm`] takes. Done a slab of rows
+/// at a time, so that loading a large LM head needs little memory beyond the two weights.
 pub fn fold_norm_weight(w: &Tensor, norm: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, k) = w.dims2()?;
+    const ROWS: usize = 4096;
+    let (n, k) = w.dims2()?;
     if norm.dims() != [k] {
         bail!("fold_norm_weight: the norm's weight must be ({k},), got {:?}", norm.dims())
     }
     let norm = norm.to_dtype(DType::F32)?.reshape((1, k))?;
-    w.to_dtype(DType::F32)?.broadcast_mul(&norm)?.to_dtype(w.dtype())
+    let slabs = (0..n)
+        .step_by(ROWS)
+        .map(|at| w.narrow(0, at, ROWS.min(n - at))?.to_dtype(DType::F32)?.broadcast_mul(&norm)?.to_dtype(w.dtype()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    match slabs.as_slice() {
+        [] => Ok(w.clone()),
+        [one] => Ok(one.clone()),
+        _ => Tensor::cat(&slabs, 0),
+    }
 }
 
 /// `x` checked against `w` as [`gemv`] checks them, contiguous and 16-byte aligned (copied if not).

@@ -180,32 +180,54 @@ impl DecodeGraphs {
         Ok(out)
     }
 
-    /// Captures every bucket up to the largest not captured yet, each from a step of padding rows
-    /// only (which stores nothing in the cache), so that no request meets a capture later; returns
-    /// how many were captured. Nothing to do off CUDA, or once a capture has failed (which turns
-    /// graphs off, as in [`DecodeGraphs::run`]). Must run on the thread that will replay them.
+    /// Captures every bucket up to the largest, each from a step of padding rows only (which
+    /// stores nothing in the cache), so that no request meets a capture later; returns how many
+    /// were captured. If a bucket fails (its step or its capture: out of memory, say), the buckets
+    /// below it keep their graphs and larger decode steps run unpadded and eagerly; if the first
+    /// fails, graphs are off (as after a failed capture in [`DecodeGraphs::run`]). Nothing to do
+    /// off CUDA. Must run on the thread that will replay the graphs.
     pub fn capture_all(&mut self, model: &Llama, cache: &[LayerCache]) -> Result<usize> {
-        let mut captured = 0;
+        let (mut captured, mut last_ok) = (0, 0);
         let mut bucket = 1;
         while self.capture && bucket <= self.max_batch {
             if !self.graphs.contains_key(&bucket) {
-                self.write_rows([&[]; 4], &[], bucket)?;
-                {
-                    let _uploads = capture::cache_uploads(model.device());
-                    self.step_into_buffers(model, cache, bucket)?;
-                }
-                match self.record(model, cache, bucket) {
+                match self.capture_padding_step(model, cache, bucket) {
                     Ok(graph) => {
                         self.graphs.insert(bucket, graph);
                         self.counts.captured += 1;
                         captured += 1;
                     }
-                    Err(e) => self.give_up(bucket, &e),
+                    Err(e) if last_ok > 0 => {
+                        tracing::warn!(
+                            bucket,
+                            error = %e,
+                            largest = last_ok,
+                            "a decode graph failed at start-up; larger decode steps run eagerly"
+                        );
+                        self.max_batch = last_ok;
+                        break;
+                    }
+                    Err(e) => {
+                        self.give_up(bucket, &e);
+                        break;
+                    }
                 }
             }
+            last_ok = bucket;
             bucket = bucket_for(bucket + 1);
         }
         Ok(captured)
+    }
+
+    /// The bucket's graph, captured after an eager step of padding rows (as [`DecodeGraphs::run`]
+    /// runs a first step before its capture).
+    fn capture_padding_step(&self, model: &Llama, cache: &[LayerCache], bucket: usize) -> Result<capture::Graph> {
+        self.write_rows([&[]; 4], &[], bucket)?;
+        {
+            let _uploads = capture::cache_uploads(model.device());
+            self.step_into_buffers(model, cache, bucket)?;
+        }
+        self.record(model, cache, bucket)
     }
 
     /// The `[bucket, vocab]` logits of a decode step of padding rows only, run eagerly: the step

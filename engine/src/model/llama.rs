@@ -242,10 +242,11 @@ struct NormedLinear {
 }
 
 impl NormedLinear {
-    /// Folds `norm`'s weight into `linear`'s when `fold` asks and `linear` takes `gemv`.
+    /// Folds `norm`'s weight into `linear`'s when `fold` asks and `linear` takes `gemv` (at the
+    /// width of its input: otherwise the fold would only round the weight once more).
     fn new(norm: RmsNorm, mut linear: Linear, fold: bool) -> Result<Self> {
         let folded = match &mut linear {
-            Linear::Rows { w, gemv: true } if fold => {
+            Linear::Rows { w, gemv: true } if fold && gemv::supports(1, w.dim(1)?, w.dtype()) => {
                 *w = gemv::fold_norm_weight(w, &norm.weight)?;
                 true
             }
@@ -503,11 +504,7 @@ impl Llama {
 /// once at load and keeps cuBLAS for every batch if it fails (saying so in its log).
 pub fn check_gemv(device: &Device, dtype: DType) -> bool {
     let product = |x: &Tensor, w: &Tensor| Ok(gemv::gemv(x, w)?);
-    let normed = |x: &Tensor, r: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
-        let (sum, y) = gemv::gemv_norm(x, Some(r), w, NORM_CHECK_EPS)?;
-        let sum = sum.ok_or_else(|| EngineError::Model("gemv_norm gave no sum for a residual".into()))?;
-        Ok((sum, y))
-    };
+    let normed = |x: &Tensor, r: Option<&Tensor>, w: &Tensor| Ok(gemv::gemv_norm(x, r, w, NORM_CHECK_EPS)?);
     match gemv_disagreement(device, dtype, product, normed) {
         Ok(None) => true,
         Ok(Some(what)) => {
@@ -525,13 +522,13 @@ pub fn check_gemv(device: &Device, dtype: DType) -> bool {
 const NORM_CHECK_EPS: f32 = 1e-5;
 
 /// What [`check_gemv`] finds wrong, if anything, with `product` standing for `gemv` (every row
-/// count) and `normed` for `gemv_norm` with a residual (`(x, r, w)` → `(x + r, y)`; its row counts),
-/// against f64 references on the host.
+/// count) and `normed` for `gemv_norm` (`(x, r, w)` → `(x + r, y)` with a residual, `(None, y)`
+/// without; its row counts), against f64 references on the host.
 fn gemv_disagreement(
     device: &Device,
     dtype: DType,
     product: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
-    normed: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
+    normed: impl Fn(&Tensor, Option<&Tensor>, &Tensor) -> Result<(Option<Tensor>, Tensor)>,
 ) -> Result<Option<String>> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x9e37);
@@ -572,13 +569,17 @@ fn gemv_disagreement(
                 return Ok(Some(format!("gemv ({m}, {k}) x ({n}, {k}): relative error {err}")));
             }
         }
-        for m in 1..=gemv::MAX_NORM_ROWS {
+        for (m, residual) in (1..=gemv::MAX_NORM_ROWS).flat_map(|m| [(m, false), (m, true)]) {
             let (x, r) = (random(m, k)?, random(m, k)?);
-            let s = (&x + &r)?; // rounded to the dtype, as the kernel's sum must be
-            let (sum, got) = normed(&x.to_device(device)?, &r.to_device(device)?, &w)?;
+            let r_dev = if residual { Some(r.to_device(device)?) } else { None };
+            let (sum, got) = normed(&x.to_device(device)?, r_dev.as_ref(), &w)?;
+            // The row normed: x + r rounded to the dtype (as the kernel's sum must be), or x.
+            let s = if residual { (&x + &r)? } else { x };
             let s_host = host(&s)?;
-            if host(&sum)? != s_host {
-                return Ok(Some(format!("gemv_norm ({m}, {k}): the residual sum is not x + r")));
+            match (sum, residual) {
+                (Some(sum), true) if host(&sum)? == s_host => {}
+                (None, false) => {}
+                _ => return Ok(Some(format!("gemv_norm ({m}, {k}): the residual sum is not x + r"))),
             }
             let scale: Vec<f64> = s_host
                 .iter()
@@ -586,7 +587,8 @@ fn gemv_disagreement(
                 .collect();
             let err = error(&s_host, &scale, &w_host, &host(&got)?);
             if err.is_nan() || err > tolerance {
-                return Ok(Some(format!("gemv_norm ({m}, {k}) x ({n}, {k}): relative error {err}")));
+                let with = if residual { "with" } else { "without" };
+                return Ok(Some(format!("gemv_norm ({m}, {k}) x ({n}, {k}) {with} a residual: relative error {err}")));
             }
         }
     }
@@ -695,18 +697,24 @@ mod tests {
         let scaled = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok((gemv::gemv(x, w)? * 1.02)?) };
         let failing = |_: &Tensor, _: &Tensor| -> Result<Tensor> { Err(EngineError::Model("no kernel".into())) };
         let right = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok(gemv::gemv(x, w)?) };
-        let normed = |x: &Tensor, r: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
-            let (sum, y) = gemv::gemv_norm(x, Some(r), w, NORM_CHECK_EPS)?;
-            Ok((sum.expect("a residual was given"), y))
+        let normed = |x: &Tensor, r: Option<&Tensor>, w: &Tensor| -> Result<(Option<Tensor>, Tensor)> {
+            Ok(gemv::gemv_norm(x, r, w, NORM_CHECK_EPS)?)
         };
-        // gemv_norm without the norm, or with a sum that is not x + r.
-        let unnormed = |x: &Tensor, r: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
-            let s = (x + r)?;
-            Ok((s.clone(), gemv::gemv(&s, w)?))
+        // gemv_norm without the norm; with a sum that is not x + r; wrong only without a residual.
+        let unnormed = |x: &Tensor, r: Option<&Tensor>, w: &Tensor| -> Result<(Option<Tensor>, Tensor)> {
+            let s = match r {
+                Some(r) => (x + r)?,
+                None => x.clone(),
+            };
+            Ok((r.map(|_| s.clone()), gemv::gemv(&s, w)?))
         };
-        let wrong_sum = |x: &Tensor, r: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
-            let (_, y) = gemv::gemv_norm(x, Some(r), w, NORM_CHECK_EPS)?;
-            Ok((x.clone(), y))
+        let wrong_sum = |x: &Tensor, r: Option<&Tensor>, w: &Tensor| -> Result<(Option<Tensor>, Tensor)> {
+            let (sum, y) = gemv::gemv_norm(x, r, w, NORM_CHECK_EPS)?;
+            Ok((sum.map(|_| x.clone()), y))
+        };
+        let wrong_alone = |x: &Tensor, r: Option<&Tensor>, w: &Tensor| -> Result<(Option<Tensor>, Tensor)> {
+            let (sum, y) = gemv::gemv_norm(x, r, w, NORM_CHECK_EPS)?;
+            Ok((sum, if r.is_none() { (y * 1.05)? } else { y }))
         };
         for dtype in [DType::F32, DType::BF16] {
             let found = gemv_disagreement(&Device::Cpu, dtype, last_row_wrong, normed).unwrap();
@@ -717,6 +725,8 @@ mod tests {
             assert!(found.as_deref().is_some_and(|w| w.starts_with("gemv_norm (1, 1024)")), "{dtype:?}: {found:?}");
             let found = gemv_disagreement(&Device::Cpu, dtype, right, wrong_sum).unwrap();
             assert!(found.as_deref().is_some_and(|w| w.contains("not x + r")), "{dtype:?}: {found:?}");
+            let found = gemv_disagreement(&Device::Cpu, dtype, right, wrong_alone).unwrap();
+            assert!(found.as_deref().is_some_and(|w| w.contains("without a residual")), "{dtype:?}: {found:?}");
         }
     }
 }

@@ -203,3 +203,19 @@ fn gemv_norm_refuses_what_it_does_not_take(dev: &Device) -> Result<()> {
     Ok(())
 }
 test_device!(gemv_norm_refuses_what_it_does_not_take);
+
+/// The fold, slab by slab, is each weight times its column's norm weight, rounded once.
+fn fold_norm_weight_scales_each_column_by_the_norm(dev: &Device) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(18);
+    let (n, k) = (2 * 4096 + 5, 16);
+    let w = uniform(&mut rng, &[n, k], DType::BF16, dev)?;
+    let norm = uniform(&mut rng, &[k], DType::BF16, dev)?;
+    let folded = fold_norm_weight(&w, &norm)?;
+    let want =
+        w.to_dtype(DType::F32)?.broadcast_mul(&norm.to_dtype(DType::F32)?.reshape((1, k))?)?.to_dtype(DType::BF16)?;
+    assert_eq!(folded.dims(), [n, k]);
+    let diff = (folded.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert_eq!(diff, 0.0);
+    Ok(())
+}
+test_device!(fold_norm_weight_scales_each_column_by_the_norm);
