@@ -75,6 +75,11 @@ pub struct Settings {
     /// launch); a failed capture is logged and steps run eagerly [default: true].
     #[arg(long, env = "SLUICE_CUDA_GRAPHS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub cuda_graphs: Option<bool>,
+    /// On CUDA: dense projections of up to eight rows (small decode batches) on Sluice's GEMV
+    /// kernel, checked against a reference at start-up, with each RMS norm folded into the
+    /// projection after it; `false` runs every projection on cuBLAS [default: true].
+    #[arg(long, env = "SLUICE_GEMV", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub gemv: Option<bool>,
     /// Where sampled rows are read: auto (off the CPU from the device: greedy argmaxes, and for
     /// sampled requests the 128 most likely tokens, the whole row only when needed; on the CPU whole
     /// rows), device (from the device on the CPU too, for tests) or host (every row copied whole and
@@ -270,6 +275,7 @@ impl Settings {
             gpu_weights: self.gpu_weights.or(file.gpu_weights),
             gpu_memory_utilization: self.gpu_memory_utilization.or(file.gpu_memory_utilization),
             cuda_graphs: self.cuda_graphs.or(file.cuda_graphs),
+            gemv: self.gemv.or(file.gemv),
             device_sampling: self.device_sampling.or(file.device_sampling),
             max_batch_size: self.max_batch_size.or(file.max_batch_size),
             batch_timeout: self.batch_timeout.or(file.batch_timeout),
@@ -386,6 +392,7 @@ fn engine_config(s: &Settings) -> Result<EngineConfig, ConfigError> {
     }
     // Graphs are a CUDA thing; on the CPU the engine would only pad steps (its test mode).
     config.cuda_graphs = s.cuda_graphs.unwrap_or(true) && config.device != DeviceSpec::Cpu;
+    config.gemv = s.gemv.unwrap_or(true);
     if let Some(d) = &s.device_sampling {
         config.device_sampling = d.parse().map_err(|e| ConfigError(format!("`device_sampling`: {e}")))?;
     }

@@ -228,6 +228,15 @@ fn gpu_settings_default_and_reach_the_engine_config() {
     assert!(!cuda(&["--config", &file.0.display().to_string(), "--cuda-graphs", "false"]), "the flag beats the file");
     assert!(cuda(&["--cuda-graphs"]) && cuda(&[]), "on by default on CUDA");
     assert!(!cuda(&["--cuda-graphs", "false"]));
+    assert!(e.gemv, "the GEMV kernel by default");
+    let gemv = |args: &[&str]| {
+        let mut all = vec!["--model", &path, "--device", "cuda"];
+        all.extend_from_slice(args);
+        load(&all).unwrap().engine.gemv
+    };
+    let off = TempFile::new("gemv.toml", "gemv = false\n");
+    assert!(!gemv(&["--gemv", "false"]) && !gemv(&["--config", &off.0.display().to_string()]));
+    assert!(gemv(&["--config", &off.0.display().to_string(), "--gemv"]), "the flag beats the file");
     assert_eq!(e.device_sampling, DeviceSampling::Auto);
     let c = load(&["--model", &path, "--device-sampling", "host"]).unwrap();
     assert_eq!(c.engine.device_sampling, DeviceSampling::Host);
