@@ -3,6 +3,7 @@
 
 mod config;
 mod cpu_weights;
+mod gemv_check;
 mod graphs;
 mod llama;
 mod loader;
@@ -13,8 +14,9 @@ mod runner;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use cpu_weights::{CpuActivations, CpuWeights};
+pub use gemv_check::check_gemv;
 pub use graphs::{bucket_for, DecodeGraphs, GraphCounts, MAX_GRAPH_BATCH};
-pub use llama::{check_gemv, LayerCache, Linear, Llama, LoadOptions, StepInput};
+pub use llama::{LayerCache, Linear, Llama, LoadOptions, StepInput};
 pub use loader::{read_gguf, ModelFormat, QuantizedWeight, WeightSource};
 pub use qmatmul::{GgufBlocks, GpuWeights, QLinear};
 pub use readout::{readable, DeviceSampling, Readout, StepLogits, HEAD_SIZE};

@@ -1,7 +1,11 @@
 //! The CUDA body of `gemv`: launches `kernels/cuda/gemv.cu`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Shape};
 
@@ -31,21 +35,8 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
     let (m, k) = x_l.shape().dims2()?;
     let (n, w_k) = w_l.shape().dims2()?;
     let (xs, ws) = (contiguous_view::<T>(x, x_l, "x")?, contiguous_view::<T>(w, w_l, "w")?);
-    // The public function checked these; the kernel's reads depend on them.
-    if !(1..=MAX_ROWS).contains(&m) || w_k != k || xs.len() != m * k || ws.len() != n * k {
-        bail!("gemv: operands ({m}, {k}) and ({n}, {w_k}) do not fit")
-    }
-    if !(k * std::mem::size_of::<T>()).is_multiple_of(CHUNK_BYTES) {
-        bail!("gemv: a row of {k} elements is not a whole number of 16-byte chunks")
-    }
     let stream = dev.cuda_stream();
-    {
-        let (x_ptr, _x_read) = xs.device_ptr(&stream);
-        let (w_ptr, _w_read) = ws.device_ptr(&stream);
-        if !(x_ptr as usize).is_multiple_of(CHUNK_BYTES) || !(w_ptr as usize).is_multiple_of(CHUNK_BYTES) {
-            bail!("gemv: `x` and `w` must start on a 16-byte boundary")
-        }
-    }
+    check_operands("gemv", MAX_ROWS, (m, k, n, w_k), &xs, None, &ws, &stream)?;
     let len = m * n;
     // SAFETY: every one of the `n` columns' warps writes its `m` outputs before anything reads
     // them; the spare element of an empty output is outside its shape.
@@ -64,6 +55,37 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         unsafe { builder.launch(cfg) }.w()?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, n))))
+}
+
+/// What the public functions checked and the kernels' reads depend on: `x` (and `r`) `(m, k)` with
+/// `1 <= m <= max_rows`, `w` `(n, k)`, rows a whole number of 16-byte chunks, every operand starting
+/// on a 16-byte boundary.
+#[allow(clippy::too_many_arguments)]
+fn check_operands<T: DeviceRepr>(
+    op: &str,
+    max_rows: usize,
+    (m, k, n, w_k): (usize, usize, usize, usize),
+    xs: &CudaView<'_, T>,
+    rs: Option<&CudaView<'_, T>>,
+    ws: &CudaView<'_, T>,
+    stream: &Arc<CudaStream>,
+) -> candle_core::Result<()> {
+    if !(1..=max_rows).contains(&m)
+        || w_k != k
+        || xs.len() != m * k
+        || ws.len() != n * k
+        || rs.is_some_and(|r| r.len() != m * k)
+    {
+        bail!("{op}: operands ({m}, {k}) and ({n}, {w_k}) do not fit")
+    }
+    if !(k * std::mem::size_of::<T>()).is_multiple_of(CHUNK_BYTES) {
+        bail!("{op}: a row of {k} elements is not a whole number of 16-byte chunks")
+    }
+    let aligned = |v: &CudaView<'_, T>| (v.device_ptr(stream).0 as usize).is_multiple_of(CHUNK_BYTES);
+    if !aligned(xs) || !aligned(ws) || rs.is_some_and(|r| !aligned(r)) {
+        bail!("{op}: `x`, `w` (and a residual) must start on a 16-byte boundary")
+    }
+    Ok(())
 }
 
 pub(super) fn gemv_norm(
@@ -96,28 +118,8 @@ fn gemv_norm_t<T: CudaDType + DeviceRepr>(
         Some((r, r_l)) => Some(contiguous_view::<T>(r, r_l, "residual")?),
         None => None,
     };
-    // The public function checked these; the kernel's reads depend on them.
-    if !(1..=MAX_NORM_ROWS.min(MAX_ROWS)).contains(&m)
-        || w_k != k
-        || xs.len() != m * k
-        || ws.len() != n * k
-        || rs.as_ref().is_some_and(|r| r.len() != m * k)
-    {
-        bail!("gemv_norm: operands ({m}, {k}) and ({n}, {w_k}) do not fit")
-    }
-    if !(k * std::mem::size_of::<T>()).is_multiple_of(CHUNK_BYTES) {
-        bail!("gemv_norm: a row of {k} elements is not a whole number of 16-byte chunks")
-    }
     let stream = dev.cuda_stream();
-    {
-        let (x_ptr, _x_read) = xs.device_ptr(&stream);
-        let (w_ptr, _w_read) = ws.device_ptr(&stream);
-        let r_ptr = rs.as_ref().map(|r| r.device_ptr(&stream));
-        let aligned = |p: u64| (p as usize).is_multiple_of(CHUNK_BYTES);
-        if !aligned(x_ptr) || !aligned(w_ptr) || r_ptr.as_ref().is_some_and(|(p, _)| !aligned(*p)) {
-            bail!("gemv_norm: `x`, `residual` and `w` must start on a 16-byte boundary")
-        }
-    }
+    check_operands("gemv_norm", MAX_NORM_ROWS.min(MAX_ROWS), (m, k, n, w_k), &xs, rs.as_ref(), &ws, &stream)?;
     if n == 0 {
         bail!("gemv_norm: a weight with no output column (whose warp would write `s`)")
     }
