@@ -7,22 +7,27 @@
 //! the calls rotate over enough copies of the weight to pass 256 MB, so each reads its weight from
 //! device memory, not from L2 (50 MB on an H100), as a decode step does.
 //!
-//! Bytes counted: the weight once, plus `x` and `y`. The last lines add up one decode step's
-//! projections of the random 1B Llama of the GPU proof (16 layers and the LM head) at each row
-//! count, both ways.
+//! Bytes counted: the weight once, plus `x` and `y`. `gate_up+act` is the MLP's gate/up projection
+//! with its SwiGLU as the engine runs it: `gemv_with(.., Epilogue::Swiglu)` (one launch) against the
+//! matmul then `fused::swiglu`; the plain `gate_up` line beside it shows what the fusion costs or
+//! saves. The last lines add up one decode step's projections of the random 1B Llama of the GPU
+//! proof (16 layers and the LM head) at each row count, both ways.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
-use sluice_kernels::gemv::gemv;
+use sluice_kernels::fused::swiglu;
+use sluice_kernels::gemv::{gemv_with, Epilogue};
 
-/// Llama-3.2-1B's projections (with SmolLM2's 49,152-token vocabulary): (name, out, in, per step).
-const SHAPES: [(&str, usize, usize, usize); 5] = [
-    ("qkv", 3072, 2048, 16),
-    ("o", 2048, 2048, 16),
-    ("gate_up", 16384, 2048, 16),
-    ("down", 2048, 8192, 16),
-    ("lm_head", 49152, 2048, 1),
+/// Llama-3.2-1B's projections (with SmolLM2's 49,152-token vocabulary): (name, out, in, per step,
+/// epilogue). The plain `gate_up` is for comparison only (the step runs `gate_up+act`).
+const SHAPES: [(&str, usize, usize, usize, Epilogue); 6] = [
+    ("qkv", 3072, 2048, 16, Epilogue::Store),
+    ("o", 2048, 2048, 16, Epilogue::Store),
+    ("gate_up", 16384, 2048, 0, Epilogue::Store),
+    ("gate_up+act", 16384, 2048, 16, Epilogue::Swiglu),
+    ("down", 2048, 8192, 16, Epilogue::Store),
+    ("lm_head", 49152, 2048, 1, Epilogue::Store),
 ];
 /// Calls between two synchronisations.
 const CALLS: usize = 50;
@@ -32,26 +37,34 @@ const ROUNDS: usize = 15;
 fn main() -> Result<()> {
     let on_gpu = std::env::args().nth(1).as_deref() != Some("cpu");
     let (dev, dtype) = if on_gpu { (Device::new_cuda(0)?, DType::BF16) } else { (Device::Cpu, DType::F32) };
-    let shapes: Vec<(&str, usize, usize, usize)> = if on_gpu { SHAPES.to_vec() } else { vec![("small", 256, 512, 1)] };
+    let shapes: Vec<(&str, usize, usize, usize, Epilogue)> = if on_gpu {
+        SHAPES.to_vec()
+    } else {
+        vec![("small", 256, 512, 1, Epilogue::Store), ("small+act", 256, 512, 1, Epilogue::Swiglu)]
+    };
     let rows: &[usize] = if on_gpu { &[1, 2, 4, 8] } else { &[1, 8] };
     let copy_gbs = copy_bandwidth(&dev, if on_gpu { 1 << 30 } else { 1 << 24 })?;
     println!("device {dev:?}, dtype {dtype:?}: device-to-device copy {copy_gbs:.0} GB/s (bytes read + written)");
     println!(
-        "{:>8} {:>6} {:>6} {:>4} {:>10} {:>10} {:>8} {:>10} {:>8} {:>7}",
+        "{:>11} {:>6} {:>6} {:>4} {:>10} {:>10} {:>8} {:>10} {:>8} {:>7}",
         "shape", "out", "in", "rows", "gemv_us", "GB/s", "of_copy", "matmul_us", "of_copy", "speedup"
     );
     // Per row count: (gemv, matmul) seconds of one step's projections.
     let mut step = vec![(0.0f64, 0.0f64); rows.len()];
-    for &(name, n, k, per_step) in &shapes {
+    for &(name, n, k, per_step, epilogue) in &shapes {
         let weights = weight_copies(&dev, dtype, n, k)?;
+        let out = if epilogue == Epilogue::Swiglu { n / 2 } else { n };
         for (i, &m) in rows.iter().enumerate() {
             let x = Tensor::rand(-1f32, 1f32, (m, k), &dev)?.to_dtype(dtype)?;
-            let t_gemv = time_calls(&dev, &weights, |w| gemv(&x, w))?;
-            let t_mm = time_calls(&dev, &weights, |w| x.matmul(&w.t()?))?;
-            let bytes = (n * k + m * k + m * n) * dtype.size_in_bytes();
+            let t_gemv = time_calls(&dev, &weights, |w| gemv_with(&x, w, epilogue))?;
+            let t_mm = time_calls(&dev, &weights, |w| match epilogue {
+                Epilogue::Store => x.matmul(&w.t()?),
+                Epilogue::Swiglu => swiglu(&x.matmul(&w.t()?)?),
+            })?;
+            let bytes = (n * k + m * k + m * out) * dtype.size_in_bytes();
             let (g_gbs, m_gbs) = (bytes as f64 / t_gemv / 1e9, bytes as f64 / t_mm / 1e9);
             println!(
-                "{name:>8} {n:>6} {k:>6} {m:>4} {:>10.1} {g_gbs:>10.0} {:>7.0}% {:>10.1} {:>7.0}% {:>6.2}x",
+                "{name:>11} {n:>6} {k:>6} {m:>4} {:>10.1} {g_gbs:>10.0} {:>7.0}% {:>10.1} {:>7.0}% {:>6.2}x",
                 t_gemv * 1e6,
                 100.0 * g_gbs / copy_gbs,
                 t_mm * 1e6,
@@ -63,7 +76,7 @@ fn main() -> Result<()> {
         }
     }
     if on_gpu {
-        let bytes: usize = shapes.iter().map(|&(_, n, k, c)| c * n * k * dtype.size_in_bytes()).sum();
+        let bytes: usize = shapes.iter().map(|&(_, n, k, c, _)| c * n * k * dtype.size_in_bytes()).sum();
         let floor = bytes as f64 / (copy_gbs * 1e9);
         println!(
             "one decode step's projections ({:.2} GB; at the copy's rate {:.3} ms):",

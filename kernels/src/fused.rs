@@ -387,7 +387,7 @@ struct Swiglu;
 
 /// One output element of [`swiglu`], in f32.
 #[inline]
-fn swiglu1(g: f32, u: f32) -> f32 {
+pub(crate) fn swiglu1(g: f32, u: f32) -> f32 {
     g / (1.0 + (-g).exp()) * u
 }
 

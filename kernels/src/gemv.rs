@@ -11,6 +11,11 @@
 //! same bits alone or with up to [`MAX_ROWS`] - 1 others, and the same bits on every run. The CPU
 //! body sums each output in plain `k` order (not the kernel's lane order): it exists to test the
 //! kernel and to run `gemv_bench` off a GPU.
+//!
+//! [`Epilogue::Swiglu`] fuses an MLP's activation into its gate/up projection: against the stacked
+//! `(2 · inter, k)` weight (gate rows, then up rows) each output is `silu(gate) · up` of its
+//! column's two products, each rounded to the dtype first, so the result has the bits of the plain
+//! product followed by `fused::swiglu`, in one launch.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
@@ -34,6 +39,54 @@ pub const MAX_NORM_ROWS: usize = 2;
 /// must start on such a boundary.
 const CHUNK_BYTES: usize = 16;
 
+/// What the kernels do with each column's product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// Store it: `y` is `(m, n)` for a weight of `n` rows.
+    Store,
+    /// For a gate/up weight of `2 · inter` rows (gate, then up): `y` is `(m, inter)` of
+    /// `silu(gate) · up`, each product rounded to the dtype before the activation (the bits of
+    /// [`Epilogue::Store`] followed by `fused::swiglu`).
+    Swiglu,
+}
+
+impl Epilogue {
+    /// Output columns for a weight of `rows` rows, or an error if the weight does not fit.
+    fn columns(self, rows: usize) -> candle_core::Result<usize> {
+        match self {
+            Self::Store => Ok(rows),
+            Self::Swiglu if rows.is_multiple_of(2) => Ok(rows / 2),
+            Self::Swiglu => {
+                bail!("gemv: a SwiGLU epilogue needs a gate/up weight of an even number of rows, got {rows}")
+            }
+        }
+    }
+
+    /// The CUDA kernels' name suffix.
+    #[cfg(feature = "cuda")]
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::Store => "",
+            Self::Swiglu => "_swiglu",
+        }
+    }
+
+    /// The outputs of one row from its `products` (rounded to `T`, as stored), in the order of
+    /// the weight's rows.
+    fn finish<T: Elem>(self, products: Vec<T>) -> Vec<T> {
+        match self {
+            Self::Store => products,
+            Self::Swiglu => {
+                let (gate, up) = products.split_at(products.len() / 2);
+                gate.iter()
+                    .zip(up)
+                    .map(|(g, u)| T::from_f64(crate::fused::swiglu1(g.widen1(), u.widen1()) as f64))
+                    .collect()
+            }
+        }
+    }
+}
+
 /// Whether [`gemv`] takes `m` rows of `k` elements of `dtype`: `1 <= m <= MAX_ROWS`, `dtype` f32,
 /// f16 or bf16, and rows a whole number of 16-byte chunks.
 pub fn supports(m: usize, k: usize, dtype: DType) -> bool {
@@ -47,7 +100,14 @@ pub fn supports(m: usize, k: usize, dtype: DType) -> bool {
 /// [`supports`] requires, `x` and `w` of one dtype on one device and `w` contiguous. `x` is made
 /// contiguous (and copied if its first element is not 16-byte aligned in its buffer).
 pub fn gemv(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    checked(x, w)?.apply_op2_no_bwd(w, &Gemv)
+    gemv_with(x, w, Epilogue::Store)
+}
+
+/// [`gemv`] with an [`Epilogue`]: with [`Epilogue::Swiglu`], `w` is `(2 · inter, k)` and the result
+/// `(m, inter)`.
+pub fn gemv_with(x: &Tensor, w: &Tensor, epilogue: Epilogue) -> candle_core::Result<Tensor> {
+    epilogue.columns(w.dim(0)?)?;
+    checked(x, w)?.apply_op2_no_bwd(w, &Gemv { epilogue })
 }
 
 /// The projection after an RMS norm, with the norm in it: `x: (m, k)` plus `residual` (if any,
@@ -66,12 +126,27 @@ pub fn gemv_norm(
     w: &Tensor,
     eps: f32,
 ) -> candle_core::Result<(Option<Tensor>, Tensor)> {
+    gemv_norm_with(x, residual, w, eps, Epilogue::Store)
+}
+
+/// [`gemv_norm`] with an [`Epilogue`]: with [`Epilogue::Swiglu`], `w` is a folded gate/up weight
+/// `(2 · inter, k)` and `y` is `(m, inter)`.
+pub fn gemv_norm_with(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    w: &Tensor,
+    eps: f32,
+    epilogue: Epilogue,
+) -> candle_core::Result<(Option<Tensor>, Tensor)> {
     let (m, k) = x.dims2()?;
-    let (n, _) = w.dims2()?;
+    let (rows, _) = w.dims2()?;
+    let n = epilogue.columns(rows)?;
     if m > MAX_NORM_ROWS || n == 0 {
-        bail!("gemv_norm: takes 1 to {MAX_NORM_ROWS} rows and at least one output column, got ({m}, {k}) x ({n}, {k})")
+        bail!(
+            "gemv_norm: takes 1 to {MAX_NORM_ROWS} rows and at least one output column, got ({m}, {k}) x ({rows}, {k})"
+        )
     }
-    let op = GemvNorm { eps };
+    let op = GemvNorm { eps, epilogue };
     let Some(r) = residual else {
         return Ok((None, checked(x, w)?.apply_op2_no_bwd(w, &op)?));
     };
@@ -137,11 +212,13 @@ fn checked(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 
 struct GemvNorm {
     eps: f32,
+    epilogue: Epilogue,
 }
 
 impl GemvNorm {
-    /// The CPU body over one element type: `s` rounded, its squares and its products with `w` in
-    /// f32 in `k` order, the product scaled at the end. Returns `s` (with a residual) then `y`.
+    /// The CPU body over one element type: `s` rounded, its squares and its products with `w`'s `n`
+    /// rows in f32 in `k` order, each product scaled at the end and rounded, then the epilogue.
+    /// Returns `s` (with a residual) then `y`.
     fn cpu<T: Elem>(&self, x: &[T], r: Option<&[T]>, w: &[T], m: usize, n: usize, k: usize) -> Vec<T> {
         let s: Vec<T> = match r {
             Some(r) => x.iter().zip(r).map(|(a, b)| T::from_f64((a.widen1() + b.widen1()) as f64)).collect(),
@@ -151,10 +228,11 @@ impl GemvNorm {
         for row in s.chunks_exact(k).take(m) {
             let squares = row.iter().fold(0.0f32, |acc, v| v.widen1().mul_add(v.widen1(), acc));
             let scale = 1.0 / (squares / k as f32 + self.eps).sqrt();
-            out.extend(w.chunks_exact(k).take(n).map(|col| {
+            let products = w.chunks_exact(k).take(n).map(|col| {
                 let dot = row.iter().zip(col).fold(0.0f32, |acc, (a, b)| a.widen1().mul_add(b.widen1(), acc));
                 T::from_f64((dot * scale) as f64)
-            }));
+            });
+            out.extend(self.epilogue.finish(products.collect()));
         }
         out
     }
@@ -174,11 +252,12 @@ impl CustomOp2 for GemvNorm {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = x_l.shape().dims2()?;
         let (n, _) = w_l.shape().dims2()?;
+        let columns = self.epilogue.columns(n)?;
         macro_rules! body {
             ($t:ty) => {{
                 let (x, w) = (contiguous_slice::<$t>(x, x_l, "x")?, contiguous_slice::<$t>(w, w_l, "w")?);
                 let out = self.cpu(x, None, w, m, n, k);
-                Ok((<$t as candle_core::WithDType>::to_cpu_storage_owned(out), Shape::from((m, n))))
+                Ok((<$t as candle_core::WithDType>::to_cpu_storage_owned(out), Shape::from((m, columns))))
             }};
         }
         match x.dtype() {
@@ -197,7 +276,7 @@ impl CustomOp2 for GemvNorm {
         w: &candle_core::CudaStorage,
         w_l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::gemv_norm(self.eps, (x, x_l), None, (w, w_l))
+        cuda::gemv_norm(self.eps, self.epilogue, (x, x_l), None, (w, w_l))
     }
 }
 
@@ -217,13 +296,14 @@ impl CustomOp3 for GemvNorm {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = x_l.shape().dims2()?;
         let (n, _) = w_l.shape().dims2()?;
+        let columns = self.epilogue.columns(n)?;
         macro_rules! body {
             ($t:ty) => {{
                 let x = contiguous_slice::<$t>(x, x_l, "x")?;
                 let r = contiguous_slice::<$t>(r, r_l, "residual")?;
                 let w = contiguous_slice::<$t>(w, w_l, "w")?;
                 let out = self.cpu(x, Some(r), w, m, n, k);
-                Ok((<$t as candle_core::WithDType>::to_cpu_storage_owned(out), Shape::from(m * (k + n))))
+                Ok((<$t as candle_core::WithDType>::to_cpu_storage_owned(out), Shape::from(m * (k + columns))))
             }};
         }
         match x.dtype() {
@@ -244,21 +324,25 @@ impl CustomOp3 for GemvNorm {
         w: &candle_core::CudaStorage,
         w_l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::gemv_norm(self.eps, (x, x_l), Some((r, r_l)), (w, w_l))
+        cuda::gemv_norm(self.eps, self.epilogue, (x, x_l), Some((r, r_l)), (w, w_l))
     }
 }
 
-struct Gemv;
+struct Gemv {
+    epilogue: Epilogue,
+}
 
 impl Gemv {
-    /// The CPU body over one element type: each output a plain f32 dot product in `k` order.
-    fn cpu<T: Elem>(x: &[T], w: &[T], m: usize, n: usize, k: usize) -> Vec<T> {
+    /// The CPU body over one element type: each product a plain f32 dot product in `k` order with
+    /// one of `w`'s `n` rows, rounded, then the epilogue.
+    fn cpu<T: Elem>(&self, x: &[T], w: &[T], m: usize, n: usize, k: usize) -> Vec<T> {
         let mut out = Vec::with_capacity(m * n);
         for row in x.chunks_exact(k).take(m) {
-            out.extend(w.chunks_exact(k).take(n).map(|col| {
+            let products = w.chunks_exact(k).take(n).map(|col| {
                 let dot = row.iter().zip(col).fold(0.0f32, |acc, (a, b)| a.widen1().mul_add(b.widen1(), acc));
                 T::from_f64(dot as f64)
-            }));
+            });
+            out.extend(self.epilogue.finish(products.collect()));
         }
         out
     }
@@ -278,10 +362,11 @@ impl CustomOp2 for Gemv {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = x_l.shape().dims2()?;
         let (n, _) = w_l.shape().dims2()?;
+        let columns = self.epilogue.columns(n)?;
         macro_rules! body {
             ($t:ty) => {{
-                let out = Self::cpu::<$t>(contiguous_slice(x, x_l, "x")?, contiguous_slice(w, w_l, "w")?, m, n, k);
-                Ok((<$t as candle_core::WithDType>::to_cpu_storage_owned(out), Shape::from((m, n))))
+                let out = self.cpu::<$t>(contiguous_slice(x, x_l, "x")?, contiguous_slice(w, w_l, "w")?, m, n, k);
+                Ok((<$t as candle_core::WithDType>::to_cpu_storage_owned(out), Shape::from((m, columns))))
             }};
         }
         match x.dtype() {
@@ -300,6 +385,6 @@ impl CustomOp2 for Gemv {
         w: &candle_core::CudaStorage,
         w_l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::gemv((x, x_l), (w, w_l))
+        cuda::gemv(self.epilogue, (x, x_l), (w, w_l))
     }
 }

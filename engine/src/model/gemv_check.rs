@@ -2,16 +2,17 @@
 //! sends small batches to them only when they agree with an f64 reference there.
 
 use candle_core::{DType, Device, Tensor};
-use sluice_kernels::gemv;
+use sluice_kernels::gemv::{self, Epilogue};
 
 use crate::error::Result;
 
 /// Whether `sluice_kernels::gemv` computes what it should on `device` for `dtype`: every row count
-/// it takes, against an f64 reference on the host, within the dtype's rounding. The engine runs it
+/// it takes, with each epilogue, against an f64 reference on the host, within the dtype's rounding. The engine runs it
 /// once at load and keeps cuBLAS for every batch if it fails (saying so in its log).
 pub fn check_gemv(device: &Device, dtype: DType) -> bool {
-    let product = |x: &Tensor, w: &Tensor| Ok(gemv::gemv(x, w)?);
-    let normed = |x: &Tensor, r: Option<&Tensor>, w: &Tensor| Ok(gemv::gemv_norm(x, r, w, NORM_CHECK_EPS)?);
+    let product = |x: &Tensor, w: &Tensor, e: Epilogue| Ok(gemv::gemv_with(x, w, e)?);
+    let normed =
+        |x: &Tensor, r: Option<&Tensor>, w: &Tensor, e: Epilogue| Ok(gemv::gemv_norm_with(x, r, w, NORM_CHECK_EPS, e)?);
     match gemv_disagreement(device, dtype, product, normed) {
         Ok(None) => true,
         Ok(Some(what)) => {
@@ -28,14 +29,15 @@ pub fn check_gemv(device: &Device, dtype: DType) -> bool {
 /// The norm's epsilon in [`check_gemv`]'s `gemv_norm` cases.
 const NORM_CHECK_EPS: f32 = 1e-5;
 
-/// What [`check_gemv`] finds wrong, if anything, with `product` standing for `gemv` (every row
-/// count) and `normed` for `gemv_norm` (`(x, r, w)` → `(x + r, y)` with a residual, `(None, y)`
-/// without; its row counts), against f64 references on the host.
+/// What [`check_gemv`] finds wrong, if anything, with `product` standing for `gemv_with` (every
+/// row count) and `normed` for `gemv_norm_with` (`(x, r, w)` → `(x + r, y)` with a residual,
+/// `(None, y)` without; its row counts), each with both epilogues, against f64 references on the
+/// host.
 fn gemv_disagreement(
     device: &Device,
     dtype: DType,
-    product: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
-    normed: impl Fn(&Tensor, Option<&Tensor>, &Tensor) -> Result<(Option<Tensor>, Tensor)>,
+    product: impl Fn(&Tensor, &Tensor, Epilogue) -> Result<Tensor>,
+    normed: impl Fn(&Tensor, Option<&Tensor>, &Tensor, Epilogue) -> Result<(Option<Tensor>, Tensor)>,
 ) -> Result<Option<String>> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x9e37);
@@ -49,53 +51,73 @@ fn gemv_disagreement(
         Ok(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?.to_dtype(dtype)?)
     };
     let host = |t: &Tensor| -> Result<Vec<Vec<f64>>> { Ok(t.to_dtype(DType::F64)?.to_vec2::<f64>()?) };
-    // ‖got − x·wᵀ‖ / ‖x·wᵀ‖, each row of `x` scaled by `scale` first; infinite on a wrong shape.
-    let error = |x: &[Vec<f64>], scale: &[f64], w: &[Vec<f64>], got: &[Vec<f64>]| -> f64 {
-        if got.len() != x.len() || got.iter().any(|r| r.len() != w.len()) {
+    // Each row of `x` scaled by `scale` against each row of `w`, then the epilogue.
+    let expected = |x: &[Vec<f64>], scale: &[f64], w: &[Vec<f64>], epilogue: Epilogue| -> Vec<Vec<f64>> {
+        x.iter()
+            .zip(scale)
+            .map(|(row, s)| {
+                let products: Vec<f64> =
+                    w.iter().map(|col| s * row.iter().zip(col).map(|(a, b)| a * b).sum::<f64>()).collect();
+                match epilogue {
+                    Epilogue::Store => products,
+                    Epilogue::Swiglu => {
+                        let (gate, up) = products.split_at(products.len() / 2);
+                        gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect()
+                    }
+                }
+            })
+            .collect()
+    };
+    // ‖got − want‖ / ‖want‖; infinite on a wrong shape.
+    let error = |want: &[Vec<f64>], got: &[Vec<f64>]| -> f64 {
+        if got.len() != want.len() || got.iter().zip(want).any(|(g, w)| g.len() != w.len()) {
             return f64::INFINITY;
         }
         let (mut diff, mut norm) = (0.0f64, 0.0f64);
-        for ((x_row, s), got_row) in x.iter().zip(scale).zip(got) {
-            for (w_row, g) in w.iter().zip(got_row) {
-                let want = s * x_row.iter().zip(w_row).map(|(a, b)| a * b).sum::<f64>();
-                diff += (g - want) * (g - want);
-                norm += want * want;
-            }
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            diff += (g - w) * (g - w);
+            norm += w * w;
         }
         (diff / norm).sqrt()
     };
-    for (n, k) in [(257, 1024), (19, 4096 + 8)] {
+    // Even row counts, so that each weight is also a gate/up pair.
+    for (n, k) in [(258, 1024), (38, 4096 + 8)] {
         let w = random(n, k)?;
         let w_host = host(&w)?;
         let w = w.to_device(device)?;
-        for m in 1..=gemv::MAX_ROWS {
+        for (m, epilogue) in (1..=gemv::MAX_ROWS).flat_map(|m| [(m, Epilogue::Store), (m, Epilogue::Swiglu)]) {
             let x = random(m, k)?;
-            let got = host(&product(&x.to_device(device)?, &w)?)?;
-            let err = error(&host(&x)?, &vec![1.0; m], &w_host, &got);
+            let got = host(&product(&x.to_device(device)?, &w, epilogue)?)?;
+            let err = error(&expected(&host(&x)?, &vec![1.0; m], &w_host, epilogue), &got);
             if err.is_nan() || err > tolerance {
-                return Ok(Some(format!("gemv ({m}, {k}) x ({n}, {k}): relative error {err}")));
+                return Ok(Some(format!("gemv ({m}, {k}) x ({n}, {k}), {epilogue:?}: relative error {err}")));
             }
         }
-        for (m, residual) in (1..=gemv::MAX_NORM_ROWS).flat_map(|m| [(m, false), (m, true)]) {
+        let cases = (1..=gemv::MAX_NORM_ROWS)
+            .flat_map(|m| [(m, false), (m, true)])
+            .flat_map(|(m, residual)| [(m, residual, Epilogue::Store), (m, residual, Epilogue::Swiglu)]);
+        for (m, residual, epilogue) in cases {
             let (x, r) = (random(m, k)?, random(m, k)?);
             let r_dev = if residual { Some(r.to_device(device)?) } else { None };
-            let (sum, got) = normed(&x.to_device(device)?, r_dev.as_ref(), &w)?;
+            let (sum, got) = normed(&x.to_device(device)?, r_dev.as_ref(), &w, epilogue)?;
             // The row normed: x + r rounded to the dtype (as the kernel's sum must be), or x.
             let s = if residual { (&x + &r)? } else { x };
             let s_host = host(&s)?;
             match (sum, residual) {
                 (Some(sum), true) if host(&sum)? == s_host => {}
                 (None, false) => {}
-                _ => return Ok(Some(format!("gemv_norm ({m}, {k}): the residual sum is not x + r"))),
+                _ => return Ok(Some(format!("gemv_norm ({m}, {k}), {epilogue:?}: the residual sum is not x + r"))),
             }
             let scale: Vec<f64> = s_host
                 .iter()
                 .map(|row| 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / k as f64 + NORM_CHECK_EPS as f64).sqrt())
                 .collect();
-            let err = error(&s_host, &scale, &w_host, &host(&got)?);
+            let err = error(&expected(&s_host, &scale, &w_host, epilogue), &host(&got)?);
             if err.is_nan() || err > tolerance {
                 let with = if residual { "with" } else { "without" };
-                return Ok(Some(format!("gemv_norm ({m}, {k}) x ({n}, {k}) {with} a residual: relative error {err}")));
+                return Ok(Some(format!(
+                    "gemv_norm ({m}, {k}) x ({n}, {k}), {epilogue:?}, {with} a residual: relative error {err}"
+                )));
             }
         }
     }
@@ -113,39 +135,64 @@ mod tests {
             assert!(check_gemv(&Device::Cpu, dtype), "{dtype:?}");
         }
         // A kernel one row off, or a little off everywhere, or one that fails, is refused.
-        let last_row_wrong = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
-            let y = gemv::gemv(x, w)?;
+        let last_row_wrong = |x: &Tensor, w: &Tensor, e: Epilogue| -> Result<Tensor> {
+            let y = gemv::gemv_with(x, w, e)?;
             let m = y.dim(0)?;
             if m < 3 {
                 return Ok(y);
             }
             Ok(Tensor::cat(&[y.narrow(0, 0, m - 1)?, y.narrow(0, m - 1, 1)?.zeros_like()?], 0)?)
         };
-        let scaled = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok((gemv::gemv(x, w)? * 1.02)?) };
-        let failing = |_: &Tensor, _: &Tensor| -> Result<Tensor> { Err(EngineError::Model("no kernel".into())) };
-        let right = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok(gemv::gemv(x, w)?) };
-        let normed = |x: &Tensor, r: Option<&Tensor>, w: &Tensor| -> Result<(Option<Tensor>, Tensor)> {
-            Ok(gemv::gemv_norm(x, r, w, NORM_CHECK_EPS)?)
+        let scaled =
+            |x: &Tensor, w: &Tensor, e: Epilogue| -> Result<Tensor> { Ok((gemv::gemv_with(x, w, e)? * 1.02)?) };
+        let failing =
+            |_: &Tensor, _: &Tensor, _: Epilogue| -> Result<Tensor> { Err(EngineError::Model("no kernel".into())) };
+        let right = |x: &Tensor, w: &Tensor, e: Epilogue| -> Result<Tensor> { Ok(gemv::gemv_with(x, w, e)?) };
+        // The SwiGLU epilogue with gate and up swapped: right for `Store` only.
+        let swapped = |x: &Tensor, w: &Tensor, e: Epilogue| -> Result<Tensor> {
+            let n = w.dim(0)? / 2;
+            let w = match e {
+                Epilogue::Store => w.clone(),
+                Epilogue::Swiglu => Tensor::cat(&[w.narrow(0, n, n)?, w.narrow(0, 0, n)?], 0)?,
+            };
+            Ok(gemv::gemv_with(x, &w, e)?)
+        };
+        let normed = |x: &Tensor, r: Option<&Tensor>, w: &Tensor, e: Epilogue| -> Result<(Option<Tensor>, Tensor)> {
+            Ok(gemv::gemv_norm_with(x, r, w, NORM_CHECK_EPS, e)?)
         };
         // gemv_norm without the norm; with a sum that is not x + r; wrong only without a residual.
-        let unnormed = |x: &Tensor, r: Option<&Tensor>, w: &Tensor| -> Result<(Option<Tensor>, Tensor)> {
+        let unnormed = |x: &Tensor, r: Option<&Tensor>, w: &Tensor, e: Epilogue| -> Result<(Option<Tensor>, Tensor)> {
             let s = match r {
                 Some(r) => (x + r)?,
                 None => x.clone(),
             };
-            Ok((r.map(|_| s.clone()), gemv::gemv(&s, w)?))
+            Ok((r.map(|_| s.clone()), gemv::gemv_with(&s, w, e)?))
         };
-        let wrong_sum = |x: &Tensor, r: Option<&Tensor>, w: &Tensor| -> Result<(Option<Tensor>, Tensor)> {
-            let (sum, y) = gemv::gemv_norm(x, r, w, NORM_CHECK_EPS)?;
+        let wrong_sum = |x: &Tensor, r: Option<&Tensor>, w: &Tensor, e: Epilogue| -> Result<(Option<Tensor>, Tensor)> {
+            let (sum, y) = gemv::gemv_norm_with(x, r, w, NORM_CHECK_EPS, e)?;
             Ok((sum.map(|_| x.clone()), y))
         };
-        let wrong_alone = |x: &Tensor, r: Option<&Tensor>, w: &Tensor| -> Result<(Option<Tensor>, Tensor)> {
-            let (sum, y) = gemv::gemv_norm(x, r, w, NORM_CHECK_EPS)?;
-            Ok((sum, if r.is_none() { (y * 1.05)? } else { y }))
-        };
+        let wrong_alone =
+            |x: &Tensor, r: Option<&Tensor>, w: &Tensor, e: Epilogue| -> Result<(Option<Tensor>, Tensor)> {
+                let (sum, y) = gemv::gemv_norm_with(x, r, w, NORM_CHECK_EPS, e)?;
+                Ok((sum, if r.is_none() { (y * 1.05)? } else { y }))
+            };
+        // The SwiGLU epilogue's activation left out (its product stored): right for `Store` only.
+        let no_activation =
+            |x: &Tensor, r: Option<&Tensor>, w: &Tensor, e: Epilogue| -> Result<(Option<Tensor>, Tensor)> {
+                let (sum, y) = gemv::gemv_norm_with(x, r, w, NORM_CHECK_EPS, Epilogue::Store)?;
+                Ok((sum, if e == Epilogue::Swiglu { y.narrow(1, 0, y.dim(1)? / 2)? } else { y }))
+            };
         for dtype in [DType::F32, DType::BF16] {
             let found = gemv_disagreement(&Device::Cpu, dtype, last_row_wrong, normed).unwrap();
             assert!(found.as_deref().is_some_and(|w| w.starts_with("gemv (3, 1024)")), "{dtype:?}: {found:?}");
+            let found = gemv_disagreement(&Device::Cpu, dtype, swapped, normed).unwrap();
+            assert!(
+                found.as_deref().is_some_and(|w| w.starts_with("gemv (1, 1024) x (258, 1024), Swiglu")),
+                "{found:?}"
+            );
+            let found = gemv_disagreement(&Device::Cpu, dtype, right, no_activation).unwrap();
+            assert!(found.as_deref().is_some_and(|w| w.contains("Swiglu, without")), "{dtype:?}: {found:?}");
             assert!(gemv_disagreement(&Device::Cpu, dtype, scaled, normed).unwrap().is_some(), "{dtype:?}");
             assert!(gemv_disagreement(&Device::Cpu, dtype, failing, normed).is_err(), "{dtype:?}");
             let found = gemv_disagreement(&Device::Cpu, dtype, right, unnormed).unwrap();

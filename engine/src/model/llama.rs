@@ -11,7 +11,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use sluice_kernels::gemv;
+use sluice_kernels::gemv::{self, Epilogue};
 use sluice_kernels::matmul::{PackedLinear, QuantizedLinear, WeightFormat};
 
 use super::config::LlamaConfig;
@@ -233,7 +233,8 @@ impl RmsNorm {
 /// the norm's weight is folded into the projection's at load (`folded`): then up to
 /// [`gemv::MAX_NORM_ROWS`] rows take the residual add, the norm and the product in one launch
 /// (`gemv::gemv_norm`), and more rows a norm without weight (the add fused in, on CUDA) and the
-/// product. Otherwise the norm and the projection run as they are.
+/// product. Otherwise the norm and the projection run as they are. An MLP's gate/up pair also
+/// takes its SwiGLU into the GEMV's launch ([`Epilogue::Swiglu`]).
 #[derive(Debug)]
 struct NormedLinear {
     norm: RmsNorm,
@@ -257,27 +258,49 @@ impl NormedLinear {
 
     /// Adds the branch output `y` (if any) to the residual stream `x` in place, normalises it and
     /// projects it; `unit` is a weight of ones for the norm of a folded pair at larger batches.
-    fn forward(&self, x: &mut Tensor, y: Option<Tensor>, unit: &Tensor) -> Result<Tensor> {
-        if !self.folded {
-            let normed = self.norm.add_forward(x, y)?;
-            return self.linear.forward(&normed);
-        }
+    /// With [`Epilogue::Swiglu`] the projection is an MLP's gate/up and the result its activation,
+    /// `silu(gate) · up` (on the GEMV's rows in the same launch as the product).
+    fn forward(&self, x: &mut Tensor, y: Option<Tensor>, unit: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
-        if let Linear::Rows { w, .. } = &self.linear {
-            let fits = m <= gemv::MAX_NORM_ROWS
-                && gemv::supports(m, k, x.dtype())
-                && y.as_ref().is_none_or(|y| y.dtype() == x.dtype());
-            if fits {
-                let (sum, out) = gemv::gemv_norm(x, y.as_ref(), w, self.norm.eps)?;
-                if let Some(sum) = sum {
-                    *x = sum;
+        if let Linear::Rows { w, gemv: true } = &self.linear {
+            if gemv::supports(m, k, x.dtype()) {
+                let fits_norm =
+                    self.folded && m <= gemv::MAX_NORM_ROWS && y.as_ref().is_none_or(|y| y.dtype() == x.dtype());
+                if fits_norm {
+                    let (sum, out) = gemv::gemv_norm_with(x, y.as_ref(), w, self.norm.eps, epilogue)?;
+                    if let Some(sum) = sum {
+                        *x = sum;
+                    }
+                    return Ok(out);
                 }
-                return Ok(out);
+                let normed = self.normed(x, y, unit)?;
+                return Ok(gemv::gemv_with(&normed, w, epilogue)?);
             }
         }
-        let unit_norm = RmsNorm { weight: unit.clone(), eps: self.norm.eps };
-        let normed = unit_norm.add_forward(x, y)?;
-        self.linear.forward(&normed)
+        let normed = self.normed(x, y, unit)?;
+        let out = self.linear.forward(&normed)?;
+        match epilogue {
+            Epilogue::Store => Ok(out),
+            // The exact packed path keeps the kernels' SwiGLU (its own `exp`, the same bits on
+            // every instruction set); the others compute candle's expression with the C library's
+            // `expf`. (This scalar SwiGLU is ~8% of a step at concurrency 32 on the int8 path, but
+            // the kernels' SwiGLU there, last bits apart, flips the default model's near tie on
+            // "What is the capital of France?" to a French answer.)
+            Epilogue::Swiglu if matches!(self.linear, Linear::Packed(_)) => {
+                Ok(sluice_kernels::activation::silu_mul(&out)?)
+            }
+            Epilogue::Swiglu => ops::silu_mul(&out, out.dim(1)? / 2),
+        }
+    }
+
+    /// The residual add (if `y`) and the norm, with a weight of ones (`unit`) when the norm's own
+    /// weight is folded into the projection.
+    fn normed(&self, x: &mut Tensor, y: Option<Tensor>, unit: &Tensor) -> Result<Tensor> {
+        if self.folded {
+            RmsNorm { weight: unit.clone(), eps: self.norm.eps }.add_forward(x, y)
+        } else {
+            self.norm.add_forward(x, y)
+        }
     }
 }
 
@@ -418,7 +441,8 @@ impl Llama {
                                                                    // the next RMS norm (the next layer's, or the final one on the sampled rows only).
         let mut pending: Option<Tensor> = None;
         for (layer, lc) in self.layers.iter().zip(cache) {
-            let qkv = layer.qkv.forward(&mut x, pending.take(), &self.unit)?; // [n, (h + 2kv) * d]
+            // [n, (h + 2kv) * d]
+            let qkv = layer.qkv.forward(&mut x, pending.take(), &self.unit, Epilogue::Store)?;
             let q = if fused_cache && [qkv.dtype(), lc.k.dtype(), lc.v.dtype()] == [self.dtype; 3] {
                 sluice_kernels::fused::qkv_rope_cache(
                     &qkv,
@@ -453,18 +477,8 @@ impl Llama {
                 scale,
             )?; // [n, h, d]
             let attn_out = layer.o.forward(&attn.reshape((n, h * d))?)?;
-            // [n, 2 * intermediate]
-            let gate_up = layer.gate_up.forward(&mut x, Some(attn_out), &self.unit)?;
-            // The exact packed path keeps the kernels' SwiGLU (its own `exp`, the same bits on every
-            // instruction set); the others compute candle's expression with the C library's `expf`.
-            // (This scalar SwiGLU is ~8% of a step at concurrency 32 on the int8 path, but the
-            // kernels' SwiGLU there, last bits apart, flips the default model's near tie on "What
-            // is the capital of France?" to a French answer.)
-            let act = if matches!(layer.gate_up.linear, Linear::Packed(_)) {
-                sluice_kernels::activation::silu_mul(&gate_up)?
-            } else {
-                ops::silu_mul(&gate_up, c.intermediate_size)?
-            };
+            // [n, intermediate]: silu(gate) * up
+            let act = layer.gate_up.forward(&mut x, Some(attn_out), &self.unit, Epilogue::Swiglu)?;
             let mlp_out = layer.down.forward(&act)?;
             if x.device().is_cuda() {
                 pending = Some(mlp_out);
@@ -474,7 +488,7 @@ impl Llama {
         }
         let mut last = x.index_select(&input.sample_rows, 0)?; // [num_sampled, hidden]
         let pending = pending.map(|p| p.index_select(&input.sample_rows, 0)).transpose()?;
-        let logits = self.head.forward(&mut last, pending, &self.unit)?; // [num_sampled, vocab]
+        let logits = self.head.forward(&mut last, pending, &self.unit, Epilogue::Store)?; // [num_sampled, vocab]
         Ok(logits.to_dtype(DType::F32)?)
     }
 
@@ -570,16 +584,49 @@ mod tests {
         for m in [1, gemv::MAX_NORM_ROWS, 5, gemv::MAX_ROWS + 4] {
             let (x, r) = (random(m, k, 10 + m as u64)?, random(m, k, 20 + m as u64)?);
             let (mut x_plain, mut x_folded, mut x_unfolded) = (x.clone(), x.clone(), x.clone());
-            let want = plain.forward(&mut x_plain, Some(r.clone()), &unit)?;
-            let got = folded.forward(&mut x_folded, Some(r.clone()), &unit)?;
-            let other = unfolded.forward(&mut x_unfolded, Some(r.clone()), &unit)?;
+            let want = plain.forward(&mut x_plain, Some(r.clone()), &unit, Epilogue::Store)?;
+            let got = folded.forward(&mut x_folded, Some(r.clone()), &unit, Epilogue::Store)?;
+            let other = unfolded.forward(&mut x_unfolded, Some(r.clone()), &unit, Epilogue::Store)?;
             assert!(max_diff(&got, &want)? < 1e-4 && max_diff(&other, &want)? < 1e-4, "{m} rows");
             assert_eq!(max_diff(&x_folded, &x_plain)? + max_diff(&x_unfolded, &x_plain)?, 0.0, "{m} rows: x + r");
             // No residual: the stream stays as it was.
             let mut same = x.clone();
-            let alone = folded.forward(&mut same, None, &unit)?;
-            assert!(max_diff(&alone, &plain.forward(&mut x.clone(), None, &unit)?)? < 1e-4, "{m} rows, no residual");
+            let alone = folded.forward(&mut same, None, &unit, Epilogue::Store)?;
+            assert!(
+                max_diff(&alone, &plain.forward(&mut x.clone(), None, &unit, Epilogue::Store)?)? < 1e-4,
+                "{m} rows, no residual"
+            );
             assert_eq!(max_diff(&same, &x)?, 0.0);
+        }
+        Ok(())
+    }
+
+    /// An MLP's gate/up pair with the SwiGLU epilogue gives the projection then `silu(gate) · up`
+    /// at every batch and on every path (folded norm in the GEMV's launch, the GEMV after a norm
+    /// of ones, the matmul, the plain dense weight), and leaves the same residual stream.
+    #[test]
+    fn the_swiglu_epilogue_gives_the_projection_then_the_activation() -> Result<()> {
+        let (inter, k) = (24, 64);
+        let w = random(2 * inter, k, 5)?;
+        let weight = (random(1, k, 6)?.squeeze(0)?.affine(0.5, 1.0))?;
+        let norm = || RmsNorm { weight: weight.clone(), eps: 1e-5 };
+        let plain = NormedLinear::new(norm(), Linear::Dense(w.t()?.contiguous()?), true)?;
+        let folded = NormedLinear::new(norm(), Linear::Rows { w: w.clone(), gemv: true }, true)?;
+        let unfolded = NormedLinear::new(norm(), Linear::Rows { w: w.clone(), gemv: false }, true)?;
+        let unit = Tensor::ones(k, DType::F32, &Device::Cpu)?;
+        for m in [1, gemv::MAX_NORM_ROWS, 5, gemv::MAX_ROWS + 4] {
+            let (x, r) = (random(m, k, 30 + m as u64)?, random(m, k, 40 + m as u64)?);
+            let mut x_want = x.clone();
+            let gate_up = plain.forward(&mut x_want, Some(r.clone()), &unit, Epilogue::Store)?;
+            let (gate, up) = (gate_up.narrow(1, 0, inter)?, gate_up.narrow(1, inter, inter)?);
+            let want = (candle_nn::ops::silu(&gate)? * up)?;
+            for (name, pair) in [("plain", &plain), ("folded", &folded), ("unfolded", &unfolded)] {
+                let mut x_got = x.clone();
+                let got = pair.forward(&mut x_got, Some(r.clone()), &unit, Epilogue::Swiglu)?;
+                assert_eq!(got.dims(), [m, inter], "{name}, {m} rows");
+                assert!(max_diff(&got, &want)? < 1e-4, "{name}, {m} rows");
+                assert_eq!(max_diff(&x_got, &x_want)?, 0.0, "{name}, {m} rows: x + r");
+            }
         }
         Ok(())
     }

@@ -9,56 +9,62 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Shape};
 
-use super::{CHUNK_BYTES, MAX_NORM_ROWS, MAX_ROWS};
+use super::{Epilogue, CHUNK_BYTES, MAX_NORM_ROWS, MAX_ROWS};
 use crate::cuda::{contiguous_view, load, to_u32, GEMV};
 
 /// Output columns per block: one warp each (`kWarpsPerBlock` in `gemv.cu`).
 const COLUMNS_PER_BLOCK: usize = 4;
 
 pub(super) fn gemv(
+    epilogue: Epilogue,
     x: (&CudaStorage, &Layout),
     w: (&CudaStorage, &Layout),
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     match x.0.dtype() {
-        DType::F32 => gemv_t::<f32>(x, w),
-        DType::F16 => gemv_t::<half::f16>(x, w),
-        DType::BF16 => gemv_t::<half::bf16>(x, w),
+        DType::F32 => gemv_t::<f32>(epilogue, x, w),
+        DType::F16 => gemv_t::<half::f16>(epilogue, x, w),
+        DType::BF16 => gemv_t::<half::bf16>(epilogue, x, w),
         other => bail!("gemv: `x` must be f32, f16 or bf16, got {other:?}"),
     }
 }
 
+/// Launches `gemv<m>_<T>` or `gemv_swiglu<m>_<T>`: `w` has `rows` rows, the output `(m, n)` with
+/// `n` the epilogue's columns (a warp each).
 fn gemv_t<T: CudaDType + DeviceRepr>(
+    epilogue: Epilogue,
     (x, x_l): (&CudaStorage, &Layout),
     (w, w_l): (&CudaStorage, &Layout),
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = x.device().clone();
     let (m, k) = x_l.shape().dims2()?;
-    let (n, w_k) = w_l.shape().dims2()?;
+    let (rows, w_k) = w_l.shape().dims2()?;
+    let n = epilogue.columns(rows)?;
     let (xs, ws) = (contiguous_view::<T>(x, x_l, "x")?, contiguous_view::<T>(w, w_l, "w")?);
     let stream = dev.cuda_stream();
-    check_operands("gemv", MAX_ROWS, (m, k, n, w_k), &xs, None, &ws, &stream)?;
+    check_operands("gemv", MAX_ROWS, (m, k, rows, w_k), &xs, None, &ws, &stream)?;
     let len = m * n;
     // SAFETY: every one of the `n` columns' warps writes its `m` outputs before anything reads
     // them; the spare element of an empty output is outside its shape.
     let mut out = unsafe { dev.alloc::<T>(len.max(1))? };
     if len > 0 {
-        let func = load(&dev, &GEMV, &format!("gemv{m}"), x.dtype())?;
+        let func = load(&dev, &GEMV, &format!("gemv{}{m}", epilogue.suffix()), x.dtype())?;
         let mut builder = stream.launch_builder(&func);
         let (n32, k32) = (to_u32(n, "n")?, to_u32(k, "k")?);
         builder.arg(&mut out).arg(&xs).arg(&ws).arg(&n32).arg(&k32);
         let blocks = to_u32(n.div_ceil(COLUMNS_PER_BLOCK), "blocks")?;
         let threads = (COLUMNS_PER_BLOCK * 32) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: the arguments match `gemv<m>_<T>` in `gemv.cu` (a `T*`, two `const T*`, two u32);
-        // `xs` holds `m * k` and `ws` `n * k` elements, both 16-byte aligned with `k` a whole
-        // number of 16-byte chunks (checked above); `out` holds `m * n`; one warp per column.
+        // SAFETY: the arguments match `gemv[_swiglu]<m>_<T>` in `gemv.cu` (a `T*`, two `const T*`,
+        // two u32); `xs` holds `m * k` and `ws` `rows * k` elements (`rows` is `n`, or `2n` with
+        // the SwiGLU epilogue, as the kernel reads), both 16-byte aligned with `k` a whole number
+        // of 16-byte chunks (checked above); `out` holds `m * n`; one warp per column.
         unsafe { builder.launch(cfg) }.w()?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((m, n))))
 }
 
 /// What the public functions checked and the kernels' reads depend on: `x` (and `r`) `(m, k)` with
-/// `1 <= m <= max_rows`, `w` `(n, k)`, rows a whole number of 16-byte chunks, every operand starting
+/// `1 <= m <= max_rows`, `w` `(n, k)` (`n` its rows), rows a whole number of 16-byte chunks, every operand starting
 /// on a 16-byte boundary.
 #[allow(clippy::too_many_arguments)]
 fn check_operands<T: DeviceRepr>(
@@ -90,36 +96,40 @@ fn check_operands<T: DeviceRepr>(
 
 pub(super) fn gemv_norm(
     eps: f32,
+    epilogue: Epilogue,
     x: (&CudaStorage, &Layout),
     r: Option<(&CudaStorage, &Layout)>,
     w: (&CudaStorage, &Layout),
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     match x.0.dtype() {
-        DType::F32 => gemv_norm_t::<f32>(eps, x, r, w),
-        DType::F16 => gemv_norm_t::<half::f16>(eps, x, r, w),
-        DType::BF16 => gemv_norm_t::<half::bf16>(eps, x, r, w),
+        DType::F32 => gemv_norm_t::<f32>(eps, epilogue, x, r, w),
+        DType::F16 => gemv_norm_t::<half::f16>(eps, epilogue, x, r, w),
+        DType::BF16 => gemv_norm_t::<half::bf16>(eps, epilogue, x, r, w),
         other => bail!("gemv_norm: `x` must be f32, f16 or bf16, got {other:?}"),
     }
 }
 
-/// Launches `gemv_norm<m>_<T>` (no residual: the output is `y`, `(m, n)`) or `gemv_add_norm<m>_<T>`
-/// (the output is `s`, `m * k` elements, then `y`, `m * n`).
+/// Launches `gemv_norm[_swiglu]<m>_<T>` (no residual: the output is `y`, `(m, n)`) or
+/// `gemv_add_norm[_swiglu]<m>_<T>` (the output is `s`, `m * k` elements, then `y`, `m * n`); `n`
+/// is the epilogue's columns for `w`'s rows.
 fn gemv_norm_t<T: CudaDType + DeviceRepr>(
     eps: f32,
+    epilogue: Epilogue,
     (x, x_l): (&CudaStorage, &Layout),
     r: Option<(&CudaStorage, &Layout)>,
     (w, w_l): (&CudaStorage, &Layout),
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = x.device().clone();
     let (m, k) = x_l.shape().dims2()?;
-    let (n, w_k) = w_l.shape().dims2()?;
+    let (rows, w_k) = w_l.shape().dims2()?;
+    let n = epilogue.columns(rows)?;
     let (xs, ws) = (contiguous_view::<T>(x, x_l, "x")?, contiguous_view::<T>(w, w_l, "w")?);
     let rs = match r {
         Some((r, r_l)) => Some(contiguous_view::<T>(r, r_l, "residual")?),
         None => None,
     };
     let stream = dev.cuda_stream();
-    check_operands("gemv_norm", MAX_NORM_ROWS.min(MAX_ROWS), (m, k, n, w_k), &xs, rs.as_ref(), &ws, &stream)?;
+    check_operands("gemv_norm", MAX_NORM_ROWS.min(MAX_ROWS), (m, k, rows, w_k), &xs, rs.as_ref(), &ws, &stream)?;
     if n == 0 {
         bail!("gemv_norm: a weight with no output column (whose warp would write `s`)")
     }
@@ -128,8 +138,8 @@ fn gemv_norm_t<T: CudaDType + DeviceRepr>(
     // SAFETY: every column's warp writes its `m` outputs, and column 0's warp (there is one: n >= 1)
     // writes all `m * k` elements of `s` when there is a residual, before anything reads them.
     let mut out = unsafe { dev.alloc::<T>(len)? };
-    let func =
-        load(&dev, &GEMV, &format!("{}{m}", if rs.is_some() { "gemv_add_norm" } else { "gemv_norm" }), x.dtype())?;
+    let kernel = if rs.is_some() { "gemv_add_norm" } else { "gemv_norm" };
+    let func = load(&dev, &GEMV, &format!("{kernel}{}{m}", epilogue.suffix()), x.dtype())?;
     let mut builder = stream.launch_builder(&func);
     let (n32, k32) = (to_u32(n, "n")?, to_u32(k, "k")?);
     let blocks = to_u32(n.div_ceil(COLUMNS_PER_BLOCK), "blocks")?;
@@ -139,15 +149,16 @@ fn gemv_norm_t<T: CudaDType + DeviceRepr>(
         Some(rs) => {
             let (mut sum, mut y) = out.split_at_mut(sum_len);
             builder.arg(&mut y).arg(&mut sum).arg(&xs).arg(rs).arg(&ws).arg(&n32).arg(&k32).arg(&eps);
-            // SAFETY: the arguments match `gemv_add_norm<m>_<T>` in `gemv.cu` (two `T*`, three
-            // `const T*`, two u32, an f32); `xs` and `rs` hold `m * k` and `ws` `n * k` elements,
+            // SAFETY: the arguments match `gemv_add_norm[_swiglu]<m>_<T>` in `gemv.cu` (two `T*`,
+            // three `const T*`, two u32, an f32); `xs` and `rs` hold `m * k` and `ws` `rows * k`
+            // elements (`n` or `2n` rows, as the kernel reads),
             // 16-byte aligned with `k` a whole number of 16-byte chunks (checked above); `sum`
             // holds `m * k` (16-byte aligned: the buffer's start) and `y` `m * n`.
             unsafe { builder.launch(cfg) }.w()?;
         }
         None => {
             builder.arg(&mut out).arg(&xs).arg(&ws).arg(&n32).arg(&k32).arg(&eps);
-            // SAFETY: the arguments match `gemv_norm<m>_<T>` in `gemv.cu` (a `T*`, two `const T*`,
+            // SAFETY: the arguments match `gemv_norm[_swiglu]<m>_<T>` in `gemv.cu` (a `T*`, two `const T*`,
             // two u32, an f32); the sizes and alignment are as above; `out` holds `m * n`.
             unsafe { builder.launch(cfg) }.w()?;
         }

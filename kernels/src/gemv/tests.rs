@@ -219,3 +219,70 @@ fn fold_norm_weight_scales_each_column_by_the_norm(dev: &Device) -> Result<()> {
     Ok(())
 }
 test_device!(fold_norm_weight_scales_each_column_by_the_norm);
+
+/// The SwiGLU epilogue has the bits of the plain product followed by `fused::swiglu` (on CUDA: the
+/// gemv kernel, then the swiglu kernel), for every row count and the three dtypes, in `gemv` and
+/// in `gemv_norm` with and without a residual (whose new residual stream is the plain one's).
+fn the_swiglu_epilogue_is_the_product_then_swiglu(dev: &Device) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(19);
+    let eps = 1e-5;
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+    };
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (inter, k) in [(1, 8), (37, 64), (300, 2048), (5, 4096 + 8)] {
+            let w = (uniform(&mut rng, &[2 * inter, k], DType::F32, dev)? * 2.0)?.to_dtype(dtype)?;
+            for m in 1..=MAX_ROWS {
+                let x = uniform(&mut rng, &[m, k], dtype, dev)?;
+                let fused = gemv_with(&x, &w, Epilogue::Swiglu)?;
+                assert_eq!(fused.dims(), [m, inter]);
+                let apart = crate::fused::swiglu(&gemv(&x, &w)?)?;
+                assert_eq!(bits(&fused)?, bits(&apart)?, "{dtype:?} gemv ({m}, {k}) x ({}, {k})", 2 * inter);
+                if m > MAX_NORM_ROWS {
+                    continue;
+                }
+                let r = uniform(&mut rng, &[m, k], dtype, dev)?;
+                for residual in [None, Some(&r)] {
+                    let (sum, y) = gemv_norm_with(&x, residual, &w, eps, Epilogue::Swiglu)?;
+                    let (plain_sum, plain) = gemv_norm(&x, residual, &w, eps)?;
+                    let what = format!("{dtype:?} gemv_norm ({m}, {k}), residual {}", residual.is_some());
+                    assert_eq!(y.dims(), [m, inter], "{what}");
+                    assert_eq!(bits(&y)?, bits(&crate::fused::swiglu(&plain)?)?, "{what}");
+                    match (sum, plain_sum) {
+                        (Some(a), Some(b)) => assert_eq!(bits(&a)?, bits(&b)?, "{what}: the sum"),
+                        (None, None) => {}
+                        _ => panic!("{what}: a sum exactly when there is a residual"),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+test_device!(the_swiglu_epilogue_is_the_product_then_swiglu);
+
+/// The SwiGLU epilogue against an f64 reference of `silu(gate) · up` (the kernel rounds each
+/// product to the dtype first, within the tolerance), so that the bit test above cannot pass on
+/// two bodies wrong the same way.
+fn the_swiglu_epilogue_matches_a_reference(dev: &Device) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(20);
+    for dtype in [DType::F32, DType::BF16] {
+        let (inter, k, m) = (96, 1024, 3);
+        let x = uniform(&mut rng, &[m, k], dtype, dev)?;
+        let w = uniform(&mut rng, &[2 * inter, k], dtype, dev)?;
+        let products = reference(&x, &w)?;
+        let want: Vec<Vec<f64>> = products
+            .iter()
+            .map(|row| (0..inter).map(|j| row[j] / (1.0 + (-row[j]).exp()) * row[inter + j]).collect())
+            .collect();
+        let err = relative_error(&gemv_with(&x, &w, Epilogue::Swiglu)?, &want)?;
+        assert!(err <= 2.0 * tolerance(dtype), "{dtype:?}: relative error {err}");
+    }
+    // A weight of an odd number of rows is no gate/up pair.
+    let w = uniform(&mut rng, &[7, 64], DType::BF16, dev)?;
+    let x = uniform(&mut rng, &[1, 64], DType::BF16, dev)?;
+    assert!(gemv_with(&x, &w, Epilogue::Swiglu).is_err());
+    assert!(gemv_norm_with(&x, None, &w, 1e-5, Epilogue::Swiglu).is_err());
+    Ok(())
+}
+test_device!(the_swiglu_epilogue_matches_a_reference);
