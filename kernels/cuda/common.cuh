@@ -38,4 +38,17 @@ __device__ __forceinline__ float warp_sum(float x) {
     return x;
 }
 
+// The slot mapping's padding slot (`PAD_SLOT` in `kernels/src/cache.rs`): a row stored nowhere.
+constexpr uint32_t kPadSlot = 0xffffffffu;
+
+// The rotation of a RoPE pair, each product and sum rounded on its own (no contraction into an FMA,
+// which the compiler could do differently in two kernels): the same bits in `qkv_rope`,
+// `qkv_rope_cache` and gemv's QKV epilogue, and as the CPU body computes them.
+__device__ __forceinline__ float rotate_first(float x1, float x2, float cc, float ss) {
+    return __fsub_rn(__fmul_rn(x1, cc), __fmul_rn(x2, ss));
+}
+__device__ __forceinline__ float rotate_second(float x1, float x2, float cc, float ss) {
+    return __fadd_rn(__fmul_rn(x2, cc), __fmul_rn(x1, ss));
+}
+
 }  // namespace sluice

@@ -22,17 +22,10 @@
 namespace {
 
 using sluice::from_f32;
+using sluice::kPadSlot;
+using sluice::rotate_first;
+using sluice::rotate_second;
 using sluice::to_f32;
-
-// The rotation of a pair, each product and sum rounded on its own (no contraction into an FMA,
-// which the compiler could do differently in two kernels): the same bits in `qkv_rope` and
-// `qkv_rope_cache`, and as the CPU body computes them.
-__device__ __forceinline__ float rotate_first(float x1, float x2, float cc, float ss) {
-    return __fsub_rn(__fmul_rn(x1, cc), __fmul_rn(x2, ss));
-}
-__device__ __forceinline__ float rotate_second(float x1, float x2, float cc, float ss) {
-    return __fadd_rn(__fmul_rn(x2, cc), __fmul_rn(x1, ss));
-}
 
 // One block per row.
 template <typename T>
@@ -89,7 +82,7 @@ __device__ void qkv_rope_cache(T* __restrict__ q_out, T* __restrict__ k_cache, T
     const uint32_t pos = positions[row];
     const uint32_t raw_slot = slots[row];
     const bool in_table = pos < max_positions;
-    const bool store = in_table && raw_slot != 0xffffffffu && static_cast<size_t>(raw_slot) < num_slots;
+    const bool store = in_table && raw_slot != kPadSlot && static_cast<size_t>(raw_slot) < num_slots;
     const size_t slot_row = static_cast<size_t>(raw_slot) * kv_heads * head_dim;
     if (!in_table) {
         for (uint32_t j = threadIdx.x; j < heads * head_dim; j += blockDim.x) {

@@ -24,19 +24,66 @@
 // stores them), and applies `swiglu` of `fused.cu` to the rounded pair with the same expression:
 // the same bits as the plain kernel followed by `swiglu`, in one launch and without the (m, 2n)
 // intermediate.
+//
+// QKV epilogue (`gemv_norm_qkv`, `gemv_add_norm_qkv`): for an attention's stacked q/k/v weight
+// ((heads + 2 kv_heads) * head_dim, k), the warp of pair `p` streams the two weight rows of one
+// RoPE pair (head `p / half`, dims `i` and `i + half`), rounds both products to T, and does what
+// `qkv_rope_cache` of `fused.cu` does with them: q rotated into `y` (m, heads * head_dim), k
+// rotated and v as is into their cache slots (none for the padding slot or a slot out of range; a
+// row whose position is past the rotary tables gets a q of zeros and stores nothing). The same
+// bits as `gemv_norm` followed by `qkv_rope_cache`, in one launch.
 
 #include "common.cuh"
 
 namespace {
 
 using sluice::from_f32;
+using sluice::kPadSlot;
 using sluice::kWarpSize;
+using sluice::rotate_first;
+using sluice::rotate_second;
 using sluice::to_f32;
 using sluice::warp_sum;
 
 constexpr int kMaxRows = 8;          // rows of `x` one launch takes; the host checks it
 constexpr int kWarpsPerBlock = 4;    // output columns per block
 constexpr int kUnroll = 4;           // 16-byte weight loads a lane has in flight
+
+// What a warp does with its column's products.
+enum class Epilogue { kStore, kSwiglu, kQkvCache };
+
+// Weight rows a warp streams.
+template <Epilogue E> constexpr int kRowsOf = E == Epilogue::kStore ? 1 : 2;
+
+// The QKV epilogue's operands: the rotary tables (max_positions, head_dim / 2), each row's position
+// and slot, and the caches (num_slots, kv_heads, head_dim).
+template <typename T> struct QkvCache {
+    T* k_cache;
+    T* v_cache;
+    const T* cos;
+    const T* sin;
+    const uint32_t* positions;
+    const uint32_t* slots;
+    uint32_t heads;
+    uint32_t kv_heads;
+    uint32_t head_dim;
+    uint32_t max_positions;
+    size_t num_slots;
+};
+
+// Weight row `j` (of kRowsOf<E>) of column `col`, for `n` columns: the column's own row; its gate
+// and up rows (gate/up weight of 2n rows); or the two rows of RoPE pair `col` (q/k/v weight).
+template <Epilogue E, typename T>
+__device__ __forceinline__ size_t weight_row(uint32_t col, int j, uint32_t n, const QkvCache<T>& qkv) {
+    if (E == Epilogue::kSwiglu) {
+        return static_cast<size_t>(j) * n + col;
+    }
+    if (E == Epilogue::kQkvCache) {
+        const uint32_t half = qkv.head_dim / 2;
+        return static_cast<size_t>(col / half) * qkv.head_dim + col % half + static_cast<size_t>(j) * half;
+    }
+    return col;
+}
 
 // Elements of T in one 16-byte chunk.
 template <typename T> struct Chunk { static constexpr int kLen = 16 / static_cast<int>(sizeof(T)); };
@@ -57,17 +104,51 @@ __device__ __forceinline__ float rounded(float v) {
     return to_f32(from_f32<T>(v));
 }
 
-// The output of a column: its dot product (`acc[0]`) or, with the SwiGLU epilogue, `silu(gate) * up`
-// of its gate and up products (`acc[0]`, `acc[1]`), each rounded to T first; `scale` multiplies each
-// product before rounding (gemv_norm's 1 / rms). `swiglu` in `fused.cu` has the same expression.
-template <typename T, bool kSwiglu>
-__device__ __forceinline__ T column_output(float gate, float up, float scale) {
-    if (!kSwiglu) {
-        return from_f32<T>(gate * scale);
+// Stores row `m`'s output of column `col` from its products (`a`, and `b` for the two-row
+// epilogues), each multiplied by `scale` (gemv_norm's 1 / rms) and rounded to T first, as the
+// plain kernel stores them: the product; `silu(gate) * up` (`swiglu` in `fused.cu` has the same
+// expression); or the RoPE pair as `qkv_rope_cache` in `fused.cu` treats it.
+template <typename T, Epilogue E>
+__device__ __forceinline__ void store_output(T* __restrict__ y, uint32_t m, uint32_t col, uint32_t n, float a,
+                                             float b, float scale, const QkvCache<T>& qkv) {
+    if (E == Epilogue::kStore) {
+        y[static_cast<size_t>(m) * n + col] = from_f32<T>(a * scale);
+        return;
     }
-    const float g = rounded<T>(gate * scale);
-    const float u = rounded<T>(up * scale);
-    return from_f32<T>(g / (1.f + expf(-g)) * u);
+    const float x1 = rounded<T>(a * scale);
+    const float x2 = rounded<T>(b * scale);
+    if (E == Epilogue::kSwiglu) {
+        y[static_cast<size_t>(m) * n + col] = from_f32<T>(x1 / (1.f + expf(-x1)) * x2);
+        return;
+    }
+    const uint32_t half = qkv.head_dim / 2, head = col / half, i = col % half;
+    const uint32_t pos = qkv.positions[m];
+    const uint32_t raw_slot = qkv.slots[m];
+    const bool in_table = pos < qkv.max_positions;
+    const bool store = in_table && raw_slot != kPadSlot && static_cast<size_t>(raw_slot) < qkv.num_slots;
+    const size_t slot_row = static_cast<size_t>(raw_slot) * qkv.kv_heads * qkv.head_dim;
+    T* dst;
+    if (head < qkv.heads) {
+        dst = y + (static_cast<size_t>(m) * qkv.heads + head) * qkv.head_dim;
+        if (!in_table) {
+            dst[i] = from_f32<T>(0.f);
+            dst[i + half] = from_f32<T>(0.f);
+            return;
+        }
+    } else if (!store) {
+        return;
+    } else if (head < qkv.heads + qkv.kv_heads) {
+        dst = qkv.k_cache + slot_row + static_cast<size_t>(head - qkv.heads) * qkv.head_dim;
+    } else {
+        dst = qkv.v_cache + slot_row + static_cast<size_t>(head - qkv.heads - qkv.kv_heads) * qkv.head_dim;
+        dst[i] = from_f32<T>(x1);
+        dst[i + half] = from_f32<T>(x2);
+        return;
+    }
+    const float cc = to_f32(qkv.cos[static_cast<size_t>(pos) * half + i]);
+    const float ss = to_f32(qkv.sin[static_cast<size_t>(pos) * half + i]);
+    dst[i] = from_f32<T>(rotate_first(x1, x2, cc, ss));
+    dst[i + half] = from_f32<T>(rotate_second(x1, x2, cc, ss));
 }
 
 // Adds chunk `c`'s products (weight chunks `wr`, one per weight row the warp streams, against each
@@ -95,11 +176,13 @@ __device__ __forceinline__ void accumulate(float (&acc)[R][M], const uint4 (&wr)
     }
 }
 
-// One warp per output column: grid ceil(n / kWarpsPerBlock), block kWarpsPerBlock * 32. With
-// kSwiglu the warp streams the column's gate and up rows (`w` is (2n, k)) side by side.
-template <typename T, int M, bool kSwiglu>
+// One warp per output column: grid ceil(n / kWarpsPerBlock), block kWarpsPerBlock * 32. With the
+// SwiGLU epilogue the warp streams the column's gate and up rows (`w` is (2n, k)) side by side.
+template <typename T, int M, Epilogue E>
 __device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, uint32_t n, uint32_t k) {
-    constexpr int kRows = kSwiglu ? 2 : 1;
+    static_assert(E != Epilogue::kQkvCache, "the QKV epilogue runs in gemv_norm");
+    constexpr int kRows = kRowsOf<E>;
+    const QkvCache<T> none{};
     const uint32_t col = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarpSize;
     const uint32_t lane = threadIdx.x % kWarpSize;
     if (col >= n) {
@@ -109,7 +192,7 @@ __device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __rest
     const uint4* rows[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-        rows[r] = reinterpret_cast<const uint4*>(w + (static_cast<size_t>(r) * n + col) * k);
+        rows[r] = reinterpret_cast<const uint4*>(w + weight_row<E>(col, r, n, none) * k);
     }
     const uint4* xs = reinterpret_cast<const uint4*>(x);
     float acc[kRows][M];
@@ -156,7 +239,7 @@ __device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __rest
 #pragma unroll
     for (int m = 0; m < M; ++m) {
         if (lane == static_cast<uint32_t>(m)) {
-            y[static_cast<size_t>(m) * n + col] = column_output<T, kSwiglu>(acc[0][m], acc[kRows - 1][m], 1.f);
+            store_output<T, E>(y, m, col, n, acc[0][m], acc[kRows - 1][m], 1.f, none);
         }
     }
 }
@@ -167,12 +250,13 @@ __device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __rest
 // and scales its dot by `rsqrt(mean(s²) + eps)` at the end: no separate norm launch, no pass over
 // the row before the product. `s` is rounded to T before use, as the residual stream stores it,
 // and with `r` the warp of column 0 writes it to `sum` (the new residual stream). Same chunk order
-// and warp sum as `gemv`, so a row's bits do not depend on `m` either; kSwiglu as there.
-template <typename T, int M, bool kAdd, bool kSwiglu>
+// and warp sum as `gemv`, so a row's bits do not depend on `m` either. `n` is the number of
+// columns (warps): outputs, gate/up pairs, or RoPE pairs with the QKV epilogue (operands `qkv`).
+template <typename T, int M, bool kAdd, Epilogue E>
 __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __restrict__ x, const T* __restrict__ r,
-                          const T* __restrict__ w, uint32_t n, uint32_t k, float eps) {
+                          const T* __restrict__ w, uint32_t n, uint32_t k, float eps, const QkvCache<T>& qkv) {
     constexpr int kLen = Chunk<T>::kLen;
-    constexpr int kRows = kSwiglu ? 2 : 1;
+    constexpr int kRows = kRowsOf<E>;
     const uint32_t col = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarpSize;
     const uint32_t lane = threadIdx.x % kWarpSize;
     if (col >= n) {
@@ -182,7 +266,7 @@ __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __res
     const uint4* rows[kRows];
 #pragma unroll
     for (int j = 0; j < kRows; ++j) {
-        rows[j] = reinterpret_cast<const uint4*>(w + (static_cast<size_t>(j) * n + col) * k);
+        rows[j] = reinterpret_cast<const uint4*>(w + weight_row<E>(col, j, n, qkv) * k);
     }
     const uint4* xs = reinterpret_cast<const uint4*>(x);
     const uint4* rs = reinterpret_cast<const uint4*>(r);
@@ -244,32 +328,52 @@ __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __res
     for (int m = 0; m < M; ++m) {
         if (lane == static_cast<uint32_t>(m)) {
             const float scale = rsqrtf(squares[m] / static_cast<float>(k) + eps);
-            y[static_cast<size_t>(m) * n + col] = column_output<T, kSwiglu>(acc[0][m], acc[kRows - 1][m], scale);
+            store_output<T, E>(y, m, col, n, acc[0][m], acc[kRows - 1][m], scale, qkv);
         }
     }
 }
 
 }  // namespace
 
-#define SLUICE_GEMV_NORM_ROWS(T, NAME, M, SUFFIX, SWIGLU)                                            \
+#define SLUICE_GEMV_NORM_ROWS(T, NAME, M, SUFFIX, E)                                                 \
     extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)                           \
         gemv_norm##SUFFIX##M##_##NAME(T* y, const T* x, const T* w, uint32_t n, uint32_t k, float eps) { \
-        gemv_norm<T, M, false, SWIGLU>(y, nullptr, x, nullptr, w, n, k, eps);                          \
+        gemv_norm<T, M, false, E>(y, nullptr, x, nullptr, w, n, k, eps, QkvCache<T>{});                \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)                           \
         gemv_add_norm##SUFFIX##M##_##NAME(T* y, T* sum, const T* x, const T* r, const T* w, uint32_t n, \
                                           uint32_t k, float eps) {                                     \
-        gemv_norm<T, M, true, SWIGLU>(y, sum, x, r, w, n, k, eps);                                     \
+        gemv_norm<T, M, true, E>(y, sum, x, r, w, n, k, eps, QkvCache<T>{});                           \
+    }
+
+// The QKV epilogue's kernels: `n` is the number of RoPE pairs, (heads + 2 kv_heads) * head_dim / 2.
+#define SLUICE_GEMV_NORM_QKV_ROWS(T, NAME, M)                                                          \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_norm_qkv##M##_##NAME( \
+        T* q, T* k_cache, T* v_cache, const T* x, const T* w, const T* cos, const T* sin,              \
+        const uint32_t* positions, const uint32_t* slots, uint32_t n, uint32_t k, float eps,           \
+        uint32_t heads, uint32_t kv_heads, uint32_t head_dim, uint32_t max_positions, size_t num_slots) { \
+        const QkvCache<T> qkv{k_cache, v_cache, cos, sin, positions, slots,                             \
+                              heads, kv_heads, head_dim, max_positions, num_slots};                    \
+        gemv_norm<T, M, false, Epilogue::kQkvCache>(q, nullptr, x, nullptr, w, n, k, eps, qkv);        \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_add_norm_qkv##M##_##NAME( \
+        T* q, T* sum, T* k_cache, T* v_cache, const T* x, const T* r, const T* w, const T* cos,        \
+        const T* sin, const uint32_t* positions, const uint32_t* slots, uint32_t n, uint32_t k,        \
+        float eps, uint32_t heads, uint32_t kv_heads, uint32_t head_dim, uint32_t max_positions,       \
+        size_t num_slots) {                                                                            \
+        const QkvCache<T> qkv{k_cache, v_cache, cos, sin, positions, slots,                             \
+                              heads, kv_heads, head_dim, max_positions, num_slots};                    \
+        gemv_norm<T, M, true, Epilogue::kQkvCache>(q, sum, x, r, w, n, k, eps, qkv);                   \
     }
 
 #define SLUICE_GEMV_ROWS(T, NAME, M)                                                                   \
     extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)                           \
         gemv##M##_##NAME(T* y, const T* x, const T* w, uint32_t n, uint32_t k) {                       \
-        gemv<T, M, false>(y, x, w, n, k);                                                              \
+        gemv<T, M, Epilogue::kStore>(y, x, w, n, k);                                                   \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)                           \
         gemv_swiglu##M##_##NAME(T* y, const T* x, const T* w, uint32_t n, uint32_t k) {                \
-        gemv<T, M, true>(y, x, w, n, k);                                                               \
+        gemv<T, M, Epilogue::kSwiglu>(y, x, w, n, k);                                                  \
     }
 
 #define SLUICE_GEMV(T, NAME)                                                                           \
@@ -288,10 +392,12 @@ static_assert(kMaxRows == 8, "one SLUICE_GEMV_ROWS per row count");
 // rows costs more arithmetic than the weight's bytes take to stream.
 constexpr int kMaxNormRows = 2;
 #define SLUICE_GEMV_NORM(T, NAME)                                                                      \
-    SLUICE_GEMV_NORM_ROWS(T, NAME, 1, , false)                                                         \
-    SLUICE_GEMV_NORM_ROWS(T, NAME, 2, , false)                                                         \
-    SLUICE_GEMV_NORM_ROWS(T, NAME, 1, _swiglu, true)                                                   \
-    SLUICE_GEMV_NORM_ROWS(T, NAME, 2, _swiglu, true)
+    SLUICE_GEMV_NORM_ROWS(T, NAME, 1, , Epilogue::kStore)                                              \
+    SLUICE_GEMV_NORM_ROWS(T, NAME, 2, , Epilogue::kStore)                                              \
+    SLUICE_GEMV_NORM_ROWS(T, NAME, 1, _swiglu, Epilogue::kSwiglu)                                      \
+    SLUICE_GEMV_NORM_ROWS(T, NAME, 2, _swiglu, Epilogue::kSwiglu)                                      \
+    SLUICE_GEMV_NORM_QKV_ROWS(T, NAME, 1)                                                              \
+    SLUICE_GEMV_NORM_QKV_ROWS(T, NAME, 2)
 static_assert(kMaxNormRows == 2, "one SLUICE_GEMV_NORM_ROWS per row count");
 
 SLUICE_GEMV_NORM(float, f32)

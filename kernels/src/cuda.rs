@@ -9,7 +9,7 @@
 
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
-use candle_core::{bail, CudaDevice, DType, Layout, Storage};
+use candle_core::{bail, CudaDevice, DType, Layout, Storage, Tensor};
 
 /// One PTX module embedded in the crate.
 pub(crate) struct Module {
@@ -62,6 +62,19 @@ pub(crate) fn cuda<'a>(storage: &'a Storage, what: &str) -> candle_core::Result<
     }
 }
 
+/// The storage and layout of a tensor an op holds (beside its operands), or an error naming `what`
+/// when it is not on a GPU; `cuda` and `contiguous_view` then give its elements.
+pub(crate) fn held<'a>(
+    t: &'a Tensor,
+    what: &str,
+) -> candle_core::Result<(impl std::ops::Deref<Target = Storage> + 'a, Layout)> {
+    let (s, l) = t.storage_and_layout();
+    if !matches!(&*s, Storage::Cuda(_)) {
+        bail!("`{what}` is not on the GPU")
+    }
+    Ok((s, l.clone()))
+}
+
 /// The elements of a contiguous tensor as a device view, with its start offset applied.
 pub(crate) fn contiguous_view<'a, T: CudaDType + DeviceRepr>(
     storage: &'a CudaStorage,
@@ -88,4 +101,25 @@ pub(crate) fn to_u32(n: usize, what: &str) -> candle_core::Result<u32> {
         Ok(n) => Ok(n),
         Err(_) => bail!("`{what}` = {n} is too large for the CUDA kernels (at most {})", u32::MAX),
     }
+}
+
+/// In debug builds, that every position is inside the rotary tables and every slot a cache slot
+/// or the padding slot. Reading back waits for the GPU, so only debug builds check the values (and
+/// not while a graph is captured); the kernels bound both in any build.
+pub(crate) fn check_positions_and_slots(
+    dev: &CudaDevice,
+    positions: &CudaView<'_, u32>,
+    slots: &CudaView<'_, u32>,
+    max_positions: usize,
+    num_slots: usize,
+) -> candle_core::Result<()> {
+    if cfg!(debug_assertions) && !capturing(dev) && !positions.is_empty() {
+        if let Some((i, p)) =
+            dev.clone_dtoh(positions)?.into_iter().enumerate().find(|&(_, p)| p as usize >= max_positions)
+        {
+            bail!("`positions[{i}]` = {p} is past the rotary tables' {max_positions} positions")
+        }
+        crate::cache::check_slots(&dev.clone_dtoh(slots)?, num_slots)?;
+    }
+    Ok(())
 }

@@ -86,6 +86,44 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, weight: &Tensor, eps: f32) -> candle
     Ok((sum, normed))
 }
 
+/// What [`qkv_rope_cache`] (and `gemv::gemv_norm_qkv_cache`) require of their rotary tables,
+/// positions, caches and slots, for `n` rows of `dtype` on `device` and `(kv_heads, head_dim)`.
+pub(crate) fn check_rope_cache_operands(
+    (n, dtype, device): (usize, DType, &candle_core::Device),
+    (cos, sin, positions): (&Tensor, &Tensor, &Tensor),
+    (key_cache, value_cache, slot_mapping): (&Tensor, &Tensor, &Tensor),
+    (kv_heads, head_dim): (usize, usize),
+) -> candle_core::Result<()> {
+    if !head_dim.is_multiple_of(2) {
+        bail!("`head_dim` must be even, got {head_dim}")
+    }
+    for (name, t) in [("cos", cos), ("sin", sin)] {
+        if t.rank() != 2 || t.dim(1)? != head_dim / 2 || t.dims() != cos.dims() {
+            bail!("`{name}` must be (max_positions, head_dim / 2 = {}), got {:?}", head_dim / 2, t.dims())
+        }
+        if t.dtype() != dtype || !t.device().same_device(device) {
+            bail!("`{name}` must have the activations' dtype and device")
+        }
+    }
+    for (name, t) in [("positions", positions), ("slot_mapping", slot_mapping)] {
+        if t.dims() != [n] || t.dtype() != DType::U32 || !t.device().same_device(device) {
+            bail!("`{name}` must be a ({n},) U32 tensor on the activations' device, got {:?} {:?}", t.dims(), t.dtype())
+        }
+    }
+    crate::cache::check_cache_pair(key_cache, value_cache)?;
+    if key_cache.dims()[2..] != [kv_heads, head_dim] || key_cache.dtype() != dtype {
+        bail!(
+            "the caches must be (num_blocks, block_size, {kv_heads}, {head_dim}) of the activations' dtype, got {:?} {:?}",
+            key_cache.dims(),
+            key_cache.dtype()
+        )
+    }
+    if !key_cache.device().same_device(device) {
+        bail!("the caches must be on the activations' device")
+    }
+    Ok(())
+}
+
 /// [`qkv_rope`] with the rotary tables gathered by position and the keys and values stored into
 /// the paged cache ([`crate::reshape_and_cache`]), in one launch on CUDA: returns q
 /// `(n, heads, head_dim)` and writes each row's rotated k and its v into slot `slot_mapping[i]` of
@@ -117,33 +155,12 @@ pub fn qkv_rope_cache(
     if qkv.dims() != [n, width] {
         bail!("`qkv` must be (n, {width}) for {heads} + 2 × {kv_heads} heads of {head_dim}, got {:?}", qkv.dims())
     }
-    if !head_dim.is_multiple_of(2) {
-        bail!("`head_dim` must be even, got {head_dim}")
-    }
-    for (name, t) in [("cos", cos), ("sin", sin)] {
-        if t.rank() != 2 || t.dim(1)? != head_dim / 2 || t.dims() != cos.dims() {
-            bail!("`{name}` must be (max_positions, head_dim / 2 = {}), got {:?}", head_dim / 2, t.dims())
-        }
-        if t.dtype() != qkv.dtype() || !t.device().same_device(qkv.device()) {
-            bail!("`{name}` must have `qkv`'s dtype and device")
-        }
-    }
-    for (name, t) in [("positions", positions), ("slot_mapping", slot_mapping)] {
-        if t.dims() != [n] || t.dtype() != DType::U32 || !t.device().same_device(qkv.device()) {
-            bail!("`{name}` must be a ({n},) U32 tensor on `qkv`'s device, got {:?} {:?}", t.dims(), t.dtype())
-        }
-    }
-    crate::cache::check_cache_pair(key_cache, value_cache)?;
-    if key_cache.dims()[2..] != [kv_heads, head_dim] || key_cache.dtype() != qkv.dtype() {
-        bail!(
-            "the caches must be (num_blocks, block_size, {kv_heads}, {head_dim}) of `qkv`'s dtype, got {:?} {:?}",
-            key_cache.dims(),
-            key_cache.dtype()
-        )
-    }
-    if !key_cache.device().same_device(qkv.device()) {
-        bail!("the caches must be on `qkv`'s device")
-    }
+    check_rope_cache_operands(
+        (n, qkv.dtype(), qkv.device()),
+        (cos, sin, positions),
+        (key_cache, value_cache, slot_mapping),
+        (kv_heads, head_dim),
+    )?;
     if !qkv.device().is_cuda() {
         let (cos, sin) = (cos.index_select(positions, 0)?, sin.index_select(positions, 0)?);
         let (q, k, v) = qkv_rope(qkv, &cos, &sin, heads, kv_heads, head_dim)?;

@@ -25,8 +25,11 @@ use crate::storage::contiguous_slice;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+mod qkv;
 #[cfg(test)]
 mod tests;
+
+pub use qkv::{gemv_norm_qkv_cache, QkvCache};
 
 /// Most rows of `x` one call takes.
 pub const MAX_ROWS: usize = 8;
@@ -150,9 +153,7 @@ pub fn gemv_norm_with(
     let Some(r) = residual else {
         return Ok((None, checked(x, w)?.apply_op2_no_bwd(w, &op)?));
     };
-    if r.dims() != x.dims() || r.dtype() != x.dtype() || !r.device().same_device(x.device()) {
-        bail!("gemv_norm: `residual` must have `x`'s shape, dtype and device")
-    }
+    check_residual("gemv_norm", x, r)?;
     let x = checked(x, w)?;
     let r = checked(r, w)?;
     let flat = x.apply_op3_no_bwd(&r, w, &op)?;
@@ -180,6 +181,14 @@ pub fn fold_norm_weight(w: &Tensor, norm: &Tensor) -> candle_core::Result<Tensor
         [one] => Ok(one.clone()),
         _ => Tensor::cat(&slabs, 0),
     }
+}
+
+/// That a residual `r` has `x`'s shape, dtype and device.
+fn check_residual(op: &str, x: &Tensor, r: &Tensor) -> candle_core::Result<()> {
+    if r.dims() != x.dims() || r.dtype() != x.dtype() || !r.device().same_device(x.device()) {
+        bail!("{op}: `residual` must have `x`'s shape, dtype and device")
+    }
+    Ok(())
 }
 
 /// `x` checked against `w` as [`gemv`] checks them, contiguous and 16-byte aligned (copied if not).

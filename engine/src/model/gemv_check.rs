@@ -7,13 +7,21 @@ use sluice_kernels::gemv::{self, Epilogue};
 use crate::error::Result;
 
 /// Whether `sluice_kernels::gemv` computes what it should on `device` for `dtype`: every row count
-/// it takes, with each epilogue, against an f64 reference on the host, within the dtype's rounding. The engine runs it
+/// it takes, with each epilogue, against an f64 reference on the host, and `gemv_norm_qkv_cache`
+/// against its ops composed on the host, within the dtype's rounding. The engine runs it
 /// once at load and keeps cuBLAS for every batch if it fails (saying so in its log).
 pub fn check_gemv(device: &Device, dtype: DType) -> bool {
     let product = |x: &Tensor, w: &Tensor, e: Epilogue| Ok(gemv::gemv_with(x, w, e)?);
     let normed =
         |x: &Tensor, r: Option<&Tensor>, w: &Tensor, e: Epilogue| Ok(gemv::gemv_norm_with(x, r, w, NORM_CHECK_EPS, e)?);
-    match gemv_disagreement(device, dtype, product, normed) {
+    let qkv = |x: &Tensor, r: Option<&Tensor>, w: &Tensor, cache: &gemv::QkvCache<'_>| {
+        Ok(gemv::gemv_norm_qkv_cache(x, r, w, NORM_CHECK_EPS, cache)?)
+    };
+    let found = gemv_disagreement(device, dtype, product, normed).and_then(|found| match found {
+        None => qkv_disagreement(device, dtype, qkv),
+        some => Ok(some),
+    });
+    match found {
         Ok(None) => true,
         Ok(Some(what)) => {
             tracing::warn!(%what, "gemv disagrees with its reference on this device: small batches use cuBLAS");
@@ -124,6 +132,99 @@ fn gemv_disagreement(
     Ok(None)
 }
 
+/// The result of `gemv_norm_qkv_cache` standing in for it: `(x, r, w, cache)` → `(x + r, q)`.
+type QkvResult = Result<(Option<Tensor>, Tensor)>;
+
+/// What [`check_gemv`] finds wrong, if anything, with `fused` standing for
+/// `gemv_norm_qkv_cache` on `device`: its q, new residual stream and both caches against the
+/// host's `gemv_norm` then `qkv_rope_cache` on the same operands (a Llama-1B-like head layout,
+/// one and two rows, a padding row, with and without a residual).
+fn qkv_disagreement(
+    device: &Device,
+    dtype: DType,
+    fused: impl Fn(&Tensor, Option<&Tensor>, &Tensor, &gemv::QkvCache<'_>) -> QkvResult,
+) -> Result<Option<String>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x51ce);
+    let tolerance = match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        _ => 8e-3,
+    };
+    let (h, kv, d, k, max_positions) = (4, 2, 64, 1024, 64);
+    let (num_blocks, block_size) = (4, 4);
+    let mut random = |dims: &[usize]| -> Result<Tensor> {
+        let data: Vec<f32> = (0..dims.iter().product()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Ok(Tensor::from_vec(data, dims, &Device::Cpu)?.to_dtype(dtype)?)
+    };
+    // ‖got − want‖ / ‖want‖ over all elements; infinite on a wrong shape or a NaN.
+    let error = |got: &Tensor, want: &Tensor| -> Result<f64> {
+        if got.dims() != want.dims() {
+            return Ok(f64::INFINITY);
+        }
+        let flat = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?) };
+        let (got, want) = (flat(got)?, flat(want)?);
+        let diff: f64 = got.iter().zip(&want).map(|(g, w)| (g - w) * (g - w)).sum();
+        let norm: f64 = want.iter().map(|w| w * w).sum();
+        let err = (diff / norm).sqrt();
+        Ok(if err.is_nan() { f64::INFINITY } else { err })
+    };
+    let w = random(&[(h + 2 * kv) * d, k])?;
+    let (cos, sin) = (random(&[max_positions, d / 2])?, random(&[max_positions, d / 2])?);
+    let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
+    let (w_dev, cos_dev, sin_dev) = (on(&w)?, on(&cos)?, on(&sin)?);
+    for (m, residual) in [(1, false), (1, true), (2, false), (2, true)] {
+        let (x, r) = (random(&[m, k])?, random(&[m, k])?);
+        let positions = Tensor::new(&[37u32, 5][..m], &Device::Cpu)?;
+        let slots = Tensor::new(&[6u32, sluice_kernels::PAD_SLOT][..m], &Device::Cpu)?;
+        let (k_cache, v_cache) = (random(&[num_blocks, block_size, kv, d])?, random(&[num_blocks, block_size, kv, d])?);
+        // Copies for the device (`to_device` on the CPU shares the storage).
+        let (k_dev, v_dev) = (on(&k_cache)?.copy()?, on(&v_cache)?.copy()?);
+        let (positions_dev, slots_dev) = (on(&positions)?, on(&slots)?);
+        let cache = gemv::QkvCache {
+            cos: &cos_dev,
+            sin: &sin_dev,
+            positions: &positions_dev,
+            key_cache: &k_dev,
+            value_cache: &v_dev,
+            slot_mapping: &slots_dev,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        };
+        let r_dev = if residual { Some(on(&r)?) } else { None };
+        let (sum, q) = fused(&on(&x)?, r_dev.as_ref(), &w_dev, &cache)?;
+        // The host's ops, on host copies.
+        let r_host = residual.then_some(&r);
+        let (sum_want, qkv) = gemv::gemv_norm(&x, r_host, &w, NORM_CHECK_EPS)?;
+        let q_want = sluice_kernels::fused::qkv_rope_cache(
+            &qkv,
+            &cos,
+            &sin,
+            &positions,
+            &k_cache,
+            &v_cache,
+            &slots,
+            (h, kv, d),
+        )?;
+        let what = |part: &str| format!("gemv_norm_qkv_cache ({m}, {k}), residual {residual}: {part}");
+        match (sum, sum_want) {
+            (Some(a), Some(b)) if error(&a, &b)? == 0.0 => {}
+            (None, None) => {}
+            _ => return Ok(Some(what("the residual sum is not x + r"))),
+        }
+        for (part, got, want) in
+            [("q", &q, &q_want), ("key cache", &k_dev, &k_cache), ("value cache", &v_dev, &v_cache)]
+        {
+            let err = error(got, want)?;
+            if err > tolerance {
+                return Ok(Some(what(&format!("{part}: relative error {err}"))));
+            }
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +284,20 @@ mod tests {
                 let (sum, y) = gemv::gemv_norm_with(x, r, w, NORM_CHECK_EPS, Epilogue::Store)?;
                 Ok((sum, if e == Epilogue::Swiglu { y.narrow(1, 0, y.dim(1)? / 2)? } else { y }))
             };
+        // gemv_norm_qkv_cache right; with q off by 2%; with the values not stored.
+        let right_qkv = |x: &Tensor, r: Option<&Tensor>, w: &Tensor, c: &gemv::QkvCache<'_>| -> QkvResult {
+            Ok(gemv::gemv_norm_qkv_cache(x, r, w, NORM_CHECK_EPS, c)?)
+        };
+        let q_off = |x: &Tensor, r: Option<&Tensor>, w: &Tensor, c: &gemv::QkvCache<'_>| -> QkvResult {
+            let (sum, q) = gemv::gemv_norm_qkv_cache(x, r, w, NORM_CHECK_EPS, c)?;
+            Ok((sum, (q * 1.02)?))
+        };
+        let values_unwritten = |x: &Tensor, r: Option<&Tensor>, w: &Tensor, c: &gemv::QkvCache<'_>| -> QkvResult {
+            let saved = c.value_cache.copy()?;
+            let out = gemv::gemv_norm_qkv_cache(x, r, w, NORM_CHECK_EPS, c)?;
+            c.value_cache.slice_set(&saved, 0, 0)?;
+            Ok(out)
+        };
         for dtype in [DType::F32, DType::BF16] {
             let found = gemv_disagreement(&Device::Cpu, dtype, last_row_wrong, normed).unwrap();
             assert!(found.as_deref().is_some_and(|w| w.starts_with("gemv (3, 1024)")), "{dtype:?}: {found:?}");
@@ -199,6 +314,11 @@ mod tests {
             assert!(found.as_deref().is_some_and(|w| w.starts_with("gemv_norm (1, 1024)")), "{dtype:?}: {found:?}");
             let found = gemv_disagreement(&Device::Cpu, dtype, right, wrong_sum).unwrap();
             assert!(found.as_deref().is_some_and(|w| w.contains("not x + r")), "{dtype:?}: {found:?}");
+            assert_eq!(qkv_disagreement(&Device::Cpu, dtype, right_qkv).unwrap(), None, "{dtype:?}");
+            let found = qkv_disagreement(&Device::Cpu, dtype, q_off).unwrap();
+            assert!(found.as_deref().is_some_and(|w| w.contains(": q: relative error")), "{dtype:?}: {found:?}");
+            let found = qkv_disagreement(&Device::Cpu, dtype, values_unwritten).unwrap();
+            assert!(found.as_deref().is_some_and(|w| w.contains("value cache")), "{dtype:?}: {found:?}");
             let found = gemv_disagreement(&Device::Cpu, dtype, right, wrong_alone).unwrap();
             assert!(found.as_deref().is_some_and(|w| w.contains("without a residual")), "{dtype:?}: {found:?}");
         }

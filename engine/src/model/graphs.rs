@@ -271,6 +271,8 @@ impl DecodeGraphs {
             slot_mapping: part(2, bucket)?,
             seq_lens: part(3, bucket)?,
             sample_rows: part(4, bucket)?,
+            // `write_rows` sets them to 0..bucket.
+            every_row_sampled: true,
             cu_seqlens_q: part(5, bucket + 1)?,
             block_tables: self.tables.narrow(0, 0, bucket * self.width)?.reshape((bucket, self.width))?,
         })

@@ -38,6 +38,10 @@ pub struct StepInput {
     pub seq_lens: Tensor,
     /// `[num_sampled]` u32: the rows whose logits are wanted (each sampling sequence's last row).
     pub sample_rows: Tensor,
+    /// Whether `sample_rows` is every row in order (`0..num_tokens`, as in a decode step whose
+    /// sequences all sample): the forward then takes the final norm and the LM head over the rows
+    /// as they are, without gathering them.
+    pub every_row_sampled: bool,
 }
 
 /// One layer's K and V pools, `[num_blocks, block_size, num_kv_heads, head_dim]` each.
@@ -293,6 +297,33 @@ impl NormedLinear {
         }
     }
 
+    /// An attention's input norm and QKV projection followed by RoPE and the cache writes, in one
+    /// launch (`gemv::gemv_norm_qkv_cache`), when this pair takes it for `x`: its norm folded into
+    /// the GEMV's weight, at most [`gemv::MAX_NORM_ROWS`] rows. Then the branch output (if any) is
+    /// taken from `y` and added to `x` in place, and q `[m, heads, head_dim]` returned; otherwise
+    /// nothing is done and `None` returned.
+    fn forward_qkv_cache(
+        &self,
+        x: &mut Tensor,
+        y: &mut Option<Tensor>,
+        cache: &gemv::QkvCache<'_>,
+    ) -> Result<Option<Tensor>> {
+        let (m, k) = x.dims2()?;
+        let Linear::Rows { w, gemv: true } = &self.linear else { return Ok(None) };
+        let fits = self.folded
+            && m <= gemv::MAX_NORM_ROWS
+            && gemv::supports(m, k, x.dtype())
+            && y.as_ref().is_none_or(|y| y.dtype() == x.dtype());
+        if !fits {
+            return Ok(None);
+        }
+        let (sum, q) = gemv::gemv_norm_qkv_cache(x, y.take().as_ref(), w, self.norm.eps, cache)?;
+        if let Some(sum) = sum {
+            *x = sum;
+        }
+        Ok(Some(q))
+    }
+
     /// The residual add (if `y`) and the norm, with a weight of ones (`unit`) when the norm's own
     /// weight is folded into the projection.
     fn normed(&self, x: &mut Tensor, y: Option<Tensor>, unit: &Tensor) -> Result<Tensor> {
@@ -431,41 +462,63 @@ impl Llama {
         let (h, kv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let scale = 1.0 / (d as f32).sqrt();
         // On CUDA one launch per layer rotates q and k and stores k and v in the cache
-        // (`qkv_rope_cache`, which gathers the tables itself); elsewhere the tables' rows are
-        // gathered once per step (when first needed) for `ops::qkv_rope` and `reshape_and_cache`.
+        // (`qkv_rope_cache`, which gathers the tables itself; at one or two rows on the GEMV, the
+        // projection's own launch does it); elsewhere the tables' rows are gathered once per step
+        // (when first needed) for `ops::qkv_rope` and `reshape_and_cache`.
         let fused_cache = self.device.is_cuda() && d.is_multiple_of(2);
         let mut tables: Option<(Tensor, Tensor)> = None; // [n, d/2] each
 
         let mut x = self.embed.index_select(&input.token_ids, 0)?; // [n, hidden]
-                                                                   // The last layer's MLP output, still to be added to `x`: off the CPU the add is fused with
-                                                                   // the next RMS norm (the next layer's, or the final one on the sampled rows only).
+
+        // The last layer's MLP output, still to be added to `x`: off the CPU the add is fused with
+        // the next RMS norm (the next layer's, or the final one on the sampled rows only).
         let mut pending: Option<Tensor> = None;
         for (layer, lc) in self.layers.iter().zip(cache) {
-            // [n, (h + 2kv) * d]
-            let qkv = layer.qkv.forward(&mut x, pending.take(), &self.unit, Epilogue::Store)?;
-            let q = if fused_cache && [qkv.dtype(), lc.k.dtype(), lc.v.dtype()] == [self.dtype; 3] {
-                sluice_kernels::fused::qkv_rope_cache(
-                    &qkv,
-                    &self.cos,
-                    &self.sin,
-                    &input.positions,
-                    &lc.k,
-                    &lc.v,
-                    &input.slot_mapping,
-                    (h, kv, d),
-                )?
-            } else {
-                if tables.is_none() {
-                    let gather = |t: &Tensor| t.index_select(&input.positions, 0);
-                    tables = Some((gather(&self.cos)?, gather(&self.sin)?));
+            let fused = fused_cache && [lc.k.dtype(), lc.v.dtype()] == [self.dtype; 2];
+            let cache = gemv::QkvCache {
+                cos: &self.cos,
+                sin: &self.sin,
+                positions: &input.positions,
+                key_cache: &lc.k,
+                value_cache: &lc.v,
+                slot_mapping: &input.slot_mapping,
+                heads: h,
+                kv_heads: kv,
+                head_dim: d,
+            };
+            // At one or two rows on the GEMV, the norm, the projection, RoPE and the cache writes
+            // are one launch; otherwise the projection, then (on CUDA) `qkv_rope_cache`.
+            let fused_q = if fused { layer.qkv.forward_qkv_cache(&mut x, &mut pending, &cache)? } else { None };
+            let q = match fused_q {
+                Some(q) => q,
+                None => {
+                    // [n, (h + 2kv) * d]
+                    let qkv = layer.qkv.forward(&mut x, pending.take(), &self.unit, Epilogue::Store)?;
+                    if fused && qkv.dtype() == self.dtype {
+                        sluice_kernels::fused::qkv_rope_cache(
+                            &qkv,
+                            &self.cos,
+                            &self.sin,
+                            &input.positions,
+                            &lc.k,
+                            &lc.v,
+                            &input.slot_mapping,
+                            (h, kv, d),
+                        )?
+                    } else {
+                        if tables.is_none() {
+                            let gather = |t: &Tensor| t.index_select(&input.positions, 0);
+                            tables = Some((gather(&self.cos)?, gather(&self.sin)?));
+                        }
+                        let Some((cos, sin)) = tables.as_ref() else {
+                            return Err(EngineError::Model("the rotary tables' rows were not gathered".into()));
+                        };
+                        let (q, k, v) = ops::qkv_rope(&qkv, cos, sin, (h, kv, d))?; // [n, h | kv, d]
+                        let (k, v) = (k.to_dtype(lc.k.dtype())?, v.to_dtype(lc.v.dtype())?);
+                        sluice_kernels::reshape_and_cache(&k, &v, &lc.k, &lc.v, &input.slot_mapping)?;
+                        q
+                    }
                 }
-                let Some((cos, sin)) = tables.as_ref() else {
-                    return Err(EngineError::Model("the rotary tables' rows were not gathered".into()));
-                };
-                let (q, k, v) = ops::qkv_rope(&qkv, cos, sin, (h, kv, d))?; // [n, h | kv, d]
-                let (k, v) = (k.to_dtype(lc.k.dtype())?, v.to_dtype(lc.v.dtype())?);
-                sluice_kernels::reshape_and_cache(&k, &v, &lc.k, &lc.v, &input.slot_mapping)?;
-                q
             };
             let attn = sluice_kernels::paged_attention(
                 &q,
@@ -486,8 +539,13 @@ impl Llama {
                 x = ops::add(&x, &mlp_out)?;
             }
         }
-        let mut last = x.index_select(&input.sample_rows, 0)?; // [num_sampled, hidden]
-        let pending = pending.map(|p| p.index_select(&input.sample_rows, 0)).transpose()?;
+        // [num_sampled, hidden]
+        let (mut last, pending) = if input.every_row_sampled {
+            (x, pending)
+        } else {
+            let gather = |t: &Tensor| t.index_select(&input.sample_rows, 0);
+            (gather(&x)?, pending.as_ref().map(gather).transpose()?)
+        };
         let logits = self.head.forward(&mut last, pending, &self.unit, Epilogue::Store)?; // [num_sampled, vocab]
         Ok(logits.to_dtype(DType::F32)?)
     }
@@ -627,6 +685,72 @@ mod tests {
                 assert!(max_diff(&got, &want)? < 1e-4, "{name}, {m} rows");
                 assert_eq!(max_diff(&x_got, &x_want)?, 0.0, "{name}, {m} rows: x + r");
             }
+        }
+        Ok(())
+    }
+
+    /// The one-launch QKV path takes one or two rows of a folded GEMV pair, adds the residual in
+    /// place and gives what the projection then `qkv_rope_cache` give (q and both caches); past
+    /// two rows, or on another kind of weight, it does nothing and leaves the residual to the
+    /// projection.
+    #[test]
+    fn the_qkv_cache_path_is_the_projection_then_rope_and_the_cache() -> Result<()> {
+        let (h, kv, d, k) = (4, 2, 8, 64);
+        let w = random((h + 2 * kv) * d, k, 7)?;
+        let weight = (random(1, k, 8)?.squeeze(0)?.affine(0.5, 1.0))?;
+        let norm = || RmsNorm { weight: weight.clone(), eps: 1e-5 };
+        let folded = NormedLinear::new(norm(), Linear::Rows { w: w.clone(), gemv: true }, true)?;
+        let dense = NormedLinear::new(norm(), Linear::Dense(w.t()?.contiguous()?), true)?;
+        let unit = Tensor::ones(k, DType::F32, &Device::Cpu)?;
+        let tables = (random(32, d / 2, 9)?, random(32, d / 2, 10)?);
+        let caches = || Tensor::zeros((4, 4, kv, d), DType::F32, &Device::Cpu);
+        for m in [1, gemv::MAX_NORM_ROWS, gemv::MAX_NORM_ROWS + 1] {
+            let (x, r) = (random(m, k, 50 + m as u64)?, random(m, k, 60 + m as u64)?);
+            let positions = Tensor::arange(3u32, 3 + m as u32, &Device::Cpu)?;
+            let slots = Tensor::arange(5u32, 5 + m as u32, &Device::Cpu)?;
+            let (k_got, v_got, k_want, v_want) = (caches()?, caches()?, caches()?, caches()?);
+            let got_cache = gemv::QkvCache {
+                cos: &tables.0,
+                sin: &tables.1,
+                positions: &positions,
+                key_cache: &k_got,
+                value_cache: &v_got,
+                slot_mapping: &slots,
+                heads: h,
+                kv_heads: kv,
+                head_dim: d,
+            };
+            let (mut x_got, mut pending) = (x.clone(), Some(r.clone()));
+            let got = folded.forward_qkv_cache(&mut x_got, &mut pending, &got_cache)?;
+            let mut x_dense = x.clone();
+            let mut dense_pending = Some(r.clone());
+            assert!(dense.forward_qkv_cache(&mut x_dense, &mut dense_pending, &got_cache)?.is_none(), "{m} rows");
+            assert!(dense_pending.is_some() && max_diff(&x_dense, &x)? == 0.0, "a dense weight leaves all as it was");
+            if m > gemv::MAX_NORM_ROWS {
+                assert!(got.is_none() && pending.is_some(), "{m} rows take the projection");
+                assert_eq!(max_diff(&x_got, &x)?, 0.0);
+                continue;
+            }
+            let q = got.expect("one or two rows take the one-launch path");
+            assert!(pending.is_none(), "the residual was used");
+            let mut x_want = x.clone();
+            let qkv = dense.forward(&mut x_want, Some(r.clone()), &unit, Epilogue::Store)?;
+            let q_want = sluice_kernels::fused::qkv_rope_cache(
+                &qkv,
+                &tables.0,
+                &tables.1,
+                &positions,
+                &k_want,
+                &v_want,
+                &slots,
+                (h, kv, d),
+            )?;
+            assert_eq!(max_diff(&x_got, &x_want)?, 0.0, "{m} rows: x + r");
+            let flat = |t: &Tensor| t.flatten_all();
+            assert!(max_diff(&flat(&q)?, &flat(&q_want)?)? < 1e-4, "{m} rows: q");
+            assert!(max_diff(&flat(&k_got)?, &flat(&k_want)?)? < 1e-4, "{m} rows: keys");
+            assert!(max_diff(&flat(&v_got)?, &flat(&v_want)?)? < 1e-4, "{m} rows: values");
+            assert!(flat(&k_got)?.abs()?.max(0)?.to_scalar::<f32>()? > 0.0, "{m} rows: keys were written");
         }
         Ok(())
     }

@@ -171,6 +171,7 @@ impl ModelRunner {
             // The forward always gathers at least one row; it is thrown away.
             sample_rows.push(0);
         }
+        let every_row_sampled = is_every_row(&sample_rows, token_ids.len());
         let (block_tables, max_blocks) = block_tables(&tables, tables.len());
         // One upload for all of it (off the CPU each upload is an allocation and a copy), then
         // views: the ops read a tensor's elements from its layout's offset.
@@ -193,6 +194,7 @@ impl ModelRunner {
             cu_seqlens_q,
             seq_lens,
             sample_rows,
+            every_row_sampled,
         })
     }
 }
@@ -253,6 +255,11 @@ impl<'a> HostStep<'a> {
     }
 }
 
+/// Whether `sample_rows` is `0..num_tokens`, in order.
+fn is_every_row(sample_rows: &[u32], num_tokens: usize) -> bool {
+    sample_rows.iter().copied().eq(0..num_tokens as u32)
+}
+
 /// `tables` as `rows` rows (those past `tables` zeros) as wide as the longest (at least 1), and
 /// that width.
 pub(super) fn block_tables(tables: &[&[u32]], rows: usize) -> (Vec<u32>, usize) {
@@ -262,4 +269,17 @@ pub(super) fn block_tables(tables: &[&[u32]], rows: usize) -> (Vec<u32>, usize) 
         row[..t.len()].copy_from_slice(t);
     }
     (flat, width)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_every_row;
+
+    #[test]
+    fn every_row_means_each_row_once_in_order() {
+        assert!(is_every_row(&[0], 1) && is_every_row(&[0, 1, 2], 3));
+        // A prefill's last row, a row left out, rows out of order, a row past the end.
+        assert!(!is_every_row(&[4], 5) && !is_every_row(&[0, 2], 3) && !is_every_row(&[1, 0], 2));
+        assert!(!is_every_row(&[0, 1], 1) && !is_every_row(&[0], 2));
+    }
 }

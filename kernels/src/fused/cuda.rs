@@ -3,10 +3,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{bail, CudaStorage, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{bail, CudaStorage, DType, Layout, Shape};
 
 use super::{QkvRope, QkvRopeCache};
-use crate::cuda::{capturing, contiguous_view, cuda, load, to_u32, FUSED};
+use crate::cuda::{check_positions_and_slots, contiguous_view, cuda, held, load, to_u32, FUSED};
 
 /// Threads per block of both kernels.
 const THREADS: u32 = 256;
@@ -99,18 +99,8 @@ fn qkv_rope_cache_t<T: CudaDType + DeviceRepr>(
     let positions = contiguous_view::<u32>(positions, positions_l, "positions")?;
     let slots = contiguous_view::<u32>(slots, slots_l, "slot_mapping")?;
     // The tables and caches the op holds (the public function checked their shapes and dtypes).
-    fn storage<'a>(
-        t: &'a Tensor,
-        what: &str,
-    ) -> candle_core::Result<(impl std::ops::Deref<Target = Storage> + 'a, Layout)> {
-        let (s, l) = t.storage_and_layout();
-        if !matches!(&*s, Storage::Cuda(_)) {
-            bail!("qkv_rope_cache: `{what}` is not on the GPU")
-        }
-        Ok((s, l.clone()))
-    }
-    let ((cos_s, cos_l), (sin_s, sin_l)) = (storage(&op.cos, "cos")?, storage(&op.sin, "sin")?);
-    let ((k_s, k_l), (v_s, v_l)) = (storage(&op.key_cache, "key_cache")?, storage(&op.value_cache, "value_cache")?);
+    let ((cos_s, cos_l), (sin_s, sin_l)) = (held(&op.cos, "cos")?, held(&op.sin, "sin")?);
+    let ((k_s, k_l), (v_s, v_l)) = (held(&op.key_cache, "key_cache")?, held(&op.value_cache, "value_cache")?);
     let cos = contiguous_view::<T>(cuda(&cos_s, "cos")?, &cos_l, "cos")?;
     let sin = contiguous_view::<T>(cuda(&sin_s, "sin")?, &sin_l, "sin")?;
     let k_cache = contiguous_view::<T>(cuda(&k_s, "key_cache")?, &k_l, "key_cache")?;
@@ -128,16 +118,7 @@ fn qkv_rope_cache_t<T: CudaDType + DeviceRepr>(
     {
         bail!("qkv_rope_cache: operand sizes do not fit ({n}, {h} + 2 × {kv} heads of {d})")
     }
-    // Reading back waits for the GPU, so only debug builds check the values (and not while a graph
-    // is captured); the kernel bounds both in any build.
-    if cfg!(debug_assertions) && !capturing(&dev) && n > 0 {
-        if let Some((i, p)) =
-            dev.clone_dtoh(&positions)?.into_iter().enumerate().find(|&(_, p)| p as usize >= max_positions)
-        {
-            bail!("`positions[{i}]` = {p} is past the rotary tables' {max_positions} positions")
-        }
-        crate::cache::check_slots(&dev.clone_dtoh(&slots)?, num_slots)?;
-    }
+    check_positions_and_slots(&dev, &positions, &slots, max_positions, num_slots)?;
     let len = n * h * d;
     // SAFETY: every row's block writes all `h * d` elements of its q (rotated pairs, or zeros for a
     // row past the tables) before anything reads them; the spare element of an empty output is

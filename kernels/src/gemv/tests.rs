@@ -286,3 +286,116 @@ fn the_swiglu_epilogue_matches_a_reference(dev: &Device) -> Result<()> {
     Ok(())
 }
 test_device!(the_swiglu_epilogue_matches_a_reference);
+
+/// `gemv_norm_qkv_cache` has the bits of `gemv_norm` followed by `fused::qkv_rope_cache`: q, the
+/// new residual stream and every element of both caches (slots shuffled, a padding row, random
+/// positions), for both row counts, with and without a residual, the three dtypes and head shapes
+/// with GQA groups of 1 to 4.
+fn gemv_norm_qkv_cache_is_gemv_norm_then_qkv_rope_cache(dev: &Device) -> Result<()> {
+    use rand::seq::SliceRandom;
+    use rand::Rng;
+    let mut rng = StdRng::seed_from_u64(21);
+    let (num_blocks, block_size, max_positions, eps) = (6, 4, 100, 1e-5);
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+    };
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (h, kv, d, k) in [(4, 1, 16, 64), (9, 3, 64, 256), (2, 2, 8, 8 + 16), (8, 2, 128, 512)] {
+            let w = uniform(&mut rng, &[(h + 2 * kv) * d, k], dtype, dev)?;
+            let cos = uniform(&mut rng, &[max_positions, d / 2], dtype, dev)?;
+            let sin = uniform(&mut rng, &[max_positions, d / 2], dtype, dev)?;
+            for m in 1..=MAX_NORM_ROWS {
+                let x = uniform(&mut rng, &[m, k], dtype, dev)?;
+                let r = uniform(&mut rng, &[m, k], dtype, dev)?;
+                let positions: Vec<u32> = (0..m).map(|_| rng.random_range(0..max_positions as u32)).collect();
+                let mut slots: Vec<u32> = (0..(num_blocks * block_size) as u32).collect();
+                slots.shuffle(&mut rng);
+                slots.truncate(m);
+                if m == 2 {
+                    slots[1] = crate::PAD_SLOT;
+                }
+                let positions = Tensor::new(positions, dev)?;
+                let slot_mapping = Tensor::new(slots, dev)?;
+                for residual in [None, Some(&r)] {
+                    let k_cache = uniform(&mut rng, &[num_blocks, block_size, kv, d], dtype, dev)?;
+                    let v_cache = uniform(&mut rng, &[num_blocks, block_size, kv, d], dtype, dev)?;
+                    let (k_want, v_want) = (k_cache.copy()?, v_cache.copy()?);
+                    let cache = QkvCache {
+                        cos: &cos,
+                        sin: &sin,
+                        positions: &positions,
+                        key_cache: &k_cache,
+                        value_cache: &v_cache,
+                        slot_mapping: &slot_mapping,
+                        heads: h,
+                        kv_heads: kv,
+                        head_dim: d,
+                    };
+                    let (sum, q) = gemv_norm_qkv_cache(&x, residual, &w, eps, &cache)?;
+                    let (sum_want, qkv) = gemv_norm(&x, residual, &w, eps)?;
+                    let q_want = crate::fused::qkv_rope_cache(
+                        &qkv,
+                        &cos,
+                        &sin,
+                        &positions,
+                        &k_want,
+                        &v_want,
+                        &slot_mapping,
+                        (h, kv, d),
+                    )?;
+                    let what = format!("{dtype:?} m {m}, ({h}, {kv}, {d}), k {k}, residual {}", residual.is_some());
+                    assert_eq!(q.dims(), [m, h, d], "{what}");
+                    assert_eq!(bits(&q)?, bits(&q_want)?, "{what}: q");
+                    assert_eq!(bits(&k_cache)?, bits(&k_want)?, "{what}: key cache");
+                    assert_eq!(bits(&v_cache)?, bits(&v_want)?, "{what}: value cache");
+                    match (sum, sum_want) {
+                        (Some(a), Some(b)) => assert_eq!(bits(&a)?, bits(&b)?, "{what}: the sum"),
+                        (None, None) => {}
+                        _ => panic!("{what}: a sum exactly when there is a residual"),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+test_device!(gemv_norm_qkv_cache_is_gemv_norm_then_qkv_rope_cache);
+
+/// Operands that do not fit are refused, nothing run.
+fn gemv_norm_qkv_cache_refuses_what_does_not_fit(dev: &Device) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(22);
+    let (h, kv, d, k) = (4, 2, 8, 64);
+    let w = uniform(&mut rng, &[(h + 2 * kv) * d, k], DType::F32, dev)?;
+    let cos = uniform(&mut rng, &[16, d / 2], DType::F32, dev)?;
+    let sin = uniform(&mut rng, &[16, d / 2], DType::F32, dev)?;
+    let k_cache = Tensor::zeros((4, 4, kv, d), DType::F32, dev)?;
+    let v_cache = Tensor::zeros((4, 4, kv, d), DType::F32, dev)?;
+    let positions = Tensor::new(&[1u32, 15], dev)?;
+    let slots = Tensor::new(&[3u32, 9], dev)?;
+    let cache = QkvCache {
+        cos: &cos,
+        sin: &sin,
+        positions: &positions,
+        key_cache: &k_cache,
+        value_cache: &v_cache,
+        slot_mapping: &slots,
+        heads: h,
+        kv_heads: kv,
+        head_dim: d,
+    };
+    let x = uniform(&mut rng, &[2, k], DType::F32, dev)?;
+    assert!(gemv_norm_qkv_cache(&x, None, &w, 1e-5, &cache).is_ok());
+    let three = uniform(&mut rng, &[3, k], DType::F32, dev)?;
+    assert!(gemv_norm_qkv_cache(&three, None, &w, 1e-5, &cache).is_err(), "more than MAX_NORM_ROWS rows");
+    let one = uniform(&mut rng, &[1, k], DType::F32, dev)?;
+    assert!(gemv_norm_qkv_cache(&one, None, &w, 1e-5, &cache).is_err(), "two positions for one row");
+    let wide = QkvCache { head_dim: 2 * d, ..cache };
+    assert!(gemv_norm_qkv_cache(&x, None, &w, 1e-5, &wide).is_err(), "w has too few rows for the heads");
+    let r = uniform(&mut rng, &[1, k], DType::F32, dev)?;
+    assert!(gemv_norm_qkv_cache(&x, Some(&r), &w, 1e-5, &cache).is_err(), "a residual of another shape");
+    let bf16_caches = (k_cache.to_dtype(DType::BF16)?, v_cache.to_dtype(DType::BF16)?);
+    let other = QkvCache { key_cache: &bf16_caches.0, value_cache: &bf16_caches.1, ..cache };
+    assert!(gemv_norm_qkv_cache(&x, None, &w, 1e-5, &other).is_err(), "caches of another dtype");
+    Ok(())
+}
+test_device!(gemv_norm_qkv_cache_refuses_what_does_not_fit);
