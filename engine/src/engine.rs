@@ -118,6 +118,7 @@ impl Engine {
             cpu_activations: config.cpu_activations,
             quantized_matmul,
             gemv,
+            gpu_layout: false,
         };
         let model = Llama::load(&mut source, &options, &|done, total| {
             tracing::info!("loading weights: layer {done}/{total}");

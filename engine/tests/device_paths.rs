@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use sluice_engine::model::{
-    read_gguf, DecodeGraphs, LayerCache, Llama, LoadOptions, ModelRunner, QLinear, Readout, StepLogits, WeightSource,
+    read_gguf, DecodeGraphs, LayerCache, Llama, LoadOptions, ModelRunner, QLinear, Readout, StepInput, StepLogits,
+    WeightSource,
 };
 use sluice_engine::sampling::{SampleContext, Sampler};
 use sluice_engine::scheduler::Scheduler;
@@ -182,17 +183,128 @@ fn a_step_of_padding_rows_stores_nothing() {
 /// The default model loaded on the CPU, exact f32 (dense reference) or with GGUF weights on
 /// candle's `QMatMul`.
 fn load(quantized_matmul: bool) -> Llama {
+    load_with(|o| o.quantized_matmul = quantized_matmul)
+}
+
+/// The default model loaded on the CPU in f32 with `tweak` applied to the dense reference's
+/// options.
+fn load_with(tweak: impl FnOnce(&mut LoadOptions)) -> Llama {
     let (content, reader) = read_gguf(&common::model_path()).unwrap();
     let mut source = WeightSource::gguf(content, reader).unwrap();
-    let options = LoadOptions {
+    let mut options = LoadOptions {
         dtype: DType::F32,
         device: Device::Cpu,
         cpu_weights: CpuWeights::Repack(WeightFormat::F32),
         cpu_activations: CpuActivations::F32,
-        quantized_matmul,
+        quantized_matmul: false,
         gemv: false,
+        gpu_layout: false,
     };
+    tweak(&mut options);
     Llama::load(&mut source, &options, &|_, _| {}).unwrap()
+}
+
+/// Greedy decoding of `prompts` (token ids) together on `model` through `Llama::forward`, one
+/// prefill step and then `steps` decode steps (one row per sequence, every row sampled): each
+/// sequence's tokens and, per step, each sequence's log-probabilities.
+fn greedy_steps(model: &Llama, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec<u32>>, Vec<Vec<Vec<f32>>>) {
+    let block_size = 16;
+    let per_seq = (prompts.iter().map(Vec::len).max().unwrap() + steps).div_ceil(block_size);
+    let cache = model.allocate_cache(per_seq * prompts.len(), block_size, DType::F32).unwrap();
+    let tables: Vec<Vec<u32>> =
+        (0..prompts.len()).map(|s| (0..per_seq).map(|b| (s * per_seq + b) as u32).collect()).collect();
+    let slot = |s: usize, pos: usize| tables[s][pos / block_size] * block_size as u32 + (pos % block_size) as u32;
+    let u32s = |v: Vec<u32>| Tensor::new(v, &Device::Cpu).unwrap();
+    let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
+    let mut logprobs = Vec::new();
+    // The rows of each step: (sequence, first position, token count).
+    let mut rows: Vec<(usize, usize, usize)> = prompts.iter().enumerate().map(|(s, p)| (s, 0, p.len())).collect();
+    for _ in 0..=steps {
+        let (mut ids, mut positions, mut slots, mut cu, mut lens, mut sample) =
+            (vec![], vec![], vec![], vec![0u32], vec![], vec![]);
+        for &(s, start, len) in &rows {
+            for (pos, &id) in seqs[s].iter().enumerate().skip(start).take(len) {
+                ids.push(id);
+                positions.push(pos as u32);
+                slots.push(slot(s, pos));
+            }
+            cu.push(ids.len() as u32);
+            lens.push((start + len) as u32);
+            sample.push(ids.len() as u32 - 1);
+        }
+        let every_row_sampled = sample.len() == ids.len();
+        let flat_tables: Vec<u32> = tables.concat();
+        let input = StepInput {
+            token_ids: u32s(ids),
+            positions: u32s(positions),
+            slot_mapping: u32s(slots),
+            block_tables: Tensor::from_vec(flat_tables, (prompts.len(), per_seq), &Device::Cpu).unwrap(),
+            cu_seqlens_q: u32s(cu),
+            seq_lens: u32s(lens),
+            sample_rows: u32s(sample),
+            every_row_sampled,
+        };
+        let logits = model.forward(&input, &cache).unwrap().to_vec2::<f32>().unwrap();
+        if every_row_sampled && logprobs.len() == 1 {
+            // The same step gathering its rows (it stores the same keys and values again) gives
+            // the same logits.
+            let gathered = StepInput { every_row_sampled: false, ..input };
+            assert_eq!(model.forward(&gathered, &cache).unwrap().to_vec2::<f32>().unwrap(), logits);
+        }
+        let step: Vec<Vec<f32>> = logits.iter().map(|row| log_softmax(row)).collect();
+        for (s, row) in step.iter().enumerate() {
+            let top = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a))).unwrap();
+            seqs[s].push(top as u32);
+        }
+        logprobs.push(step);
+        rows = seqs.iter().enumerate().map(|(s, t)| (s, t.len() - 1, 1)).collect();
+    }
+    let generated = seqs.iter().zip(prompts).map(|(t, p)| t[p.len()..].to_vec()).collect();
+    (generated, logprobs)
+}
+
+/// The GPU path's structure run on the ops' CPU bodies with the real model
+/// (`LoadOptions::gpu_layout`): weights as stored, with the GEMV (norms folded in; at one and two
+/// rows the one-launch norm, QKV projection, RoPE and cache writes, and gate/up with its SwiGLU;
+/// the matmul past eight rows) and without it (the matmul, `qkv_rope_cache`), the residual add
+/// deferred to the next norm, decode steps that skip gathering their rows (the same logits as
+/// gathering them). Greedy decoding of one
+/// sequence and of two together gives the CPU path's tokens, log-probabilities within f32
+/// rounding.
+#[test]
+fn the_gpu_path_on_cpu_bodies_computes_what_the_cpu_path_does() {
+    let (content, _) = read_gguf(&common::model_path()).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&content).unwrap();
+    let prompts: Vec<Vec<u32>> = common::prompts()[..2]
+        .iter()
+        .map(|p| tokenizer.encode(&format!("<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n"), true).unwrap())
+        .collect();
+    let steps = 10;
+    let reference = load(false);
+    let gpu = load_with(|o| {
+        o.gpu_layout = true;
+        o.gemv = true;
+    });
+    let gpu_matmul = load_with(|o| o.gpu_layout = true);
+    assert!(gpu.projection_bytes() == reference.projection_bytes(), "the same f32 weights");
+    for batch in [&prompts[..1], &prompts[..]] {
+        let (want_ids, want) = greedy_steps(&reference, batch, steps);
+        for (name, model) in [("gemv", &gpu), ("matmul", &gpu_matmul)] {
+            let (ids, got) = greedy_steps(model, batch, steps);
+            let mut worst = 0.0f32;
+            for (step, (w, g)) in want.iter().zip(&got).enumerate() {
+                for (seq, (w, g)) in w.iter().zip(g).enumerate() {
+                    for (i, (a, b)) in w.iter().zip(g).enumerate().filter(|(_, (a, _))| **a > -10.0) {
+                        let d = (a - b).abs();
+                        assert!(d < 2e-3, "{name}, {} seqs, step {step}, seq {seq}: token {i} {a} vs {b}", batch.len());
+                        worst = worst.max(d);
+                    }
+                }
+            }
+            assert_eq!(ids, want_ids, "{name}, {} seqs", batch.len());
+            eprintln!("GPU path ({name}) on the CPU, {} seqs: largest logprob difference {worst}", batch.len());
+        }
+    }
 }
 
 /// One prefill step of `prompts` (raw text) on `model`, read back as `readout` asks.

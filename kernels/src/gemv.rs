@@ -15,7 +15,8 @@
 //! [`Epilogue::Swiglu`] fuses an MLP's activation into its gate/up projection: against the stacked
 //! `(2 · inter, k)` weight (gate rows, then up rows) each output is `silu(gate) · up` of its
 //! column's two products, each rounded to the dtype first, so the result has the bits of the plain
-//! product followed by `fused::swiglu`, in one launch.
+//! product followed by `fused::swiglu`, in one launch. [`gemv_norm_qkv_cache`] does the same for
+//! an attention's QKV projection and `fused::qkv_rope_cache` (RoPE and the KV cache writes).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};

@@ -128,7 +128,7 @@ impl Linear {
                 return Ok(Self::QMatMul(QLinear::new(parts, &options.device)?));
             }
         }
-        let packed = options.device.is_cpu() && options.dtype == DType::F32;
+        let packed = options.device.is_cpu() && !options.gpu_layout && options.dtype == DType::F32;
         let int8 = options.cpu_activations.int8();
         let format = match (packed, options.cpu_weights) {
             (false, _) => None,
@@ -149,7 +149,7 @@ impl Linear {
         };
         let ws =
             names.iter().map(|name| source.get(name, options.dtype, &options.device)).collect::<Result<Vec<_>>>()?;
-        if !options.device.is_cpu() {
+        if !options.device.is_cpu() || options.gpu_layout {
             let w = match ws.as_slice() {
                 [w] => w.contiguous()?,
                 _ => Tensor::cat(&ws, 0)?,
@@ -313,6 +313,7 @@ impl NormedLinear {
         let fits = self.folded
             && m <= gemv::MAX_NORM_ROWS
             && gemv::supports(m, k, x.dtype())
+            && [w.dtype(), cache.cos.dtype(), cache.key_cache.dtype(), cache.value_cache.dtype()] == [x.dtype(); 4]
             && y.as_ref().is_none_or(|y| y.dtype() == x.dtype());
         if !fits {
             return Ok(None);
@@ -366,6 +367,11 @@ pub struct LoadOptions {
     /// `sluice_kernels::gemv` rather than cuBLAS. The engine sets it from `EngineConfig::gemv` once
     /// [`check_gemv`](super::check_gemv) has passed on the device.
     pub gemv: bool,
+    /// On the CPU: load and run the model as on a GPU (weights as stored, `gemv` and its fused
+    /// norms and epilogues when `gemv` is set, the fused RoPE/cache op, the residual add deferred
+    /// to the next norm), on the ops' CPU bodies. Slow; it exists so that tests can run the GPU
+    /// path's structure with the real model where there is no GPU. Ignored off the CPU.
+    pub gpu_layout: bool,
 }
 
 /// A loaded Llama-family model.
@@ -383,6 +389,8 @@ pub struct Llama {
     sin: Tensor, // [max_positions, head_dim / 2]
     dtype: DType,
     device: Device,
+    // The GPU path's ops and structure (on CUDA, or asked for by `LoadOptions::gpu_layout`).
+    gpu_path: bool,
 }
 
 impl Llama {
@@ -421,7 +429,8 @@ impl Llama {
         let head = NormedLinear::new(norm, Linear::load(source, &[head.to_string()], options)?, options.gemv)?;
         let unit = Tensor::ones(config.hidden_size, dtype, device)?;
         let (cos, sin) = rope_tables(&config, dtype, device)?;
-        Ok(Self { config, embed, layers, head, unit, cos, sin, dtype, device: device.clone() })
+        let gpu_path = device.is_cuda() || (device.is_cpu() && options.gpu_layout);
+        Ok(Self { config, embed, layers, head, unit, cos, sin, dtype, device: device.clone(), gpu_path })
     }
 
     /// The hyper-parameters.
@@ -465,7 +474,7 @@ impl Llama {
         // (`qkv_rope_cache`, which gathers the tables itself; at one or two rows on the GEMV, the
         // projection's own launch does it); elsewhere the tables' rows are gathered once per step
         // (when first needed) for `ops::qkv_rope` and `reshape_and_cache`.
-        let fused_cache = self.device.is_cuda() && d.is_multiple_of(2);
+        let fused_cache = self.gpu_path && d.is_multiple_of(2);
         let mut tables: Option<(Tensor, Tensor)> = None; // [n, d/2] each
 
         let mut x = self.embed.index_select(&input.token_ids, 0)?; // [n, hidden]
@@ -533,7 +542,7 @@ impl Llama {
             // [n, intermediate]: silu(gate) * up
             let act = layer.gate_up.forward(&mut x, Some(attn_out), &self.unit, Epilogue::Swiglu)?;
             let mlp_out = layer.down.forward(&act)?;
-            if x.device().is_cuda() {
+            if self.gpu_path {
                 pending = Some(mlp_out);
             } else {
                 x = ops::add(&x, &mlp_out)?;

@@ -168,7 +168,7 @@ impl ModelRunner {
         let HostStep { token_ids, positions, slot_mapping, cu_seqlens_q, seq_lens, mut sample_rows, tables } =
             HostStep::new(batch, scheduler, self.block_size)?;
         if sample_rows.is_empty() {
-            // The forward always gathers at least one row; it is thrown away.
+            // The forward computes the LM head for at least one row; it is thrown away.
             sample_rows.push(0);
         }
         let every_row_sampled = is_every_row(&sample_rows, token_ids.len());
