@@ -391,6 +391,9 @@ pub struct Llama {
     device: Device,
     // The GPU path's ops and structure (on CUDA, or asked for by `LoadOptions::gpu_layout`).
     gpu_path: bool,
+    // Whether the GPU path rotates q and k and stores k and v in one launch a layer
+    // (`qkv_rope_cache`, checked at load on CUDA), rather than `qkv_rope` and `reshape_and_cache`.
+    fused_cache: bool,
 }
 
 impl Llama {
@@ -430,7 +433,11 @@ impl Llama {
         let unit = Tensor::ones(config.hidden_size, dtype, device)?;
         let (cos, sin) = rope_tables(&config, dtype, device)?;
         let gpu_path = device.is_cuda() || (device.is_cpu() && options.gpu_layout);
-        Ok(Self { config, embed, layers, head, unit, cos, sin, dtype, device: device.clone(), gpu_path })
+        let heads = (config.num_heads, config.num_kv_heads, config.head_dim);
+        let fused_cache = gpu_path
+            && config.head_dim.is_multiple_of(2)
+            && (device.is_cpu() || super::check_qkv_rope_cache(device, dtype, heads));
+        Ok(Self { config, embed, layers, head, unit, cos, sin, dtype, device: device.clone(), gpu_path, fused_cache })
     }
 
     /// The hyper-parameters.
@@ -474,7 +481,7 @@ impl Llama {
         // (`qkv_rope_cache`, which gathers the tables itself; at one or two rows on the GEMV, the
         // projection's own launch does it); elsewhere the tables' rows are gathered once per step
         // (when first needed) for `ops::qkv_rope` and `reshape_and_cache`.
-        let fused_cache = self.gpu_path && d.is_multiple_of(2);
+        let fused_cache = self.fused_cache;
         let mut tables: Option<(Tensor, Tensor)> = None; // [n, d/2] each
 
         let mut x = self.embed.index_select(&input.token_ids, 0)?; // [n, hidden]

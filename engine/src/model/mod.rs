@@ -3,8 +3,8 @@
 
 mod config;
 mod cpu_weights;
-mod gemv_check;
 mod graphs;
+mod kernel_check;
 mod llama;
 mod loader;
 mod ops;
@@ -14,8 +14,8 @@ mod runner;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use cpu_weights::{CpuActivations, CpuWeights};
-pub use gemv_check::check_gemv;
 pub use graphs::{bucket_for, DecodeGraphs, GraphCounts, MAX_GRAPH_BATCH};
+pub use kernel_check::{check_gemv, check_qkv_rope_cache};
 pub use llama::{LayerCache, Linear, Llama, LoadOptions, StepInput};
 pub use loader::{read_gguf, ModelFormat, QuantizedWeight, WeightSource};
 pub use qmatmul::{GgufBlocks, GpuWeights, QLinear};

@@ -136,6 +136,48 @@ pub(super) fn check_heads(device: &Device, vocab: usize) -> bool {
     }
 }
 
+/// Whether `argmax_rows` on `device` gives its CPU body's ids on rows of `vocab` logits made to
+/// find its faults (random values; a few distinct values, so the largest is tied across many ids
+/// and `-0` meets `+0`; NaN and `-inf` around one large value; nothing above `-inf`). Run once at
+/// start-up, so that a device whose kernel misbehaves reads whole rows for greedy steps too (and
+/// says so) rather than choosing wrong tokens.
+pub(super) fn check_argmax(device: &Device, vocab: usize) -> bool {
+    match argmax_agrees(device, vocab, device_argmax) {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!("argmax_rows disagrees with its CPU body on this device: sampled rows are read whole");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "argmax_rows failed on this device: sampled rows are read whole");
+            false
+        }
+    }
+}
+
+/// [`check_argmax`]'s comparison, with `argmax` standing for `argmax_rows` on `device`.
+fn argmax_agrees(device: &Device, vocab: usize, argmax: impl Fn(&Tensor) -> Result<Tensor>) -> Result<bool> {
+    use rand::{Rng, SeedableRng};
+    {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0xa59);
+        let mut rows: Vec<Vec<f32>> = vec![
+            (0..vocab).map(|_| rng.random_range(-10.0f32..10.0)).collect(),
+            (0..vocab).map(|i| if i % 3 == 0 { -0.0 } else { rng.random_range(-3..1) as f32 }).collect(),
+            (0..vocab).map(|_| rng.random_range(-3.0f32..3.0)).collect(),
+            vec![f32::NEG_INFINITY; vocab],
+        ];
+        for i in (0..vocab).step_by(5) {
+            rows[2][i] = if i % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
+        }
+        rows[2][vocab - 1] = 1e4;
+        rows[3][vocab / 2] = f32::NAN;
+        let logits = Tensor::from_vec(rows.concat(), (rows.len(), vocab), &Device::Cpu)?;
+        let want = device_argmax(&logits)?.to_vec1::<u32>()?;
+        let got = argmax(&logits.to_device(device)?)?.to_vec1::<u32>()?;
+        Ok(want == got)
+    }
+}
+
 /// Whether two `top_candidates` outputs of `k` per row agree: the same rows, ids and logits, sums
 /// within 1e-3 (relative above 1).
 fn heads_agree(want: &[Vec<f32>], got: &[Vec<f32>], k: usize) -> bool {
@@ -172,6 +214,29 @@ mod tests {
         // The check's rows (edge cases, vocabularies smaller than `HEAD_SIZE`) run through the op.
         for vocab in [1, 50, 3000] {
             assert!(check_heads(&Device::Cpu, vocab), "vocabulary of {vocab}");
+            assert!(check_argmax(&Device::Cpu, vocab), "vocabulary of {vocab}");
+            // An argmax that takes the last of tied ids, or lets a NaN win, is refused.
+            let last_of_ties = |t: &Tensor| -> Result<Tensor> {
+                let ids: Vec<u32> = t
+                    .to_vec2::<f32>()?
+                    .iter()
+                    .map(|row| {
+                        let best = row.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+                        row.iter().rposition(|&x| x == best).unwrap_or(0) as u32
+                    })
+                    .collect();
+                Ok(Tensor::new(ids, t.device())?)
+            };
+            assert!(vocab < 50 || !argmax_agrees(&Device::Cpu, vocab, last_of_ties).unwrap(), "vocabulary of {vocab}");
+            let nan_wins = |t: &Tensor| -> Result<Tensor> {
+                let ids: Vec<u32> = t
+                    .to_vec2::<f32>()?
+                    .iter()
+                    .map(|row| row.iter().position(|x| x.is_nan()).unwrap_or(0) as u32)
+                    .collect();
+                Ok(Tensor::new(ids, t.device())?)
+            };
+            assert!(vocab < 50 || !argmax_agrees(&Device::Cpu, vocab, nan_wins).unwrap(), "vocabulary of {vocab}");
         }
         // What it compares: any wrong id, logit or sum fails it, rounding of the sums does not.
         let k = 4;

@@ -7,7 +7,9 @@ use sluice_kernels::sampling::{split_row, top_candidates, MAX_CANDIDATES};
 
 use super::graphs::{DecodeGraphs, GraphCounts};
 use super::llama::{LayerCache, Llama, StepInput};
-use super::readout::{check_heads, device_argmax, readable, DeviceSampling, Readout, StepLogits, HEAD_SIZE};
+use super::readout::{
+    check_argmax, check_heads, device_argmax, readable, DeviceSampling, Readout, StepLogits, HEAD_SIZE,
+};
 use crate::error::{EngineError, Result};
 use crate::sampling::RowHead;
 use crate::scheduler::{Batch, Scheduler};
@@ -76,11 +78,12 @@ impl ModelRunner {
 
     /// Sets where sampled rows are read (by default as [`DeviceSampling::Auto`]).
     pub fn with_device_sampling(mut self, policy: DeviceSampling) -> Self {
-        self.device_sampling = match policy {
+        let asked = match policy {
             DeviceSampling::Auto => !self.model.device().is_cpu(),
             DeviceSampling::Device => true,
             DeviceSampling::Host => false,
         };
+        self.device_sampling = asked && check_argmax(self.model.device(), self.model.vocab_size());
         self.heads = self.device_sampling && check_heads(self.model.device(), self.model.vocab_size());
         self
     }

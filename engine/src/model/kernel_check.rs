@@ -1,6 +1,7 @@
-//! The start-up check of `sluice_kernels::gemv`, `gemv_norm` (with their epilogues) and
-//! `gemv_norm_qkv_cache` on the model's device: the engine sends small batches to them only when
-//! they agree with references on the host.
+//! Start-up checks of Sluice's CUDA kernels that have a fallback: `sluice_kernels::gemv`,
+//! `gemv_norm` (with their epilogues) and `gemv_norm_qkv_cache` (else cuBLAS for small batches), and
+//! `fused::qkv_rope_cache` (else `qkv_rope` and `reshape_and_cache`). Each runs once on the model's
+//! device against references on the host; the engine uses a kernel only where it agrees.
 
 use candle_core::{DType, Device, Tensor};
 use sluice_kernels::gemv::{self, Epilogue};
@@ -35,6 +36,15 @@ pub fn check_gemv(device: &Device, dtype: DType) -> bool {
     }
 }
 
+/// The relative error allowed for `dtype`: each output rounded once to it, sums in f32.
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        _ => 8e-3,
+    }
+}
+
 /// The norm's epsilon in [`check_gemv`]'s `gemv_norm` cases.
 const NORM_CHECK_EPS: f32 = 1e-5;
 
@@ -50,11 +60,7 @@ fn gemv_disagreement(
 ) -> Result<Option<String>> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x9e37);
-    let tolerance = match dtype {
-        DType::F32 => 1e-5,
-        DType::F16 => 2e-3,
-        _ => 8e-3,
-    };
+    let tolerance = tolerance(dtype);
     let mut random = |rows: usize, cols: usize| -> Result<Tensor> {
         let data: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         Ok(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?.to_dtype(dtype)?)
@@ -133,6 +139,82 @@ fn gemv_disagreement(
     Ok(None)
 }
 
+/// The largest ‖got − want‖ / ‖want‖ over rows of `row` elements (a q head, a cache slot: a wrong
+/// row is not diluted by the right ones); infinite on a wrong shape or a NaN.
+fn worst_row_error(got: &Tensor, want: &Tensor, row: usize) -> Result<f64> {
+    if got.dims() != want.dims() {
+        return Ok(f64::INFINITY);
+    }
+    let flat = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?) };
+    let (got, want) = (flat(got)?, flat(want)?);
+    let mut worst = 0.0f64;
+    for (g, w) in got.chunks(row).zip(want.chunks(row)) {
+        let diff: f64 = g.iter().zip(w).map(|(g, w)| (g - w) * (g - w)).sum();
+        let norm: f64 = w.iter().map(|w| w * w).sum();
+        let err = if diff == 0.0 { 0.0 } else { (diff / norm).sqrt() };
+        worst = if err.is_nan() { f64::INFINITY } else { worst.max(err) };
+    }
+    Ok(worst)
+}
+
+/// Whether `fused::qkv_rope_cache` on `device` does what `qkv_rope` and `reshape_and_cache` do on
+/// the host, within `dtype`'s rounding, for the model's head layout `(heads, kv_heads, head_dim)`
+/// (three rows, one of them padding; q and both caches compared slot by slot). The model runs it
+/// once at load on CUDA and keeps the separate ops if it fails (saying so in its log).
+pub fn check_qkv_rope_cache(device: &Device, dtype: DType, heads: (usize, usize, usize)) -> bool {
+    let fused = |qkv: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, k: &Tensor, v: &Tensor, slots: &Tensor| {
+        Ok(sluice_kernels::fused::qkv_rope_cache(qkv, cos, sin, pos, k, v, slots, heads)?)
+    };
+    match rope_cache_disagreement(device, dtype, heads, fused) {
+        Ok(None) => true,
+        Ok(Some(what)) => {
+            tracing::warn!(%what, "qkv_rope_cache disagrees with its reference on this device: the separate ops run");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "qkv_rope_cache failed on this device: the separate ops run");
+            false
+        }
+    }
+}
+
+/// What [`check_qkv_rope_cache`] finds wrong, if anything, with `fused` standing for the op
+/// (operands: qkv, cos, sin, positions, the key and value caches, the slots).
+fn rope_cache_disagreement(
+    device: &Device,
+    dtype: DType,
+    (h, kv, d): (usize, usize, usize),
+    fused: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Option<String>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x40be);
+    let (num_blocks, block_size, max_positions) = (4, 4, 64);
+    let mut random = |dims: &[usize]| -> Result<Tensor> {
+        let data: Vec<f32> = (0..dims.iter().product()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Ok(Tensor::from_vec(data, dims, &Device::Cpu)?.to_dtype(dtype)?)
+    };
+    let qkv = random(&[3, (h + 2 * kv) * d])?;
+    let (cos, sin) = (random(&[max_positions, d / 2])?, random(&[max_positions, d / 2])?);
+    let (k_cache, v_cache) = (random(&[num_blocks, block_size, kv, d])?, random(&[num_blocks, block_size, kv, d])?);
+    let positions = Tensor::new(&[5u32, 62, 0], &Device::Cpu)?;
+    let slots = Tensor::new(&[3u32, sluice_kernels::PAD_SLOT, 9], &Device::Cpu)?;
+    let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.copy()?) };
+    let (k_dev, v_dev) = (on(&k_cache)?, on(&v_cache)?);
+    let q = fused(&on(&qkv)?, &on(&cos)?, &on(&sin)?, &on(&positions)?, &k_dev, &v_dev, &on(&slots)?)?;
+    // The separate ops on the host.
+    let (cos_rows, sin_rows) = (cos.index_select(&positions, 0)?, sin.index_select(&positions, 0)?);
+    let (q_want, k, v) = sluice_kernels::fused::qkv_rope(&qkv, &cos_rows, &sin_rows, h, kv, d)?;
+    sluice_kernels::reshape_and_cache(&k, &v, &k_cache, &v_cache, &slots)?;
+    let tolerance = tolerance(dtype);
+    for (part, got, want) in [("q", &q, &q_want), ("key cache", &k_dev, &k_cache), ("value cache", &v_dev, &v_cache)] {
+        let err = worst_row_error(got, want, d)?;
+        if err > tolerance {
+            return Ok(Some(format!("qkv_rope_cache ({h}, {kv}, {d}): {part}: relative error {err}")));
+        }
+    }
+    Ok(None)
+}
+
 /// The result of `gemv_norm_qkv_cache` standing in for it: `(x, r, w, cache)` → `(x + r, q)`.
 type QkvResult = Result<(Option<Tensor>, Tensor)>;
 
@@ -148,34 +230,14 @@ fn qkv_disagreement(
 ) -> Result<Option<String>> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x51ce);
-    let tolerance = match dtype {
-        DType::F32 => 1e-5,
-        DType::F16 => 2e-3,
-        _ => 8e-3,
-    };
+    let tolerance = tolerance(dtype);
     let (h, kv, d, k, max_positions) = (4, 2, 64, 1024, 64);
     let (num_blocks, block_size) = (4, 4);
     let mut random = |dims: &[usize]| -> Result<Tensor> {
         let data: Vec<f32> = (0..dims.iter().product()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         Ok(Tensor::from_vec(data, dims, &Device::Cpu)?.to_dtype(dtype)?)
     };
-    // The largest ‖got − want‖ / ‖want‖ over rows of `row` elements (a q head, a cache slot: a
-    // wrong row is not diluted by the right ones); infinite on a wrong shape or a NaN.
-    let error = |got: &Tensor, want: &Tensor, row: usize| -> Result<f64> {
-        if got.dims() != want.dims() {
-            return Ok(f64::INFINITY);
-        }
-        let flat = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?) };
-        let (got, want) = (flat(got)?, flat(want)?);
-        let mut worst = 0.0f64;
-        for (g, w) in got.chunks(row).zip(want.chunks(row)) {
-            let diff: f64 = g.iter().zip(w).map(|(g, w)| (g - w) * (g - w)).sum();
-            let norm: f64 = w.iter().map(|w| w * w).sum();
-            let err = if diff == 0.0 { 0.0 } else { (diff / norm).sqrt() };
-            worst = if err.is_nan() { f64::INFINITY } else { worst.max(err) };
-        }
-        Ok(worst)
-    };
+    let error = worst_row_error;
     let w = random(&[(h + 2 * kv) * d, k])?;
     let (cos, sin) = (random(&[max_positions, d / 2])?, random(&[max_positions, d / 2])?);
     let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
@@ -237,6 +299,39 @@ fn qkv_disagreement(
 mod tests {
     use super::*;
     use crate::error::EngineError;
+
+    #[test]
+    fn the_rope_cache_check_passes_where_the_kernel_is_right() {
+        for (dtype, heads) in [(DType::F32, (9, 3, 64)), (DType::BF16, (32, 8, 64)), (DType::F16, (4, 4, 128))] {
+            assert!(check_qkv_rope_cache(&Device::Cpu, dtype, heads), "{dtype:?} {heads:?}");
+        }
+        let right = |qkv: &Tensor, c: &Tensor, s: &Tensor, p: &Tensor, k: &Tensor, v: &Tensor, slots: &Tensor| {
+            Ok(sluice_kernels::fused::qkv_rope_cache(qkv, c, s, p, k, v, slots, (4, 2, 8))?)
+        };
+        assert_eq!(rope_cache_disagreement(&Device::Cpu, DType::BF16, (4, 2, 8), right).unwrap(), None);
+        // Keys not stored, a q rotated by the wrong position, or an op that fails, are refused.
+        let keys_unstored =
+            |qkv: &Tensor, c: &Tensor, s: &Tensor, p: &Tensor, k: &Tensor, v: &Tensor, slots: &Tensor| {
+                let saved = k.copy()?;
+                let q = sluice_kernels::fused::qkv_rope_cache(qkv, c, s, p, k, v, slots, (4, 2, 8))?;
+                k.slice_set(&saved, 0, 0)?;
+                Ok(q)
+            };
+        let found = rope_cache_disagreement(&Device::Cpu, DType::BF16, (4, 2, 8), keys_unstored).unwrap();
+        assert!(found.as_deref().is_some_and(|w| w.contains("key cache")), "{found:?}");
+        let wrong_position =
+            |qkv: &Tensor, c: &Tensor, s: &Tensor, p: &Tensor, k: &Tensor, v: &Tensor, slots: &Tensor| {
+                let p = (p.to_dtype(DType::F32)? + 1.0)?.to_dtype(DType::U32)?;
+                Ok(sluice_kernels::fused::qkv_rope_cache(qkv, c, s, &p, k, v, slots, (4, 2, 8))?)
+            };
+        let found = rope_cache_disagreement(&Device::Cpu, DType::BF16, (4, 2, 8), wrong_position).unwrap();
+        assert!(found.as_deref().is_some_and(|w| w.contains(": q:")), "{found:?}");
+        let failing =
+            |_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor| -> Result<Tensor> {
+                Err(EngineError::Model("no kernel".into()))
+            };
+        assert!(rope_cache_disagreement(&Device::Cpu, DType::BF16, (4, 2, 8), failing).is_err());
+    }
 
     #[test]
     fn the_gemv_check_passes_where_the_kernel_is_right() {
