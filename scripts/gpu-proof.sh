@@ -21,8 +21,15 @@ prepare() {
     # The tokenizer for the random model: the default model's, as Hugging Face files (CPU build).
     cargo run --release -p sluice-bench --example hf_tokenizer -- "$MODEL_GGUF" "$CARRY/tokenizer"
     # ...and as GGUF fields, with the `gguf` package, to write the random model as a Q4_1 GGUF there.
-    scripts/gguf-from-hf.py --tokenizer-only "$MODEL_GGUF" "$CARRY/tokenizer.gguf"
-    mkdir -p "$CARRY/py" && cp -r "$(python3 -c 'import gguf, os; print(os.path.dirname(gguf.__file__))')" "$CARRY/py/"
+    # numpy and gguf come from a venv of their own here (the GPU machine has numpy, and gets gguf
+    # carried).
+    local py="${XDG_CACHE_HOME:-$HOME/.cache}/sluice/proof-venv"
+    if ! "$py/bin/python" -c 'import numpy, gguf' 2>/dev/null; then
+        python3 -m venv "$py"
+        "$py/bin/pip" install --quiet --disable-pip-version-check numpy==2.2.6 gguf==0.19.0
+    fi
+    "$py/bin/python" scripts/gguf-from-hf.py --tokenizer-only "$MODEL_GGUF" "$CARRY/tokenizer.gguf"
+    mkdir -p "$CARRY/py" && cp -r "$("$py/bin/python" -c 'import gguf, os; print(os.path.dirname(gguf.__file__))')" "$CARRY/py/"
     find "$CARRY/py" -name __pycache__ -prune -exec rm -rf {} +
 
     eval "$(scripts/cuda-toolkit.sh --link)"
