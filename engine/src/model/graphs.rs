@@ -76,6 +76,9 @@ pub struct DecodeGraphs {
     logits: Tensor,
     /// `[max_batch]` u32: their argmax.
     ids: Tensor,
+    /// Whether a captured step takes the argmax (off when greedy rows are read whole, see
+    /// [`DecodeGraphs::without_argmax`]).
+    argmax: bool,
     graphs: HashMap<usize, capture::Graph>,
     /// Whether buckets are captured (on CUDA, until a capture fails).
     capture: bool,
@@ -102,11 +105,20 @@ impl DecodeGraphs {
             tables: Tensor::zeros(max_batch * width, DType::U32, dev)?,
             logits: Tensor::zeros((out_rows, model.vocab_size()), DType::F32, dev)?,
             ids: Tensor::zeros(out_rows, DType::U32, dev)?,
+            argmax: true,
             graphs: HashMap::new(),
             capture,
             capture_failed: false,
             counts: GraphCounts::default(),
         })
+    }
+
+    /// Captured steps leave the argmax out (for a runner that reads greedy rows whole: one launch
+    /// fewer a step, and a step that does not depend on `argmax_rows`); [`DecodeGraphs::run`] then
+    /// gives no ids.
+    pub fn without_argmax(mut self) -> Self {
+        self.argmax = false;
+        self
     }
 
     /// What the path has done so far.
@@ -133,7 +145,8 @@ impl DecodeGraphs {
 
     /// Runs `batch` (which [`DecodeGraphs::fits`]) padded to its bucket: replays the bucket's graph,
     /// or runs the step eagerly and then captures it. Returns the batch's `[n, vocab]` f32 logits
-    /// and, when `want_ids` (or a graph gave them anyway), their `[n]` argmaxes; both may be views
+    /// and, when `want_ids` (or a graph gave them anyway) and the argmax is on, their `[n]`
+    /// argmaxes; both may be views
     /// of buffers the next step overwrites.
     pub fn run(
         &mut self,
@@ -150,7 +163,7 @@ impl DecodeGraphs {
             match graph.launch() {
                 Ok(()) => {
                     self.counts.replayed += 1;
-                    return Ok((self.logits.narrow(0, 0, n)?, Some(self.ids.narrow(0, 0, n)?)));
+                    return Ok((self.logits.narrow(0, 0, n)?, self.captured_ids(n)?));
                 }
                 Err(e) => self.give_up(bucket, &e),
             }
@@ -170,10 +183,10 @@ impl DecodeGraphs {
                 }
                 Err(e) => self.give_up(bucket, &e),
             }
-            (self.logits.narrow(0, 0, n)?, Some(self.ids.narrow(0, 0, n)?))
+            (self.logits.narrow(0, 0, n)?, self.captured_ids(n)?)
         } else {
             let logits = model.forward(&self.step_input(bucket)?, cache)?;
-            let ids = if want_ids { Some(device_argmax(&logits)?.narrow(0, 0, n)?) } else { None };
+            let ids = if want_ids && self.argmax { Some(device_argmax(&logits)?.narrow(0, 0, n)?) } else { None };
             (logits.narrow(0, 0, n)?, ids)
         };
         self.counts.eager += 1;
@@ -252,8 +265,15 @@ impl DecodeGraphs {
     fn step_into_buffers(&self, model: &Llama, cache: &[LayerCache], bucket: usize) -> Result<()> {
         let logits = model.forward(&self.step_input(bucket)?, cache)?;
         self.logits.slice_set(&logits, 0, 0)?;
-        self.ids.slice_set(&device_argmax(&logits)?, 0, 0)?;
+        if self.argmax {
+            self.ids.slice_set(&device_argmax(&logits)?, 0, 0)?;
+        }
         Ok(())
+    }
+
+    /// The first `n` ids a captured step wrote, if it takes the argmax.
+    fn captured_ids(&self, n: usize) -> Result<Option<Tensor>> {
+        Ok(if self.argmax { Some(self.ids.narrow(0, 0, n)?) } else { None })
     }
 
     /// Captures the bucket's step ([`DecodeGraphs::step_into_buffers`]) without running it.

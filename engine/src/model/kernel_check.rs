@@ -139,8 +139,9 @@ fn gemv_disagreement(
     Ok(None)
 }
 
-/// The largest ‖got − want‖ / ‖want‖ over rows of `row` elements (a q head, a cache slot: a wrong
-/// row is not diluted by the right ones); infinite on a wrong shape or a NaN.
+/// The largest ‖got − want‖ / ‖want‖ over runs of `row` consecutive elements (a head or a few
+/// heads of q, one kv head or all of a cache slot: a wrong run is not diluted by the right ones);
+/// infinite on a wrong shape or a NaN.
 fn worst_row_error(got: &Tensor, want: &Tensor, row: usize) -> Result<f64> {
     if got.dims() != want.dims() {
         return Ok(f64::INFINITY);
@@ -159,7 +160,7 @@ fn worst_row_error(got: &Tensor, want: &Tensor, row: usize) -> Result<f64> {
 
 /// Whether `fused::qkv_rope_cache` on `device` does what `qkv_rope` and `reshape_and_cache` do on
 /// the host, within `dtype`'s rounding, for the model's head layout `(heads, kv_heads, head_dim)`
-/// (three rows, one of them padding; q and both caches compared slot by slot). The model runs it
+/// (three rows, one of them padding; q and both caches compared head by head). The model runs it
 /// once at load on CUDA and keeps the separate ops if it fails (saying so in its log).
 pub fn check_qkv_rope_cache(device: &Device, dtype: DType, heads: (usize, usize, usize)) -> bool {
     let fused = |qkv: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, k: &Tensor, v: &Tensor, slots: &Tensor| {

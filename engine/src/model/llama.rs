@@ -64,9 +64,9 @@ pub struct LayerCache {
 /// With int8 activations (`CpuActivations`) an int8 or int4 weight runs on `QuantizedLinear`
 /// instead: integer dot products, rows still identical at every batch size.
 ///
-/// Off the CPU a dense weight stays as stored, `[out, in]` ([`Linear::Rows`]): up to
-/// [`gemv::MAX_ROWS`] rows go through `sluice_kernels::gemv` (when `LoadOptions::gemv`), more
-/// through cuBLAS on its transpose (as PyTorch's `F.linear`). A row's numbers are then the same
+/// Off the CPU (and with `LoadOptions::gpu_layout`) a dense weight stays as stored, `[out, in]`
+/// ([`Linear::Rows`]): up to [`gemv::MAX_ROWS`] rows go through `sluice_kernels::gemv` (when
+/// `LoadOptions::gemv`), more through cuBLAS on its transpose (as PyTorch's `F.linear`). A row's numbers are then the same
 /// at any batch up to eight, and may differ (by rounding) above.
 ///
 /// On CUDA a GGUF weight of a type candle's quantized kernels cover stays quantized, on candle's
@@ -79,7 +79,7 @@ pub enum Linear {
     Quantized(QuantizedLinear),
     /// `[in, out]`, contiguous: x `[n, in]` · w_t → `[n, out]`.
     Dense(Tensor),
-    /// Off the CPU: `w` `[out, in]`, contiguous, as stored; `gemv` says whether small batches take
+    /// Off the CPU (or with `LoadOptions::gpu_layout`): `w` `[out, in]`, contiguous, as stored; `gemv` says whether small batches take
     /// `sluice_kernels::gemv`.
     Rows { w: Tensor, gemv: bool },
     /// GGUF blocks on candle's quantized matmul.
@@ -205,6 +205,9 @@ impl Linear {
 struct RmsNorm {
     weight: Tensor,
     eps: f32,
+    // Whether a residual add before the norm is one launch with it (`fused::add_rms_norm`): on
+    // the GPU path (see `LoadOptions::gpu_layout`).
+    fused_add: bool,
 }
 
 impl RmsNorm {
@@ -213,12 +216,12 @@ impl RmsNorm {
     }
 
     /// Adds the branch output `y` (if any) to the residual stream `x` in place, then normalises
-    /// it. On CUDA the two are one launch (`sluice_kernels::fused::add_rms_norm`); elsewhere they
-    /// stay the separate ops (whose bits the CPU path keeps).
+    /// it. On the GPU path the two are one launch (`sluice_kernels::fused::add_rms_norm`);
+    /// elsewhere they stay the separate ops (whose bits the CPU path keeps).
     fn add_forward(&self, x: &mut Tensor, y: Option<Tensor>) -> Result<Tensor> {
         match y {
             None => self.forward(x),
-            Some(y) if x.device().is_cuda() && y.dtype() == x.dtype() && self.weight.dtype() == x.dtype() => {
+            Some(y) if self.fused_add && y.dtype() == x.dtype() && self.weight.dtype() == x.dtype() => {
                 let (sum, normed) = sluice_kernels::fused::add_rms_norm(x, &y, &self.weight, self.eps)?;
                 *x = sum;
                 Ok(normed)
@@ -233,7 +236,7 @@ impl RmsNorm {
 
 /// An RMS norm and the projection that reads its output.
 ///
-/// Off the CPU, when small batches take `sluice_kernels::gemv` (a [`Linear::Rows`] with `gemv`),
+/// On the GPU path, when small batches take `sluice_kernels::gemv` (a [`Linear::Rows`] with `gemv`),
 /// the norm's weight is folded into the projection's at load (`folded`): then up to
 /// [`gemv::MAX_NORM_ROWS`] rows take the residual add, the norm and the product in one launch
 /// (`gemv::gemv_norm`), and more rows a norm without weight (the add fused in, on CUDA) and the
@@ -329,7 +332,7 @@ impl NormedLinear {
     /// weight is folded into the projection.
     fn normed(&self, x: &mut Tensor, y: Option<Tensor>, unit: &Tensor) -> Result<Tensor> {
         if self.folded {
-            RmsNorm { weight: unit.clone(), eps: self.norm.eps }.add_forward(x, y)
+            RmsNorm { weight: unit.clone(), eps: self.norm.eps, fused_add: self.norm.fused_add }.add_forward(x, y)
         } else {
             self.norm.add_forward(x, y)
         }
@@ -363,13 +366,13 @@ pub struct LoadOptions {
     /// `GpuWeights::Dense` is asked for; on the CPU it works too (tests compare it there), but
     /// candle's quantized CPU matmul is slower than the packed kernels.
     pub quantized_matmul: bool,
-    /// Off the CPU: whether dense projections of up to [`gemv::MAX_ROWS`] rows run on
+    /// Off the CPU (or with `gpu_layout`): whether dense projections of up to [`gemv::MAX_ROWS`] rows run on
     /// `sluice_kernels::gemv` rather than cuBLAS. The engine sets it from `EngineConfig::gemv` once
     /// [`check_gemv`](super::check_gemv) has passed on the device.
     pub gemv: bool,
     /// On the CPU: load and run the model as on a GPU (weights as stored, `gemv` and its fused
     /// norms and epilogues when `gemv` is set, the fused RoPE/cache op, the residual add deferred
-    /// to the next norm), on the ops' CPU bodies. Slow; it exists so that tests can run the GPU
+    /// to the next norm and fused with it), on the ops' CPU bodies. Slow; it exists so that tests can run the GPU
     /// path's structure with the real model where there is no GPU. Ignored off the CPU.
     pub gpu_layout: bool,
 }
@@ -391,8 +394,9 @@ pub struct Llama {
     device: Device,
     // The GPU path's ops and structure (on CUDA, or asked for by `LoadOptions::gpu_layout`).
     gpu_path: bool,
-    // Whether the GPU path rotates q and k and stores k and v in one launch a layer
+    // Whether the GPU path rotates q and k and stores k and v in one launch a layer past two rows
     // (`qkv_rope_cache`, checked at load on CUDA), rather than `qkv_rope` and `reshape_and_cache`.
+    // (At one or two rows on the GEMV, `gemv_norm_qkv_cache` does it, checked with the GEMV.)
     fused_cache: bool,
 }
 
@@ -403,16 +407,18 @@ impl Llama {
         let (dtype, device) = (options.dtype, &options.device);
         let config = source.config().clone();
         let eps = config.rms_norm_eps as f32;
+        let gpu_path = device.is_cuda() || (device.is_cpu() && options.gpu_layout);
+        let norm = |weight: Tensor| RmsNorm { weight, eps, fused_add: gpu_path };
         let embed = source.get("model.embed_tokens.weight", dtype, device)?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let name = |part: &str| format!("model.layers.{i}.{part}.weight");
             let names = |parts: &[&str]| parts.iter().map(|p| name(p)).collect::<Vec<_>>();
-            let attn_norm = RmsNorm { weight: source.get(&name("input_layernorm"), dtype, device)?, eps };
+            let attn_norm = norm(source.get(&name("input_layernorm"), dtype, device)?);
             let qkv =
                 Linear::load(source, &names(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]), options)?;
             let o = Linear::load(source, &names(&["self_attn.o_proj"]), options)?;
-            let mlp_norm = RmsNorm { weight: source.get(&name("post_attention_layernorm"), dtype, device)?, eps };
+            let mlp_norm = norm(source.get(&name("post_attention_layernorm"), dtype, device)?);
             let gate_up = Linear::load(source, &names(&["mlp.gate_proj", "mlp.up_proj"]), options)?;
             let layer = Layer {
                 qkv: NormedLinear::new(attn_norm, qkv, options.gemv)?,
@@ -423,16 +429,15 @@ impl Llama {
             layers.push(layer);
             progress(i + 1, config.num_layers);
         }
-        let norm = RmsNorm { weight: source.get("model.norm.weight", dtype, device)?, eps };
+        let final_norm = norm(source.get("model.norm.weight", dtype, device)?);
         let head = if !config.tie_word_embeddings && source.contains("lm_head.weight") {
             "lm_head.weight"
         } else {
             "model.embed_tokens.weight"
         };
-        let head = NormedLinear::new(norm, Linear::load(source, &[head.to_string()], options)?, options.gemv)?;
+        let head = NormedLinear::new(final_norm, Linear::load(source, &[head.to_string()], options)?, options.gemv)?;
         let unit = Tensor::ones(config.hidden_size, dtype, device)?;
         let (cos, sin) = rope_tables(&config, dtype, device)?;
-        let gpu_path = device.is_cuda() || (device.is_cpu() && options.gpu_layout);
         let heads = (config.num_heads, config.num_kv_heads, config.head_dim);
         let fused_cache = gpu_path
             && config.head_dim.is_multiple_of(2)
@@ -477,7 +482,7 @@ impl Llama {
         let n = input.token_ids.dim(0)?;
         let (h, kv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let scale = 1.0 / (d as f32).sqrt();
-        // On CUDA one launch per layer rotates q and k and stores k and v in the cache
+        // On the GPU path one launch per layer rotates q and k and stores k and v in the cache
         // (`qkv_rope_cache`, which gathers the tables itself; at one or two rows on the GEMV, the
         // projection's own launch does it); elsewhere the tables' rows are gathered once per step
         // (when first needed) for `ops::qkv_rope` and `reshape_and_cache`.
@@ -486,11 +491,14 @@ impl Llama {
 
         let mut x = self.embed.index_select(&input.token_ids, 0)?; // [n, hidden]
 
-        // The last layer's MLP output, still to be added to `x`: off the CPU the add is fused with
-        // the next RMS norm (the next layer's, or the final one on the sampled rows only).
+        // The last layer's MLP output, still to be added to `x`: on the GPU path the add is fused
+        // with the next RMS norm (the next layer's, or the final one on the sampled rows only).
         let mut pending: Option<Tensor> = None;
         for (layer, lc) in self.layers.iter().zip(cache) {
-            let fused = fused_cache && [lc.k.dtype(), lc.v.dtype()] == [self.dtype; 2];
+            let cache_dtypes = [lc.k.dtype(), lc.v.dtype()] == [self.dtype; 2];
+            let fused = fused_cache && cache_dtypes;
+            // The one-launch QKV path has its own start-up check (with the GEMV's).
+            let one_launch = self.gpu_path && d.is_multiple_of(2) && cache_dtypes;
             let cache = gemv::QkvCache {
                 cos: &self.cos,
                 sin: &self.sin,
@@ -503,8 +511,9 @@ impl Llama {
                 head_dim: d,
             };
             // At one or two rows on the GEMV, the norm, the projection, RoPE and the cache writes
-            // are one launch; otherwise the projection, then (on CUDA) `qkv_rope_cache`.
-            let fused_q = if fused { layer.qkv.forward_qkv_cache(&mut x, &mut pending, &cache)? } else { None };
+            // are one launch; otherwise the projection, then (on the GPU path, if it passed its
+            // check) `qkv_rope_cache`.
+            let fused_q = if one_launch { layer.qkv.forward_qkv_cache(&mut x, &mut pending, &cache)? } else { None };
             let q = match fused_q {
                 Some(q) => q,
                 None => {
@@ -649,7 +658,7 @@ mod tests {
         let (n, k) = (48, 64);
         let w = random(n, k, 3)?;
         let weight = (random(1, k, 4)?.squeeze(0)?.affine(0.5, 1.0))?;
-        let norm = || RmsNorm { weight: weight.clone(), eps: 1e-5 };
+        let norm = || RmsNorm { weight: weight.clone(), eps: 1e-5, fused_add: false };
         let plain = NormedLinear::new(norm(), Linear::Dense(w.t()?.contiguous()?), true)?;
         let folded = NormedLinear::new(norm(), Linear::Rows { w: w.clone(), gemv: true }, true)?;
         let unfolded = NormedLinear::new(norm(), Linear::Rows { w: w.clone(), gemv: false }, true)?;
@@ -683,7 +692,7 @@ mod tests {
         let (inter, k) = (24, 64);
         let w = random(2 * inter, k, 5)?;
         let weight = (random(1, k, 6)?.squeeze(0)?.affine(0.5, 1.0))?;
-        let norm = || RmsNorm { weight: weight.clone(), eps: 1e-5 };
+        let norm = || RmsNorm { weight: weight.clone(), eps: 1e-5, fused_add: false };
         let plain = NormedLinear::new(norm(), Linear::Dense(w.t()?.contiguous()?), true)?;
         let folded = NormedLinear::new(norm(), Linear::Rows { w: w.clone(), gemv: true }, true)?;
         let unfolded = NormedLinear::new(norm(), Linear::Rows { w: w.clone(), gemv: false }, true)?;
@@ -714,7 +723,7 @@ mod tests {
         let (h, kv, d, k) = (4, 2, 8, 64);
         let w = random((h + 2 * kv) * d, k, 7)?;
         let weight = (random(1, k, 8)?.squeeze(0)?.affine(0.5, 1.0))?;
-        let norm = || RmsNorm { weight: weight.clone(), eps: 1e-5 };
+        let norm = || RmsNorm { weight: weight.clone(), eps: 1e-5, fused_add: false };
         let folded = NormedLinear::new(norm(), Linear::Rows { w: w.clone(), gemv: true }, true)?;
         let dense = NormedLinear::new(norm(), Linear::Dense(w.t()?.contiguous()?), true)?;
         let unit = Tensor::ones(k, DType::F32, &Device::Cpu)?;

@@ -37,7 +37,8 @@ impl ModelRunner {
     pub fn new(model: Llama, num_blocks: usize, block_size: usize, kv_dtype: DType) -> Result<Self> {
         let cache = model.allocate_cache(num_blocks, block_size, kv_dtype)?;
         let device_sampling = !model.device().is_cpu();
-        // Heads wait for `with_device_sampling`, which checks the kernel first.
+        // Until `with_device_sampling` checks the kernels, argmaxes are taken on the device
+        // unchecked (off the CPU) and heads are not read at all.
         let heads = false;
         Ok(Self {
             model,
@@ -52,9 +53,13 @@ impl ModelRunner {
 
     /// Runs decode steps of up to `max_num_seqs` sequences (whose block tables hold at most
     /// `max_blocks_per_seq` blocks) padded to fixed batch sizes, replayed as CUDA graphs on CUDA;
-    /// on the CPU the padded steps run eagerly (which only tests the padding).
+    /// on the CPU the padded steps run eagerly (which only tests the padding). Call it after
+    /// [`ModelRunner::with_device_sampling`]: without device sampling the steps take no argmax.
     pub fn with_decode_graphs(mut self, max_num_seqs: usize, max_blocks_per_seq: usize) -> Result<Self> {
-        self.graphs = Some(DecodeGraphs::new(&self.model, max_num_seqs, max_blocks_per_seq, self.block_size)?);
+        let graphs = DecodeGraphs::new(&self.model, max_num_seqs, max_blocks_per_seq, self.block_size)?;
+        // Without device sampling (asked for, or `argmax_rows` failed its check) greedy rows are
+        // read whole: the graphs need no argmax.
+        self.graphs = Some(if self.device_sampling { graphs } else { graphs.without_argmax() });
         Ok(self)
     }
 
