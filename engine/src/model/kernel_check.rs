@@ -23,14 +23,20 @@ pub fn check_gemv(device: &Device, dtype: DType) -> bool {
         None => qkv_disagreement(device, dtype, qkv),
         some => Ok(some),
     });
+    passes(found, "gemv", "small batches use cuBLAS")
+}
+
+/// Whether a check `found` nothing wrong with `kernel`; otherwise logs what (or the error) and
+/// what runs instead (`fallback`).
+fn passes(found: Result<Option<String>>, kernel: &str, fallback: &str) -> bool {
     match found {
         Ok(None) => true,
         Ok(Some(what)) => {
-            tracing::warn!(%what, "gemv disagrees with its reference on this device: small batches use cuBLAS");
+            tracing::warn!(%what, "{kernel} disagrees with its reference on this device: {fallback}");
             false
         }
         Err(e) => {
-            tracing::warn!(error = %e, "gemv failed on this device: small batches use cuBLAS");
+            tracing::warn!(error = %e, "{kernel} failed on this device: {fallback}");
             false
         }
     }
@@ -166,17 +172,7 @@ pub fn check_qkv_rope_cache(device: &Device, dtype: DType, heads: (usize, usize,
     let fused = |qkv: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, k: &Tensor, v: &Tensor, slots: &Tensor| {
         Ok(sluice_kernels::fused::qkv_rope_cache(qkv, cos, sin, pos, k, v, slots, heads)?)
     };
-    match rope_cache_disagreement(device, dtype, heads, fused) {
-        Ok(None) => true,
-        Ok(Some(what)) => {
-            tracing::warn!(%what, "qkv_rope_cache disagrees with its reference on this device: the separate ops run");
-            false
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "qkv_rope_cache failed on this device: the separate ops run");
-            false
-        }
-    }
+    passes(rope_cache_disagreement(device, dtype, heads, fused), "qkv_rope_cache", "the separate ops run")
 }
 
 /// What [`check_qkv_rope_cache`] finds wrong, if anything, with `fused` standing for the op

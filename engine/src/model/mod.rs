@@ -7,6 +7,7 @@ mod graphs;
 mod kernel_check;
 mod llama;
 mod loader;
+mod normed;
 mod ops;
 mod qmatmul;
 mod readout;
