@@ -102,7 +102,12 @@ print(":".join(sorted(dirs)))') || libs=""
     step kernels 90 "$bin/kernels-tests" cuda --test-threads 1
     # Small-batch projections: the GEMV kernel against cuBLAS on the 1B model's shapes.
     step gemv 60 "$bin/gemv_bench" cuda
-    step model 120 python3 scripts/gpu_proof/make_model.py "$model" "$CARRY/tokenizer" "$work/prompts.jsonl"
+    # The model is made once per machine: a later call on the same warm machine keeps it.
+    if [[ -f $model/config.json && -f $work/prompts.jsonl ]]; then
+        echo "model: kept from an earlier call on this machine" | tee -a "$LOGS/steps.txt"
+    else
+        step model 120 python3 scripts/gpu_proof/make_model.py "$model" "$CARRY/tokenizer" "$work/prompts.jsonl"
+    fi
     step ours 90 sh -c "\"$bin/greedy_logprobs\" $model cuda bf16 32 <$work/prompts.jsonl >$LOGS/ours.jsonl"
     step compare 90 python3 scripts/gpu_proof/compare.py "$model" "$work/prompts.jsonl" "$LOGS/ours.jsonl"
     # Decode steps replayed as CUDA graphs (the default of `sluice serve` and `sluice-bench` on CUDA;
