@@ -3,6 +3,8 @@
 #
 #   scripts/gpu-proof.sh prepare   # here, on the build machine: builds and bundles into gpu-carry/
 #   scripts/gpu-proof.sh run       # there, on the GPU machine (repo root, gpu-carry/ carried)
+#   scripts/gpu-proof.sh baseline  # here, before a `prepare` of changed code: keeps the bench binaries
+#                                  # of the current bundle, which `run` then times beside the new ones
 #
 # `run` expects python3 with torch, transformers and the NVIDIA CUDA 13 wheels (the GPU machine's
 # image has them), and no network. It writes logs and RESULTS.md under $OUT (or /tmp/gpu-proof/out).
@@ -16,7 +18,12 @@ MODEL_GGUF=models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 prepare() {
     grep -qx "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >>.git/info/exclude
+    local keep
+    keep=$(mktemp -d)
+    [[ -f $CARRY/baseline.tar.xz ]] && mv "$CARRY/baseline.tar.xz" "$keep/"
     rm -rf "$CARRY" && mkdir -p "$CARRY/bin"
+    [[ -f $keep/baseline.tar.xz ]] && mv "$keep/baseline.tar.xz" "$CARRY/"
+    rmdir "$keep" 2>/dev/null || rm -rf "$keep"
     [[ -f $MODEL_GGUF ]] || make model
     # The tokenizer for the random model: the default model's, as Hugging Face files (CPU build).
     cargo run --release -p sluice-bench --example hf_tokenizer -- "$MODEL_GGUF" "$CARRY/tokenizer"
@@ -53,6 +60,18 @@ for line in sys.stdin:
     rm -rf "$CARRY/bin"
     du -sh "$CARRY"
     echo "now: run with carry [\"$CARRY\"] and command 'scripts/gpu-proof.sh run' (see benches/GPU.md)"
+}
+
+# The bench binaries of the bundle now in gpu-carry/ (built from the code before a change), as
+# gpu-carry/baseline.tar.xz: `run` times them beside the new build on the same machine, so that a
+# change is measured as a ratio within one run (about 10 MB of the 64 MiB carry).
+baseline() {
+    local tmp
+    tmp=$(mktemp -d)
+    tar -C "$tmp" -xJf "$CARRY/bin.tar.xz" bin/sluice-bench
+    tar -C "$tmp" -cf - bin | xz -T0 -6 >"$CARRY/baseline.tar.xz"
+    rm -rf "$tmp"
+    du -sh "$CARRY/baseline.tar.xz"
 }
 
 # step NAME LIMIT CMD...: runs CMD for at most LIMIT seconds (fewer when the run's budget is nearly
@@ -142,6 +161,23 @@ print(":".join(sorted(dirs)))') || libs=""
             --concurrency "$c" --num-requests $((c == 1 ? 8 : 2 * c)) --max-tokens 128 --max-num-seqs 256 \
             --kv-cache-mib 16384 --gemv false --json "$LOGS/bench-cublas-bf16-$c.json"
     done
+    # The baseline build (`baseline` above), if carried, beside the new one: batch 1 and 256 with
+    # graphs, twice each in turns.
+    if [[ -f $CARRY/baseline.tar.xz ]]; then
+        mkdir -p "$work/baseline" && tar -C "$work/baseline" -xJf "$CARRY/baseline.tar.xz"
+        local round b
+        for round in 1 2; do
+            for c in 1 256; do
+                for b in baseline new; do
+                    local exe="$bin/sluice-bench"
+                    [[ $b == baseline ]] && exe="$work/baseline/bin/sluice-bench"
+                    step "ab-$b-graphs-bf16-$c-$round" 60 "$exe" engine --model "$model" --device cuda --dtype bf16 \
+                        --concurrency "$c" --num-requests $((c == 1 ? 8 : 2 * c)) --max-tokens 128 \
+                        --max-num-seqs 256 --kv-cache-mib 16384 --cuda-graphs --json "$LOGS/ab-$b-graphs-bf16-$c-$round.json"
+                done
+            done
+        done
+    fi
     # Where an eager decode step's GPU time goes, kernel by kernel (Nsight Compute's durations for
     # a window of ~3 steps of one greedy request; needs ncu, which the Firecracker image has).
     local ncu
@@ -222,5 +258,6 @@ print(":".join(sorted(dirs)))') || libs=""
 case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
-    *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+    baseline) baseline ;;
+    *) echo "usage: $0 prepare|run|baseline" >&2; exit 2 ;;
 esac

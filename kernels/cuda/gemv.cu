@@ -47,7 +47,20 @@ using sluice::warp_sum;
 
 constexpr int kMaxRows = 8;          // rows of `x` one launch takes; the host checks it
 constexpr int kWarpsPerBlock = 4;    // output columns per block
-constexpr int kUnroll = 4;           // 16-byte weight loads a lane has in flight
+// The launch bounds' minimum of resident blocks at M rows. At one or two rows 4 caps a kernel at 128
+// registers, and with that target ptxas issues a group's weight loads before its products
+// (`stream_rows`); without it ptxas keeps the registers low by issuing each load just ahead of its
+// use, one or two in flight, and a projection with few columns (few warps an SM) waits on memory
+// latency (31% of the copy bandwidth at 2048 x 2048, one row, on an H100). More rows need the
+// registers for their sums (a cap of 128 spills at 5 to 8 rows in f32).
+template <int M> constexpr int kMinBlocksPerSm = M <= 2 ? 4 : 1;
+
+// 16-byte chunks of each weight row a lane loads before it uses any of them. A warp has
+// `kUnroll * R` loads of 16 bytes a lane in flight. At one row (or two with one weight row) a
+// projection of 2048 to 3072 columns puts only 12 to 23 warps on an SM, so each warp must keep more
+// bytes in flight to cover the memory's latency (with k = 2048 a lane's whole share of its row is
+// 8 chunks: one round trip instead of two); more rows of `x` need the registers for their sums.
+template <int M, int R> constexpr int kUnroll = M * R == 1 ? 8 : 4;
 
 // What a warp does with its column's products.
 enum class Epilogue { kStore, kSwiglu, kQkvCache };
@@ -176,6 +189,39 @@ __device__ __forceinline__ void accumulate(float (&acc)[R][M], const uint4 (&wr)
     }
 }
 
+// Lane `lane`'s chunks of the `R` weight rows `rows`, in chunk order lane, lane + 32, ...: in whole
+// groups of `kUnroll<M, R>` chunks the loads are issued first (streamed: every weight byte is read
+// once a step; L1 is kept for `x`), then `use(wr, c)` runs on each chunk in order; the tail one at
+// a time. Only when the loads issue depends on the group size, never the order of `use`, so a
+// row's bits are the same whatever M is.
+template <int M, int R, typename Use>
+__device__ __forceinline__ void stream_rows(const uint4* const (&rows)[R], uint32_t chunks, uint32_t lane, Use use) {
+    constexpr int kU = kUnroll<M, R>;
+    uint32_t c = lane;
+    for (; c + (kU - 1) * kWarpSize < chunks; c += kU * kWarpSize) {
+        uint4 wr[kU][R];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                wr[u][r] = __ldcs(rows[r] + c + u * kWarpSize);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            use(wr[u], c + u * kWarpSize);
+        }
+    }
+    for (; c < chunks; c += kWarpSize) {
+        uint4 wr[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            wr[r] = __ldcs(rows[r] + c);
+        }
+        use(wr, c);
+    }
+}
+
 // One warp per output column: grid ceil(n / kWarpsPerBlock), block kWarpsPerBlock * 32. With the
 // SwiGLU epilogue the warp streams the column's gate and up rows (`w` is (2n, k)) side by side.
 template <typename T, int M, Epilogue E>
@@ -203,31 +249,9 @@ __device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __rest
             acc[r][m] = 0.f;
         }
     }
-    uint32_t c = lane;
-    // Whole groups of kUnroll chunks: the loads first, then the products, in chunk order.
-    for (; c + (kUnroll - 1) * kWarpSize < chunks; c += kUnroll * kWarpSize) {
-        uint4 wr[kUnroll][kRows];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-            for (int r = 0; r < kRows; ++r) {
-                // Streamed: every weight byte is read once a step; keep L1 for `x`.
-                wr[u][r] = __ldcs(rows[r] + c + u * kWarpSize);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            accumulate<T, M, kRows>(acc, wr[u], xs, chunks, c + u * kWarpSize);
-        }
-    }
-    for (; c < chunks; c += kWarpSize) {
-        uint4 wr[kRows];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-            wr[r] = __ldcs(rows[r] + c);
-        }
+    stream_rows<M, kRows>(rows, chunks, lane, [&](const uint4(&wr)[kRows], uint32_t c) {
         accumulate<T, M, kRows>(acc, wr, xs, chunks, c);
-    }
+    });
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
 #pragma unroll
@@ -280,12 +304,11 @@ __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __res
             acc[j][m] = 0.f;
         }
     }
-#pragma unroll 4
-    for (uint32_t c = lane; c < chunks; c += kWarpSize) {
+    stream_rows<M, kRows>(rows, chunks, lane, [&](const uint4(&wr)[kRows], uint32_t c) {
         float wv[kRows][kLen];
 #pragma unroll
         for (int j = 0; j < kRows; ++j) {
-            widen<T>(__ldcs(rows[j] + c), wv[j]);
+            widen<T>(wr[j], wv[j]);
         }
 #pragma unroll
         for (int m = 0; m < M; ++m) {
@@ -315,7 +338,7 @@ __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __res
                 squares[m] = fmaf(sv[i], sv[i], squares[m]);
             }
         }
-    }
+    });
 #pragma unroll
     for (int m = 0; m < M; ++m) {
         squares[m] = warp_sum(squares[m]);
@@ -336,11 +359,11 @@ __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __res
 }  // namespace
 
 #define SLUICE_GEMV_NORM_ROWS(T, NAME, M, SUFFIX, E)                                                 \
-    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)                           \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)                           \
         gemv_norm##SUFFIX##M##_##NAME(T* y, const T* x, const T* w, uint32_t n, uint32_t k, float eps) { \
         gemv_norm<T, M, false, E>(y, nullptr, x, nullptr, w, n, k, eps, QkvCache<T>{});                \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)                           \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)                           \
         gemv_add_norm##SUFFIX##M##_##NAME(T* y, T* sum, const T* x, const T* r, const T* w, uint32_t n, \
                                           uint32_t k, float eps) {                                     \
         gemv_norm<T, M, true, E>(y, sum, x, r, w, n, k, eps, QkvCache<T>{});                           \
@@ -348,7 +371,7 @@ __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __res
 
 // The QKV epilogue's kernels: `n` is the number of RoPE pairs, (heads + 2 kv_heads) * head_dim / 2.
 #define SLUICE_GEMV_NORM_QKV_ROWS(T, NAME, M)                                                          \
-    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_norm_qkv##M##_##NAME( \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>) gemv_norm_qkv##M##_##NAME( \
         T* q, T* k_cache, T* v_cache, const T* x, const T* w, const T* cos, const T* sin,              \
         const uint32_t* positions, const uint32_t* slots, uint32_t n, uint32_t k, float eps,           \
         uint32_t heads, uint32_t kv_heads, uint32_t head_dim, uint32_t max_positions, size_t num_slots) { \
@@ -356,7 +379,7 @@ __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __res
                               heads, kv_heads, head_dim, max_positions, num_slots};                    \
         gemv_norm<T, M, false, Epilogue::kQkvCache>(q, nullptr, x, nullptr, w, n, k, eps, qkv);        \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_add_norm_qkv##M##_##NAME( \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>) gemv_add_norm_qkv##M##_##NAME( \
         T* q, T* sum, T* k_cache, T* v_cache, const T* x, const T* r, const T* w, const T* cos,        \
         const T* sin, const uint32_t* positions, const uint32_t* slots, uint32_t n, uint32_t k,        \
         float eps, uint32_t heads, uint32_t kv_heads, uint32_t head_dim, uint32_t max_positions,       \
@@ -367,11 +390,11 @@ __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __res
     }
 
 #define SLUICE_GEMV_ROWS(T, NAME, M)                                                                   \
-    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)                           \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)                           \
         gemv##M##_##NAME(T* y, const T* x, const T* w, uint32_t n, uint32_t k) {                       \
         gemv<T, M, Epilogue::kStore>(y, x, w, n, k);                                                   \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)                           \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)                           \
         gemv_swiglu##M##_##NAME(T* y, const T* x, const T* w, uint32_t n, uint32_t k) {                \
         gemv<T, M, Epilogue::kSwiglu>(y, x, w, n, k);                                                  \
     }

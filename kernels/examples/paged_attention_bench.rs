@@ -37,6 +37,7 @@ fn main() -> Result<()> {
     let (dev, dtype) = if on_gpu { (Device::new_cuda(0)?, DType::BF16) } else { (Device::Cpu, DType::F32) };
     let shapes: &[Shape] = if on_gpu {
         &[
+            Shape { batch: 1, q_len: 1, context: 256 },
             Shape { batch: 1, q_len: 1, context: 2048 },
             Shape { batch: 64, q_len: 1, context: 2048 },
             Shape { batch: 256, q_len: 1, context: 1024 },

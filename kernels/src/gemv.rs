@@ -213,11 +213,12 @@ fn checked(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if !w.is_contiguous() || !(w.layout().start_offset() * elem).is_multiple_of(CHUNK_BYTES) {
         bail!("gemv: `w` must be contiguous and start on a 16-byte boundary")
     }
-    let mut x = x.contiguous()?;
-    if !(x.layout().start_offset() * elem).is_multiple_of(CHUNK_BYTES) {
-        x = x.copy()?;
+    let x = x.contiguous()?;
+    if (x.layout().start_offset() * elem).is_multiple_of(CHUNK_BYTES) {
+        return Ok(x);
     }
-    Ok(x)
+    // A fresh buffer: `Tensor::copy` would clone the whole buffer and keep the view's offset.
+    x.force_contiguous()
 }
 
 struct GemvNorm {

@@ -88,6 +88,8 @@ fn an_unaligned_view_of_x_is_copied(dev: &Device) -> Result<()> {
     // Starts one element (2 bytes) into the buffer.
     let x = flat.narrow(0, 1, 3 * k)?.reshape((3, k))?;
     let w = uniform(&mut rng, &[n, k], DType::BF16, dev)?;
+    let operand = super::checked(&x, &w)?;
+    assert_eq!(operand.layout().start_offset(), 0, "the kernel's operand is a fresh, aligned buffer");
     let err = relative_error(&gemv(&x, &w)?, &reference(&x, &w)?)?;
     assert!(err <= tolerance(DType::BF16), "relative error {err}");
     Ok(())
