@@ -41,12 +41,6 @@ using sluice::warp_sum;
 // Warps per (row, head): eight, so that at small batches (a few blocks on a GPU of 132 SMs) a row of
 // 256 positions has a warp per tile; its state is merged from eight warps instead of four.
 constexpr int kWarps = 8;
-// The launch bounds' minimum of resident blocks: it caps both kernels at 128 registers, and with
-// that target ptxas issues a key row's loads (and a batch of value rows') before their products.
-// Without it ptxas keeps fewer registers by loading each chunk just before its use (one load in
-// flight, a latency per 16 bytes of a key row), and the per-head kernel spilled.
-// A group of 8 heads keeps 8 sets of sums: it gets the registers it needs (one block an SM).
-template <int kGroup> constexpr int kMinBlocksPerSm = kGroup >= 8 ? 1 : 2;
 constexpr int kTile = kWarpSize;                       // positions a warp scores at once, one a lane
 constexpr int kMaxPerLane = 8;                         // output elements per lane
 constexpr int kMaxHeadDim = kMaxPerLane * kWarpSize;   // 256; the host checks it
@@ -59,20 +53,15 @@ __device__ __forceinline__ float max_nan(float a, float b) { return a != a ? a :
 // Elements of T in one 16-byte load.
 template <typename T> struct Vec16 { static constexpr int kLen = 16 / sizeof(T); };
 
-// 16 loaded bytes widened to f32.
+// 16 bytes at `p` (16-byte aligned) widened to f32.
 template <typename T>
-__device__ __forceinline__ void widen16(const uint4& raw, float* out) {
+__device__ __forceinline__ void load16(const T* p, float* out) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int i = 0; i < Vec16<T>::kLen; ++i) {
         out[i] = to_f32(e[i]);
     }
-}
-
-// 16 bytes at `p` (16-byte aligned) widened to f32.
-template <typename T>
-__device__ __forceinline__ void load16(const T* p, float* out) {
-    widen16<T>(*reinterpret_cast<const uint4*>(p), out);
 }
 
 // The batch metadata and sizes shared by every block of one launch.
@@ -324,9 +313,6 @@ __device__ void paged_attention(
 // the same one (the host picks by shape).
 
 constexpr int kGroupMaxHeadDim = 128;  // the host sends larger heads to the per-head kernel
-// Value rows whose loads a lane issues together: 16, or 8 for a group of 8 heads, whose sums take
-// the registers (at 16 it spills under the launch bounds' 128).
-template <int kGroup> constexpr int kValueBatch = kGroup >= 8 ? 8 : 16;
 
 template <int kGroup>
 struct GroupShared {
@@ -400,23 +386,10 @@ __device__ void paged_attention_grouped(
                 const T* k = k_head + offset;
                 if (vectorised) {
                     constexpr int kLen = Vec16<T>::kLen;
-                    // A known head size: the whole key row's loads first, then the products.
-                    constexpr int kChunks = kHeadDim != 0 ? kHeadDim / kLen : 1;
-                    uint4 raw[kChunks];
-                    if (kHeadDim != 0) {
-#pragma unroll
-                        for (int c = 0; c < kChunks; ++c) {
-                            raw[c] = *reinterpret_cast<const uint4*>(k + c * kLen);
-                        }
-                    }
 #pragma unroll
                     for (uint32_t d = 0; d < head_dim; d += kLen) {
                         float kv[kLen];
-                        if (kHeadDim != 0) {
-                            widen16<T>(raw[d / kLen], kv);
-                        } else {
-                            load16(k + d, kv);
-                        }
+                        load16(k + d, kv);
 #pragma unroll
                         for (int i = 0; i < kLen; i += 2) {
 #pragma unroll
@@ -464,36 +437,24 @@ __device__ void paged_attention_grouped(
             m[g] = m_new;
         }
         // Each value row once for the group; unreadable positions (weight 0, offset 0: a readable
-        // row) are loaded but not added. The loads of kValueBatch positions are issued before their
-        // products, which are added in position order.
+        // row) are loaded but not added.
+#pragma unroll 8
+        for (int j = 0; j < kTile; ++j) {
+            const unsigned long long oj = __shfl_sync(kFullMask, offset, j);
+            float wj[kGroup];
 #pragma unroll
-        for (int j0 = 0; j0 < kTile; j0 += kValueBatch<kGroup>) {
-            T vals[kValueBatch<kGroup>][kPerMax];
-#pragma unroll
-            for (int jj = 0; jj < kValueBatch<kGroup>; ++jj) {
-                const T* v = v_head + __shfl_sync(kFullMask, offset, j0 + jj);
-#pragma unroll
-                for (int i = 0; i < kPerMax; ++i) {
-                    const uint32_t d = first + i;
-                    vals[jj][i] = i < per && d < head_dim ? v[d] : from_f32<T>(0.f);
-                }
+            for (int g = 0; g < kGroup; ++g) {
+                wj[g] = __shfl_sync(kFullMask, w[g], j);
             }
+            const T* v = v_head + oj;
 #pragma unroll
-            for (int jj = 0; jj < kValueBatch<kGroup>; ++jj) {
-                float wj[kGroup];
+            for (int i = 0; i < kPerMax; ++i) {
+                const uint32_t d = first + i;
+                if (i < per && d < head_dim) {
+                    const float x = to_f32(v[d]);
 #pragma unroll
-                for (int g = 0; g < kGroup; ++g) {
-                    wj[g] = __shfl_sync(kFullMask, w[g], j0 + jj);
-                }
-#pragma unroll
-                for (int i = 0; i < kPerMax; ++i) {
-                    const uint32_t d = first + i;
-                    if (i < per && d < head_dim) {
-                        const float x = to_f32(vals[jj][i]);
-#pragma unroll
-                        for (int g = 0; g < kGroup; ++g) {
-                            acc[g][i] = wj[g] != 0.f ? acc[g][i] + wj[g] * x : acc[g][i];
-                        }
+                    for (int g = 0; g < kGroup; ++g) {
+                        acc[g][i] = wj[g] != 0.f ? acc[g][i] + wj[g] * x : acc[g][i];
                     }
                 }
             }
@@ -540,7 +501,7 @@ __device__ void paged_attention_grouped(
 // Launch: grid (num_tokens * num_heads), block (kWarps * 32). Returned by `paged_attention_config`
 // on the Rust side, which must agree with kWarps.
 #define SLUICE_PAGED_ATTENTION(T, NAME)                                                                \
-    extern "C" __global__ void __launch_bounds__(kWarps * kWarpSize, kMinBlocksPerSm<1>) paged_attention_##NAME(           \
+    extern "C" __global__ void __launch_bounds__(kWarps * kWarpSize) paged_attention_##NAME(           \
         T* out, const T* q, const T* k_cache, const T* v_cache, const uint32_t* block_tables,          \
         const uint32_t* cu_seqlens_q, const uint32_t* seq_lens, uint32_t num_seqs, uint32_t num_heads, \
         uint32_t num_kv_heads, uint32_t head_dim, uint32_t num_blocks, uint32_t block_size,            \
@@ -564,7 +525,7 @@ SLUICE_PAGED_ATTENTION(__nv_bfloat16, bf16)
 // Launch: grid (num_tokens * num_kv_heads), block (kWarps * 32); only for num_heads = G *
 // num_kv_heads and head_dim <= kGroupMaxHeadDim (the host checks both).
 #define SLUICE_PAGED_ATTENTION_GROUPED(T, NAME, G)                                                     \
-    extern "C" __global__ void __launch_bounds__(kWarps * kWarpSize, kMinBlocksPerSm<G>) paged_attention_g##G##_##NAME(   \
+    extern "C" __global__ void __launch_bounds__(kWarps * kWarpSize) paged_attention_g##G##_##NAME(   \
         T* out, const T* q, const T* k_cache, const T* v_cache, const uint32_t* block_tables,          \
         const uint32_t* cu_seqlens_q, const uint32_t* seq_lens, uint32_t num_seqs, uint32_t num_heads, \
         uint32_t num_kv_heads, uint32_t head_dim, uint32_t num_blocks, uint32_t block_size,            \
