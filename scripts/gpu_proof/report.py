@@ -60,6 +60,25 @@ for run, files in (("bf16 safetensors", "bench-bf16-*.json"), ("bf16, CUDA graph
         versus = f"{tps / base:.1f}x" if base else "-"
         print(f"| {run} | {c} | {tps:.0f} | {tpot:.3f} | {floor_ms / tpot:.0%} | {versus} |")
 print("\nTargets: batch-1 decode >= 60% of the floor; batch 256 >= 25x batch 1.\n")
+# The baseline build against the new one (`gpu-proof.sh baseline`), in turns on this machine.
+pairs = sorted(glob.glob(os.path.join(logs, "ab-new-graphs-bf16-*-*.json")),
+               key=lambda p: [int(x) for x in p[:-5].rsplit("-", 2)[1:]])
+if pairs:
+    print("Baseline build against this build, CUDA graphs, in turns:\n")
+    print("| batch | round | baseline tok/s (TPOT ms) | this build tok/s (TPOT ms) | this / baseline | floor / TPOT |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for path in pairs:
+        old_path = path.replace("ab-new-", "ab-baseline-")
+        if not os.path.exists(old_path):
+            continue
+        new_s, old_s = json.load(open(path)), json.load(open(old_path))
+        c, r = path[:-5].rsplit("-", 2)[1:]
+        n_tpot, o_tpot = new_s["tpot"]["p50_ms"], old_s["tpot"]["p50_ms"]
+        print(f"| {c} | {r} | {old_s['output_throughput']:.0f} ({o_tpot:.3f}) | "
+              f"{new_s['output_throughput']:.0f} ({n_tpot:.3f}) | "
+              f"{new_s['output_throughput'] / old_s['output_throughput']:.3f} | "
+              f"{floor_ms / o_tpot:.1%} → {floor_ms / n_tpot:.1%} |")
+    print()
 for title, name in (("Steps", "steps.txt"), ("Kernel tests (step 1)", "kernels.log"),
                     ("Logits against transformers (step 2)", "compare.log"),
                     ("CUDA graphs against eager steps", "graphs-exact.log"), ("...all prompts at once", "graphs-together.log"),
