@@ -55,11 +55,11 @@ constexpr int kWarpsPerBlock = 4;    // output columns per block
 // registers for their sums (a cap of 128 spills at 5 to 8 rows in f32).
 template <int M> constexpr int kMinBlocksPerSm = M <= 2 ? 4 : 1;
 
-// 16-byte chunks of each weight row a lane loads before it uses any of them. A warp has
-// `kUnroll * R` loads of 16 bytes a lane in flight. At one row (or two with one weight row) a
-// projection of 2048 to 3072 columns puts only 12 to 23 warps on an SM, so each warp must keep more
-// bytes in flight to cover the memory's latency (with k = 2048 a lane's whole share of its row is
-// 8 chunks: one round trip instead of two); more rows of `x` need the registers for their sums.
+// 16-byte chunks of each weight row a lane loads before it uses any of them: a warp has
+// `kUnroll * R` loads of 16 bytes a lane in flight. At one row against one weight row, a projection
+// of 2048 to 3072 columns puts only 12 to 23 warps on an SM, so each warp keeps eight in flight
+// (with k = 2048 a lane's whole share of its row: one round trip instead of two); with two weight
+// rows (the epilogues) four a row already make eight, and more rows of `x` need the registers.
 template <int M, int R> constexpr int kUnroll = M * R == 1 ? 8 : 4;
 
 // What a warp does with its column's products.
@@ -359,11 +359,11 @@ __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __res
 }  // namespace
 
 #define SLUICE_GEMV_NORM_ROWS(T, NAME, M, SUFFIX, E)                                                 \
-    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)                           \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)       \
         gemv_norm##SUFFIX##M##_##NAME(T* y, const T* x, const T* w, uint32_t n, uint32_t k, float eps) { \
         gemv_norm<T, M, false, E>(y, nullptr, x, nullptr, w, n, k, eps, QkvCache<T>{});                \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)                           \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)       \
         gemv_add_norm##SUFFIX##M##_##NAME(T* y, T* sum, const T* x, const T* r, const T* w, uint32_t n, \
                                           uint32_t k, float eps) {                                     \
         gemv_norm<T, M, true, E>(y, sum, x, r, w, n, k, eps, QkvCache<T>{});                           \
@@ -371,7 +371,8 @@ __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __res
 
 // The QKV epilogue's kernels: `n` is the number of RoPE pairs, (heads + 2 kv_heads) * head_dim / 2.
 #define SLUICE_GEMV_NORM_QKV_ROWS(T, NAME, M)                                                          \
-    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>) gemv_norm_qkv##M##_##NAME( \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)       \
+        gemv_norm_qkv##M##_##NAME(                                                                     \
         T* q, T* k_cache, T* v_cache, const T* x, const T* w, const T* cos, const T* sin,              \
         const uint32_t* positions, const uint32_t* slots, uint32_t n, uint32_t k, float eps,           \
         uint32_t heads, uint32_t kv_heads, uint32_t head_dim, uint32_t max_positions, size_t num_slots) { \
@@ -379,7 +380,8 @@ __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __res
                               heads, kv_heads, head_dim, max_positions, num_slots};                    \
         gemv_norm<T, M, false, Epilogue::kQkvCache>(q, nullptr, x, nullptr, w, n, k, eps, qkv);        \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>) gemv_add_norm_qkv##M##_##NAME( \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)       \
+        gemv_add_norm_qkv##M##_##NAME(                                                                 \
         T* q, T* sum, T* k_cache, T* v_cache, const T* x, const T* r, const T* w, const T* cos,        \
         const T* sin, const uint32_t* positions, const uint32_t* slots, uint32_t n, uint32_t k,        \
         float eps, uint32_t heads, uint32_t kv_heads, uint32_t head_dim, uint32_t max_positions,       \
@@ -390,11 +392,11 @@ __device__ void gemv_norm(T* __restrict__ y, T* __restrict__ sum, const T* __res
     }
 
 #define SLUICE_GEMV_ROWS(T, NAME, M)                                                                   \
-    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)                           \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)       \
         gemv##M##_##NAME(T* y, const T* x, const T* w, uint32_t n, uint32_t k) {                       \
         gemv<T, M, Epilogue::kStore>(y, x, w, n, k);                                                   \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)                           \
+    extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSm<M>)       \
         gemv_swiglu##M##_##NAME(T* y, const T* x, const T* w, uint32_t n, uint32_t k) {                \
         gemv<T, M, Epilogue::kSwiglu>(y, x, w, n, k);                                                  \
     }
