@@ -146,8 +146,7 @@ impl DecodeGraphs {
     /// Runs `batch` (which [`DecodeGraphs::fits`]) padded to its bucket: replays the bucket's graph,
     /// or runs the step eagerly and then captures it. Returns the batch's `[n, vocab]` f32 logits
     /// and, when `want_ids` (or a graph gave them anyway) and the argmax is on, their `[n]`
-    /// argmaxes; both may be views
-    /// of buffers the next step overwrites.
+    /// argmaxes; both may be views of buffers the next step overwrites.
     pub fn run(
         &mut self,
         model: &Llama,

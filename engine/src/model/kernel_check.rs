@@ -27,8 +27,8 @@ pub fn check_gemv(device: &Device, dtype: DType) -> bool {
 }
 
 /// Whether a check `found` nothing wrong with `kernel`; otherwise logs what (or the error) and
-/// what runs instead (`fallback`).
-fn passes(found: Result<Option<String>>, kernel: &str, fallback: &str) -> bool {
+/// what runs instead (`fallback`). Every start-up check of a kernel decides here.
+pub(super) fn passes(found: Result<Option<String>>, kernel: &str, fallback: &str) -> bool {
     match found {
         Ok(None) => true,
         Ok(Some(what)) => {

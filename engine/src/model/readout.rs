@@ -1,10 +1,11 @@
 //! What a step hands back for its sampled rows ([`Readout`], [`StepLogits`]) and the device-side
-//! pieces behind it: the greedy argmax on the device ([`device_argmax`]) and the start-up check of
-//! the `top_candidates` kernel against its CPU body.
+//! pieces behind it: the greedy argmax on the device ([`device_argmax`]) and the start-up checks of
+//! the `top_candidates` and `argmax_rows` kernels against their CPU bodies.
 
 use candle_core::{Device, Tensor};
 use sluice_kernels::sampling::{split_row, top_candidates, MAX_CANDIDATES};
 
+use super::kernel_check::passes;
 use crate::error::Result;
 use crate::sampling::RowHead;
 
@@ -123,17 +124,8 @@ pub(super) fn check_heads(device: &Device, vocab: usize) -> bool {
         let got = top_candidates(&logits.to_device(device)?, &inv_temps.to_device(device)?, k)?.to_vec2::<f32>()?;
         Ok(heads_agree(&want, &got, k))
     };
-    match run() {
-        Ok(true) => true,
-        Ok(false) => {
-            tracing::warn!("top_candidates disagrees with its CPU body on this device: sampled rows are read whole");
-            false
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "top_candidates failed on this device: sampled rows are read whole");
-            false
-        }
-    }
+    let found = run().map(|agree| (!agree).then(|| "other ids, logits or sums".to_string()));
+    passes(found, "top_candidates", "sampled rows are read whole")
 }
 
 /// Whether `argmax_rows` on `device` gives its CPU body's ids on rows of `vocab` logits made to
@@ -142,40 +134,29 @@ pub(super) fn check_heads(device: &Device, vocab: usize) -> bool {
 /// start-up, so that a device whose kernel misbehaves reads whole rows for greedy steps too (and
 /// says so) rather than choosing wrong tokens.
 pub(super) fn check_argmax(device: &Device, vocab: usize) -> bool {
-    match argmax_agrees(device, vocab, device_argmax) {
-        Ok(true) => true,
-        Ok(false) => {
-            tracing::warn!("argmax_rows disagrees with its CPU body on this device: sampled rows are read whole");
-            false
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "argmax_rows failed on this device: sampled rows are read whole");
-            false
-        }
-    }
+    let found = argmax_agrees(device, vocab, device_argmax).map(|agree| (!agree).then(|| "other ids".to_string()));
+    passes(found, "argmax_rows", "sampled rows are read whole")
 }
 
 /// [`check_argmax`]'s comparison, with `argmax` standing for `argmax_rows` on `device`.
 fn argmax_agrees(device: &Device, vocab: usize, argmax: impl Fn(&Tensor) -> Result<Tensor>) -> Result<bool> {
     use rand::{Rng, SeedableRng};
-    {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0xa59);
-        let mut rows: Vec<Vec<f32>> = vec![
-            (0..vocab).map(|_| rng.random_range(-10.0f32..10.0)).collect(),
-            (0..vocab).map(|i| if i % 3 == 0 { -0.0 } else { rng.random_range(-3..1) as f32 }).collect(),
-            (0..vocab).map(|_| rng.random_range(-3.0f32..3.0)).collect(),
-            vec![f32::NEG_INFINITY; vocab],
-        ];
-        for i in (0..vocab).step_by(5) {
-            rows[2][i] = if i % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
-        }
-        rows[2][vocab - 1] = 1e4;
-        rows[3][vocab / 2] = f32::NAN;
-        let logits = Tensor::from_vec(rows.concat(), (rows.len(), vocab), &Device::Cpu)?;
-        let want = device_argmax(&logits)?.to_vec1::<u32>()?;
-        let got = argmax(&logits.to_device(device)?)?.to_vec1::<u32>()?;
-        Ok(want == got)
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xa59);
+    let mut rows: Vec<Vec<f32>> = vec![
+        (0..vocab).map(|_| rng.random_range(-10.0f32..10.0)).collect(),
+        (0..vocab).map(|i| if i % 3 == 0 { -0.0 } else { rng.random_range(-3..1) as f32 }).collect(),
+        (0..vocab).map(|_| rng.random_range(-3.0f32..3.0)).collect(),
+        vec![f32::NEG_INFINITY; vocab],
+    ];
+    for i in (0..vocab).step_by(5) {
+        rows[2][i] = if i % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
     }
+    rows[2][vocab - 1] = 1e4;
+    rows[3][vocab / 2] = f32::NAN;
+    let logits = Tensor::from_vec(rows.concat(), (rows.len(), vocab), &Device::Cpu)?;
+    let want = device_argmax(&logits)?.to_vec1::<u32>()?;
+    let got = argmax(&logits.to_device(device)?)?.to_vec1::<u32>()?;
+    Ok(want == got)
 }
 
 /// Whether two `top_candidates` outputs of `k` per row agree: the same rows, ids and logits, sums
