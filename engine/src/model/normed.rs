@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 use sluice_kernels::gemv::{self, Epilogue};
 
-use super::llama::Linear;
+use super::linear::Linear;
 use super::ops;
 use crate::error::Result;
 
